@@ -1,0 +1,659 @@
+"""T5 1.1 encoder-decoder Transformer in Flax linen, with T5X's parameter tree.
+
+The module tree, parameter names/shapes, logical axis names and call signatures
+(`encode`, `decode`, `__call__`) are those of T5X's `t5x/examples/t5/network.py`,
+so T5X checkpoints load into it and t5x can drive it. Shapes use
+B = batch, Li = encoder length, Lt = decoder length, D = emb_dim, H = num_heads,
+K = head_dim, F = mlp_dim, V = vocab_size.
+
+Parameters (all without bias)::
+
+  token_embedder/embedding                         [V, D]    ('vocab', 'embed')
+  encoder/relpos_bias/rel_embedding                [H, 32]   ('heads', 'relpos_buckets')
+  encoder/layers_i/pre_attention_layer_norm/scale  [D]       ('embed',)
+  encoder/layers_i/attention/{query,key,value}/kernel [D, H*K] ('embed', 'joined_kv')
+  encoder/layers_i/attention/out/kernel            [H*K, D]  ('joined_kv', 'embed')
+  encoder/layers_i/pre_mlp_layer_norm/scale        [D]
+  encoder/layers_i/mlp/{wi_0,wi_1}/kernel          [D, F]    ('embed', 'mlp')
+  encoder/layers_i/mlp/wo/kernel                   [F, D]    ('mlp', 'embed')
+  encoder/encoder_norm/scale                       [D]
+  decoder/relpos_bias/rel_embedding                [H, 32]
+  decoder/layers_i/{pre_self_attention_layer_norm, self_attention,
+                    pre_cross_attention_layer_norm, encoder_decoder_attention,
+                    pre_mlp_layer_norm, mlp}/...
+  decoder/decoder_norm/scale                       [D]
+  decoder/logits_dense/kernel                      [D, V]    ('embed', 'vocab')
+
+Gin: `T5Config` is registered as `network.T5Config` (and dynamic registration
+`from slic_jax import network` works too). The dtype fields accept strings
+('float32', 'bfloat16') as T5X gin files write them; `__post_init__` turns them
+into `jnp.dtype`s.
+"""
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+from flax.linen import partitioning as nn_partitioning
+import gin
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+param_with_axes = nn_partitioning.param_with_axes
+with_sharding_constraint = nn_partitioning.with_sharding_constraint
+
+# T5X initialisers.
+_attention_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+_dense_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+_relpos_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+_embedding_init = nn.initializers.normal(stddev=1.0)
+
+# Additive attention bias for masked-out keys (as T5X).
+_MASK_BIAS = -1e10
+
+
+@gin.configurable(module='network')
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyper-parameters of a T5 1.1 model (defaults: T5 1.1 small shape, 8 layers).
+
+  Attributes:
+    vocab_size: V, rows of the token embedding and columns of the logits.
+    dtype: activation/computation dtype (`jnp.dtype` or a string such as 'bfloat16').
+    weight_dtype: dtype the parameters are created and stored in.
+    emb_dim: D. num_heads: H. head_dim: K. mlp_dim: F.
+    num_encoder_layers / num_decoder_layers: stack depths.
+    mlp_activations: one activation per `wi_{i}` branch, multiplied together;
+      ('gelu', 'linear') is T5 1.1's gated GELU. Names are `flax.linen` functions.
+    dropout_rate: dropout after embeddings, attention weights, attention/MLP
+      outputs and the final norms, only when `enable_dropout=True` (rng 'dropout').
+    logits_via_embedding: tie the output layer to the embedding (T5 1.0); the
+      logits are then divided by sqrt(D). T5 1.1 uses False.
+    float32_attention_logits: compute q.k and the softmax in float32.
+    relative_attention_num_buckets / relative_attention_max_distance: T5 buckets.
+    remat_policy: 'none', 'full' (recompute every layer in the backward pass) or
+      'minimal' (keep matmul outputs, recompute the rest).
+  """
+
+  vocab_size: int = 32128
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+  emb_dim: int = 512
+  num_heads: int = 6
+  num_encoder_layers: int = 8
+  num_decoder_layers: int = 8
+  head_dim: int = 64
+  mlp_dim: int = 1024
+  mlp_activations: Sequence[str] = ('gelu', 'linear')
+  dropout_rate: float = 0.0
+  logits_via_embedding: bool = False
+  float32_attention_logits: bool = True
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  remat_policy: str = 'none'
+
+  def __post_init__(self):
+    object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
+    object.__setattr__(self, 'weight_dtype', jnp.dtype(self.weight_dtype))
+    object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+    if self.remat_policy not in _REMAT_POLICIES:
+      raise ValueError(
+          f'remat_policy must be one of {sorted(_REMAT_POLICIES)}, '
+          f'got {self.remat_policy!r}')
+
+
+_REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'minimal': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_SIZES = {
+    # name: (emb_dim, num_heads, layers (enc = dec), mlp_dim)
+    'small': (512, 6, 8, 1024),
+    'base': (768, 12, 12, 2048),
+    'large': (1024, 16, 24, 2816),
+    'xl': (2048, 32, 24, 5120),
+    'xxl': (4096, 64, 24, 10240),
+}
+
+
+def make_config(size: str, **overrides) -> T5Config:
+  """T5 1.1 config of a named size ('tiny', 'small', ..., 'xxl') with overrides.
+
+  'tiny' (vocab 512, D 128, H 4, K 32, 2+2 layers, F 256) is for tests; the
+  others are the published T5 1.1 shapes with vocab 32128 and K 64.
+  """
+  if size == 'tiny':
+    base = dict(vocab_size=512, emb_dim=128, num_heads=4, head_dim=32,
+                num_encoder_layers=2, num_decoder_layers=2, mlp_dim=256)
+  elif size in _SIZES:
+    emb, heads, layers, mlp = _SIZES[size]
+    base = dict(vocab_size=32128, emb_dim=emb, num_heads=heads, head_dim=64,
+                num_encoder_layers=layers, num_decoder_layers=layers, mlp_dim=mlp)
+  else:
+    raise ValueError(f'Unknown T5 size {size!r}; use tiny or one of {list(_SIZES)}')
+  return T5Config(**{**base, **overrides})
+
+
+# ------------------------------------------------------------------------------
+# Masks.
+# ------------------------------------------------------------------------------
+
+
+def make_attention_mask(query_input, key_input, pairwise_fn=jnp.multiply,
+                        dtype=jnp.float32):
+  """mask[b, 0, q, k] = pairwise_fn(query_input[b, q], key_input[b, k]).
+
+  Args: query_input [B, Lq], key_input [B, Lk]. Returns [B, 1, Lq, Lk].
+  """
+  mask = pairwise_fn(query_input[:, :, None], key_input[:, None, :])
+  return mask[:, None].astype(dtype)
+
+
+def combine_masks(*masks, dtype=jnp.float32):
+  """Logical AND of the non-None masks (all [B, 1, Lq, Lk]); None if none given."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0].astype(bool)
+  for m in masks[1:]:
+    out = jnp.logical_and(out, m)
+  return out.astype(dtype)
+
+
+def make_decoder_mask(decoder_target_tokens, dtype, decoder_segment_ids=None):
+  """Causal AND non-padding (AND same-segment) decoder self-attention mask.
+
+  mask[b, 0, q, k] = (k <= q) & (t[b, q] > 0) & (t[b, k] > 0) [& seg[b, q] == seg[b, k]].
+  Args: decoder_target_tokens [B, Lt]. Returns [B, 1, Lt, Lt].
+  """
+  idx = jnp.broadcast_to(jnp.arange(decoder_target_tokens.shape[-1]),
+                         decoder_target_tokens.shape)
+  valid = decoder_target_tokens > 0
+  segments = (None if decoder_segment_ids is None else make_attention_mask(
+      decoder_segment_ids, decoder_segment_ids, jnp.equal))
+  return combine_masks(
+      make_attention_mask(idx, idx, jnp.greater_equal),
+      make_attention_mask(valid, valid), segments, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------
+# Layers.
+# ------------------------------------------------------------------------------
+
+
+class Dense(nn.Module):
+  """Bias-free projection y = x @ W, W [in, features] stored in `weight_dtype`.
+
+  Computed in `dtype`; x [..., in] -> y [..., features].
+  """
+
+  features: int
+  kernel_axes: tuple
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+  kernel_init: Any = _dense_init
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = param_with_axes('kernel', self.kernel_init,
+                             (x.shape[-1], self.features), self.weight_dtype,
+                             axes=self.kernel_axes)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32.
+
+  x [..., D] -> y [..., D] in `dtype`; scale [D] ('embed',), initialised to 1.
+  """
+
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    scale = param_with_axes('scale', nn.initializers.ones, (x.shape[-1],),
+                            self.weight_dtype, axes=('embed',))
+    y = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets,
+                             max_distance):
+  """T5 bucket of `relative_position = key_pos - query_pos` (numpy, static shapes).
+
+  Half the buckets (per direction when bidirectional) hold exact distances
+  0..n/2-1, the rest log-spaced distances up to `max_distance`, beyond which all
+  share the last bucket. Unidirectional (causal) attention maps all future
+  positions to bucket 0.
+  """
+  n = -relative_position
+  ret = np.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int32) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  val_if_large = max_exact + (
+      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps)
+      / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+  val_if_large = np.minimum(val_if_large, num_buckets - 1)
+  return ret + np.where(n < max_exact, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+  """T5 relative position attention bias, bias[0, h, q, k] = E[h, bucket(k - q)].
+
+  Parameter `rel_embedding` E [H, num_buckets] ('heads', 'relpos_buckets').
+  Returns [1, H, qlen, klen] in `dtype`.
+  """
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, qlen: int, klen: int, bidirectional: bool = True):
+    relative_position = np.arange(klen)[None, :] - np.arange(qlen)[:, None]
+    bucket = relative_position_bucket(relative_position, bidirectional,
+                                      self.num_buckets, self.max_distance)
+    table = param_with_axes('rel_embedding', _relpos_init,
+                            (self.num_heads, self.num_buckets), self.weight_dtype,
+                            axes=('heads', 'relpos_buckets'))
+    return jnp.take(table.astype(self.dtype), jnp.asarray(bucket), axis=1)[None]
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention, out = W_o concat_h softmax(q_h k_h^T + bias) v_h.
+
+  No 1/sqrt(K) factor at run time: as in T5X/Mesh-TF it is folded into the
+  query initialisation (query kernel init scaled by K**-0.5).
+
+  With `decode=True` the module keeps an autoregressive cache in the 'cache'
+  collection (T5X layout): `cached_key`/`cached_value` [B, H, K, L] and the
+  scalar `cache_index`. The first decode call (cache absent, any length) only
+  creates zero-filled cache variables; later calls take one token [B, 1, D],
+  write its key/value at `cache_index`, attend to positions <= cache_index and
+  advance the index. `bias` must then cover all L positions, [1, H, L, L]; the
+  row of the current position is used.
+  """
+
+  num_heads: int
+  head_dim: int
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
+  float32_logits: bool = True
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, *,
+               decode: bool = False, deterministic: bool = True):
+    """inputs_q [B, Lq, D], inputs_kv [B, Lk, D], mask/bias [B|1, H|1, Lq, Lk].
+
+    Returns [B, Lq, D] in `dtype`.
+    """
+    heads, depth = self.num_heads, self.head_dim
+    query_init = lambda *a: _attention_init(*a) / jnp.sqrt(depth).astype(a[-1])
+
+    def project(x, name, init):
+      y = Dense(heads * depth, ('embed', 'joined_kv'), self.dtype,
+                self.weight_dtype, init, name=name)(x)
+      y = y.reshape(y.shape[:-1] + (heads, depth))
+      return with_sharding_constraint(y, ('batch', 'length', 'heads', 'kv'))
+
+    query = project(inputs_q, 'query', query_init)  # [B, Lq, H, K]
+    key = project(inputs_kv, 'key', _attention_init)  # [B, Lk, H, K]
+    value = project(inputs_kv, 'value', _attention_init)
+
+    if decode:
+      initialized = self.has_variable('cache', 'cached_key')
+      cache_shape = key.shape[:-3] + (heads, depth, key.shape[-3])  # [B, H, K, L]
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, cache_shape,
+                                 key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                   cache_shape, value.dtype)
+      cache_index = self.variable('cache', 'cache_index',
+                                  lambda: jnp.array(0, dtype=jnp.int32))
+      if initialized:
+        batch, _, _, length = cached_key.value.shape
+        if query.shape != (batch, 1, heads, depth):
+          raise ValueError(f'Decoding step expects query shape '
+                           f'{(batch, 1, heads, depth)}, got {query.shape}.')
+        if bias is not None and bias.shape[-1] != length:
+          raise ValueError(
+              f'Decoding step needs a position bias over the whole cache length '
+              f'{length} (pass max_decode_length), got {bias.shape}.')
+        i = cache_index.value
+        # [B, 1, H, K] -> [B, H, K, 1], written at length position i.
+        cached_key.value = lax.dynamic_update_slice_in_dim(
+            cached_key.value, jnp.moveaxis(key, 1, -1), i, axis=-1)
+        cached_value.value = lax.dynamic_update_slice_in_dim(
+            cached_value.value, jnp.moveaxis(value, 1, -1), i, axis=-1)
+        cache_index.value = i + 1
+        key = jnp.moveaxis(cached_key.value, -1, 1)  # [B, L, H, K]
+        value = jnp.moveaxis(cached_value.value, -1, 1)
+        mask = combine_masks(
+            mask, jnp.broadcast_to(jnp.arange(length) <= i, (batch, 1, 1, length)))
+        if bias is not None:
+          bias = lax.dynamic_slice_in_dim(bias, i, 1, axis=-2)  # [1, H, 1, L]
+
+    attention_bias = None
+    if mask is not None:
+      attention_bias = jnp.where(mask > 0, 0.0, _MASK_BIAS).astype(self.dtype)
+    if bias is not None:
+      attention_bias = bias if attention_bias is None else attention_bias + bias
+
+    if self.float32_logits:
+      query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    if attention_bias is not None:
+      logits = logits + attention_bias.astype(logits.dtype)
+    weights = jax.nn.softmax(logits).astype(self.dtype)
+    # Dropout on attention weights, shared across query positions (as T5X).
+    weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+        weights, deterministic=deterministic)
+    x = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    x = x.reshape(x.shape[:-2] + (heads * depth,))
+    return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), self.dtype,
+                 self.weight_dtype, _attention_init, name='out')(x)
+
+
+class MlpBlock(nn.Module):
+  """Gated MLP: y = W_o (prod_i act_i(x W_i)); T5 1.1 uses gelu(x W_0) * (x W_1).
+
+  x [B, L, D] -> [B, L, D]; hidden [B, L, F] ('batch', 'length', 'mlp').
+  """
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    cfg = self.config
+    hidden = 1.0
+    for i, act in enumerate(cfg.mlp_activations):
+      h = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, cfg.weight_dtype,
+                name=f'wi_{i}' if len(cfg.mlp_activations) > 1 else 'wi')(x)
+      hidden = hidden * (h if act == 'linear' else getattr(nn, act)(h))
+    hidden = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        hidden, deterministic=deterministic)
+    hidden = with_sharding_constraint(hidden, ('batch', 'length', 'mlp'))
+    return Dense(x.shape[-1], ('mlp', 'embed'), cfg.dtype, cfg.weight_dtype,
+                 name='wo')(hidden)
+
+
+def _attention(cfg: T5Config, name: str) -> MultiHeadDotProductAttention:
+  return MultiHeadDotProductAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
+      weight_dtype=cfg.weight_dtype, dropout_rate=cfg.dropout_rate,
+      float32_logits=cfg.float32_attention_logits, name=name)
+
+
+def _norm(cfg: T5Config, name: str) -> RMSNorm:
+  return RMSNorm(dtype=cfg.dtype, weight_dtype=cfg.weight_dtype, name=name)
+
+
+def _relpos(cfg: T5Config) -> RelativePositionBiases:
+  return RelativePositionBiases(
+      num_buckets=cfg.relative_attention_num_buckets,
+      max_distance=cfg.relative_attention_max_distance,
+      num_heads=cfg.num_heads, dtype=cfg.dtype, weight_dtype=cfg.weight_dtype,
+      name='relpos_bias')
+
+
+def _dropout(cfg: T5Config, x, deterministic: bool, broadcast_dims=(-2,)):
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=broadcast_dims)(
+      x, deterministic=deterministic)
+
+
+def _constrain(x):
+  return with_sharding_constraint(x, ('batch', 'length', 'embed'))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm block: x + Attn(LN(x)), then x + MLP(LN(x)). [B, Li, D] -> [B, Li, D]."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, bias, mask, deterministic: bool = True):
+    cfg = self.config
+    y = _norm(cfg, 'pre_attention_layer_norm')(x)
+    y = _attention(cfg, 'attention')(y, y, mask, bias, deterministic=deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    y = _norm(cfg, 'pre_mlp_layer_norm')(x)
+    y = MlpBlock(cfg, name='mlp')(y, deterministic=deterministic)
+    return _constrain(x + _dropout(cfg, y, deterministic))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: causal self-attention, cross-attention to `encoded`, MLP.
+
+  x [B, Lt, D], encoded [B, Li, D] -> [B, Lt, D].
+  """
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x, encoded, bias, decoder_mask, encoder_decoder_mask,
+               deterministic: bool = True, decode: bool = False):
+    cfg = self.config
+    y = _norm(cfg, 'pre_self_attention_layer_norm')(x)
+    y = _attention(cfg, 'self_attention')(
+        y, y, decoder_mask, bias, decode=decode, deterministic=deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    y = _norm(cfg, 'pre_cross_attention_layer_norm')(x)
+    y = _attention(cfg, 'encoder_decoder_attention')(
+        y, encoded, encoder_decoder_mask, deterministic=deterministic)
+    x = x + _dropout(cfg, y, deterministic)
+    y = _norm(cfg, 'pre_mlp_layer_norm')(x)
+    y = MlpBlock(cfg, name='mlp')(y, deterministic=deterministic)
+    return _constrain(x + _dropout(cfg, y, deterministic))
+
+
+def _maybe_remat(cls, cfg: T5Config, static_argnums, decode: bool = False):
+  """Wraps a layer class in `nn.remat` per `cfg.remat_policy` (never when decoding)."""
+  if cfg.remat_policy == 'none' or decode:
+    return cls
+  return nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat_policy],
+                  static_argnums=static_argnums)
+
+
+class Encoder(nn.Module):
+  """Embedding -> layers -> final RMS norm. tokens [B, Li] -> [B, Li, D]."""
+
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_mask=None,
+               deterministic: bool = True):
+    cfg = self.config
+    length = encoder_input_tokens.shape[-1]
+    bias = _relpos(cfg)(length, length, True)  # [1, H, Li, Li]
+    x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
+    x = _constrain(_dropout(cfg, x, deterministic).astype(cfg.dtype))
+    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, bias, encoder_mask, deterministic)
+    x = _norm(cfg, 'encoder_norm')(x)
+    return _dropout(cfg, x, deterministic, broadcast_dims=())
+
+
+class Decoder(nn.Module):
+  """Embedding -> layers -> final RMS norm -> logits. tokens [B, Lt] -> [B, Lt, V]."""
+
+  config: T5Config
+  shared_embedding: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, decoder_input_tokens, decoder_mask=None,
+               encoder_decoder_mask=None, deterministic: bool = True,
+               decode: bool = False, max_decode_length: Optional[int] = None):
+    cfg = self.config
+    length = (max_decode_length if decode and max_decode_length
+              else decoder_input_tokens.shape[-1])
+    bias = _relpos(cfg)(length, length, False)  # [1, H, Lt, Lt]
+    y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
+    y = _constrain(_dropout(cfg, y, deterministic).astype(cfg.dtype))
+    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7), decode=decode)
+    for i in range(cfg.num_decoder_layers):
+      y = layer_cls(cfg, name=f'layers_{i}')(
+          y, encoded, bias, decoder_mask, encoder_decoder_mask, deterministic,
+          decode)
+    y = _norm(cfg, 'decoder_norm')(y)
+    y = _dropout(cfg, y, deterministic)
+    if cfg.logits_via_embedding:
+      logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1])
+    else:
+      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), jnp.float32,
+                     cfg.weight_dtype, name='logits_dense')(y)
+    return with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
+
+
+class Embed(nn.Module):
+  """Token embedding table E [V, D] ('vocab', 'embed'), init N(0, 1).
+
+  `__call__`: tokens [...] -> E[tokens] [..., D] in `dtype`;
+  `attend`: y [..., D] -> y @ E^T [..., V] in float32.
+  """
+
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+  weight_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = param_with_axes(
+        'embedding', _embedding_init, (self.num_embeddings, self.features),
+        self.weight_dtype, axes=('vocab', 'embed'))
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, query):
+    return jnp.dot(query.astype(jnp.float32), self.embedding.astype(jnp.float32).T)
+
+
+class Transformer(nn.Module):
+  """T5 1.1 encoder-decoder with T5X's interface (`encode`, `decode`, `__call__`).
+
+  Token id 0 is padding (and the decoder BOS); masks come from tokens > 0.
+  Logits are float32 [B, Lt, V].
+  """
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared_embedding = Embed(cfg.vocab_size, cfg.emb_dim, dtype=cfg.dtype,
+                                  weight_dtype=cfg.weight_dtype,
+                                  name='token_embedder')
+    self.encoder = Encoder(cfg, self.shared_embedding)
+    self.decoder = Decoder(cfg, self.shared_embedding)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None,
+             enable_dropout=True):
+    """Encoder branch. encoder_input_tokens [B, Li] int -> encoded [B, Li, D].
+
+    Attention is restricted to non-padding tokens (and the same segment when
+    `encoder_segment_ids` [B, Li] is given for packed examples).
+    """
+    cfg = self.config
+    if encoder_input_tokens.ndim != 2:
+      raise ValueError(f'encoder_input_tokens must be [batch, length], got '
+                       f'{encoder_input_tokens.shape}')
+    valid = encoder_input_tokens > 0
+    mask = make_attention_mask(valid, valid, dtype=cfg.dtype)
+    if encoder_segment_ids is not None:
+      mask = combine_masks(mask, make_attention_mask(
+          encoder_segment_ids, encoder_segment_ids, jnp.equal), dtype=cfg.dtype)
+    return self.encoder(encoder_input_tokens, mask,
+                        deterministic=not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
+             decoder_target_tokens, encoder_segment_ids=None,
+             decoder_segment_ids=None, decoder_positions=None,
+             enable_dropout=True, decode=False, max_decode_length=None):
+    """Decoder branch. Returns float32 logits [B, Lt, V].
+
+    Args:
+      encoded: [B, Li, D] output of `encode`.
+      encoder_input_tokens: [B, Li], only used for the cross-attention mask.
+      decoder_input_tokens: [B, Lt] targets shifted right (0 = BOS).
+      decoder_target_tokens: [B, Lt]; its padding (0) masks queries. In decode
+        mode only its shape is used.
+      encoder_segment_ids / decoder_segment_ids: [B, Li] / [B, Lt] for packing.
+      decoder_positions: unused (relative positions come from indices), kept
+        for T5X's signature.
+      enable_dropout: apply dropout (needs the 'dropout' rng).
+      decode: one autoregressive step with the 'cache' collection (Lt = 1), or
+        cache creation when the cache is absent.
+      max_decode_length: cache length L; required for decode steps so the
+        relative position bias covers every cached position.
+    """
+    del decoder_positions
+    cfg = self.config
+    if decode:
+      decoder_mask = None  # causality comes from the cache index
+      encoder_decoder_mask = make_attention_mask(
+          jnp.ones_like(decoder_target_tokens), encoder_input_tokens > 0,
+          dtype=cfg.dtype)
+    else:
+      decoder_mask = make_decoder_mask(decoder_target_tokens, cfg.dtype,
+                                       decoder_segment_ids)
+      encoder_decoder_mask = make_attention_mask(
+          decoder_target_tokens > 0, encoder_input_tokens > 0, dtype=cfg.dtype)
+    if encoder_segment_ids is not None:
+      if decode:
+        raise ValueError('Packed inputs (encoder_segment_ids) are not supported '
+                         'when decoding.')
+      encoder_decoder_mask = combine_masks(
+          encoder_decoder_mask,
+          make_attention_mask(decoder_segment_ids, encoder_segment_ids, jnp.equal),
+          dtype=cfg.dtype)
+    return self.decoder(encoded, decoder_input_tokens, decoder_mask,
+                        encoder_decoder_mask, deterministic=not enable_dropout,
+                        decode=decode, max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens,
+               decoder_target_tokens, encoder_segment_ids=None,
+               decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, *, enable_dropout=True, decode=False):
+    """Teacher-forced forward pass: tokens [B, Li], [B, Lt] -> logits [B, Lt, V].
+
+    `encoder_positions`/`decoder_positions` are accepted for T5X compatibility
+    and unused (T5 uses relative positions).
+    """
+    del encoder_positions
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids,
+                          enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids,
+                       decoder_segment_ids, decoder_positions,
+                       enable_dropout=enable_dropout, decode=decode)
+
+
+def init_decoder_cache(model: Transformer, batch_size: int, encoder_length: int,
+                       max_decode_length: int):
+  """Zero-filled decoder cache for `max_decode_length` steps (shape-only tracing).
+
+  Returns the 'cache' collection: per decoder self-attention layer
+  `cached_key`/`cached_value` [B, H, K, L] zeros (activation dtype) and
+  `cache_index` 0, as the first `decode=True` call would create it.
+  """
+  enc = jnp.ones((batch_size, encoder_length), jnp.int32)
+  dec = jnp.ones((batch_size, max_decode_length), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), enc, dec, dec,
+                         enable_dropout=False, decode=True)['cache'])
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

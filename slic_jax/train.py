@@ -1,0 +1,265 @@
+r"""slic_jax's trainer: ``python -m slic_jax.train --gin_file=gin/slic_hf.gin``.
+
+One gin-configured `train()` whose argument and macro names follow
+`t5x.train.train` (MODEL, MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
+TRAIN_STEPS, BATCH_SIZE, INITIAL_CHECKPOINT_PATH, EVAL_PERIOD, ...). The trainer
+knows nothing of any loss: it differentiates ``model.loss_fn`` and logs the clu
+metrics the model returns.
+
+Sections: mesh → input pipeline → state (init / restore) → update step → loop
+(metrics, eval, checkpoints).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.struct
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from slic_jax import checkpointing
+from slic_jax import input_pipeline
+from slic_jax import metric_logging
+from slic_jax import partitioning
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _compute(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(m.compute())) for k, m in metrics.items()}
+
+
+def _merge(acc: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Mapping[str, Any]:
+  return dict(new) if acc is None else {k: acc[k].merge(v) for k, v in new.items()}
+
+
+def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int) -> Callable:
+  """The pure update: (state, batch) → (state', metrics). Jitted by the caller."""
+  base_rng = jax.random.PRNGKey(dropout_seed)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+        state.params, batch, rng
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics)
+    metrics["grad_norm"] = _scalar_metric(optax.tree.norm(grads))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def _scalar_metric(x):
+  import clu.metrics as clu_metrics  # local: clu is only needed for this wrapper
+
+  return clu_metrics.Average(total=jnp.asarray(x, jnp.float32), count=jnp.float32(1.0))
+
+
+def train(
+    *,
+    model,
+    train_dataset_cfg: input_pipeline.DatasetConfig,
+    train_eval_dataset_cfg: input_pipeline.DatasetConfig | None = None,
+    checkpoint_cfg: checkpointing.CheckpointConfig | None = None,
+    partitioner: partitioning.Partitioner | None = None,
+    model_dir: str,
+    total_steps: int,
+    eval_steps: int | None = None,
+    eval_period: int = 1000,
+    stats_period: int | None = None,
+    random_seed: int | None = 0,
+    run_eval_before_training: bool = False,
+    **unused_t5x_kwargs,
+) -> tuple[int, TrainState]:
+  """Trains ``model`` until ``total_steps`` (absolute, as in T5X) and returns (step, state).
+
+  Args:
+    model: a `slic_jax.models` model (T5X protocol).
+    train_dataset_cfg / train_eval_dataset_cfg: what to train / evaluate on.
+    checkpoint_cfg: ``save`` (period, keep) and ``restore`` (INITIAL_CHECKPOINT_PATH).
+      A run always resumes from the latest checkpoint in ``model_dir`` first.
+    partitioner: the mesh and logical axis rules (default: all devices on 'data').
+    model_dir: checkpoints, TensorBoard events and ``metrics.jsonl`` go here.
+    total_steps: final step number.
+    eval_steps: eval batches per evaluation (None: the whole split).
+    eval_period: steps between evaluations (and the progress line).
+    stats_period: steps between training-metric writes (default: eval_period / 10).
+    random_seed: seeds parameter init and dropout.
+    unused_t5x_kwargs: T5X run-config arguments that have no meaning here
+      (e.g. ``trainer_cls``, ``use_orbax``); logged and ignored.
+  """
+  if unused_t5x_kwargs:
+    logging.info("ignoring T5X-only train() arguments: %s", sorted(unused_t5x_kwargs))
+  seed = 0 if random_seed is None else int(random_seed)
+  stats_period = stats_period or max(eval_period // 10, 1)
+  checkpoint_cfg = checkpoint_cfg or checkpointing.CheckpointConfig()
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, "config.gin"), "w") as f:
+    f.write(gin.operative_config_str() or gin.config_str())
+
+  # ------------------------------------------------------------------ mesh
+  p = partitioner or partitioning.Partitioner()
+  logging.info("mesh %s over %d devices", dict(p.mesh.shape), p.mesh.size)
+
+  # ------------------------------------------------------------------ input pipeline
+  cfg = train_dataset_cfg
+  if cfg.batch_size % p.data_size:
+    raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not divisible by the data axis {p.data_size}")
+  train_ds = input_pipeline.get_dataset(
+      cfg, model.FEATURE_CONVERTER_CLS,
+      shard_id=jax.process_index(), num_shards=jax.process_count(),
+  )
+  host_batch = cfg.batch_size // jax.process_count()
+  train_iter = input_pipeline.device_iterator(train_ds, p, batch_size=host_batch)
+  element_spec = train_ds.element_spec
+  input_shapes = {k: (cfg.batch_size,) + tuple(v.shape[1:]) for k, v in element_spec.items()}
+  input_types = {k: v.dtype.as_numpy_dtype for k, v in element_spec.items()}
+
+  # ------------------------------------------------------------------ state
+  tx = model.optimizer_def
+  init_rng = jax.random.PRNGKey(seed)
+  abstract_vars = jax.eval_shape(
+      lambda r: model.get_initial_variables(r, input_shapes, input_types), init_rng
+  )
+  params_sh = p.params_shardings(abstract_vars["params_axes"])
+  abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
+  opt_sh = p.optimizer_state_shardings(abstract_opt, abstract_vars["params"], params_sh)
+  state_sh = TrainState(step=p.replicated(), params=params_sh, opt_state=opt_sh)
+
+  def init_state(rng):
+    params = model.get_initial_variables(rng, input_shapes, input_types)["params"]
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+
+  with p.activation_rules():
+    state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+
+  ckpt = checkpointing.Checkpointer(model_dir, checkpoint_cfg.save)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    params, opt_state = ckpt.restore(latest, state.params, state.opt_state)
+    state = TrainState(step=jax.device_put(jnp.int32(latest), p.replicated()),
+                       params=params, opt_state=opt_state)
+    logging.info("resumed from %s step %d", model_dir, latest)
+  elif checkpoint_cfg.restore and checkpoint_cfg.restore.path:
+    params, init_step = checkpointing.restore_params(checkpoint_cfg.restore.path, state.params)
+    state = state.replace(params=params)
+    logging.info("initialised from %s (step %d)", checkpoint_cfg.restore.path, init_step)
+  start_step = int(state.step)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("%d params; starting at step %d of %d", num_params, start_step, total_steps)
+
+  # ------------------------------------------------------------------ update step
+  batch_sh = {k: p.batch_sharding(len(s)) for k, s in input_shapes.items()}
+  step_fn = jax.jit(
+      make_train_step(model, tx, dropout_seed=seed + 1),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, None),
+      donate_argnums=(0,),
+  )
+  eval_fn = jax.jit(model.eval_fn, in_shardings=(params_sh, batch_sh))
+
+  def evaluate(step: int) -> dict[str, float] | None:
+    if train_eval_dataset_cfg is None:
+      return None
+    ecfg = train_eval_dataset_cfg
+    ds = input_pipeline.get_dataset(
+        ecfg, model.FEATURE_CONVERTER_CLS, num_epochs=1,
+        shard_id=jax.process_index(), num_shards=jax.process_count(),
+    )
+    acc = None
+    with p.activation_rules():
+      for i, batch in enumerate(input_pipeline.device_iterator(
+          ds, p, batch_size=ecfg.batch_size // jax.process_count())):
+        if eval_steps is not None and i >= eval_steps:
+          break
+        acc = _merge(acc, eval_fn(state.params, batch)[1])
+    scalars = _compute(acc) if acc else {}
+    logger.write(step, "train_eval", scalars)
+    metric_logging.print_line(
+        f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(scalars.items())))
+    return scalars
+
+  # ------------------------------------------------------------------ loop
+  logger = metric_logging.MetricLogger(model_dir)
+  progress = metric_logging.Progress(total_steps, start_step)
+  if run_eval_before_training:
+    evaluate(start_step)
+  window = None
+  step = start_step
+  with p.activation_rules():
+    while step < total_steps:
+      batch = next(train_iter)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      window = _merge(window, metrics)
+      if step % stats_period == 0 or step == total_steps:
+        scalars = _compute(window)
+        window = None
+        scalars.update(progress.rates(step, cfg.batch_size))
+        logger.write(step, "train", scalars)
+        metric_logging.print_line(progress.line(
+            step, scalars["loss"], scalars["timing/seqs_per_second"],
+            scalars["timing/steps_per_second"]))
+      if step % eval_period == 0 or step == total_steps:
+        evaluate(step)
+      ckpt.maybe_save(step, state.params, state.opt_state, force=step == total_steps)
+  ckpt.close()
+  logger.close()
+  return step, state
+
+
+# ---------------------------------------------------------------------- command line
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
+              gin_search_paths: Sequence[str] = (".",)) -> None:
+  """Parses gin files with the repo root and the given folders on the search path."""
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for path in list(gin_search_paths) + [repo_root]:
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+
+
+def _rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """``--gin.NAME=VALUE`` → ``--gin_bindings=NAME = VALUE`` (T5X's shorthand)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      name, value = arg[len("--gin."):].split("=", 1)
+      out.append(f"--gin_bindings={name} = {value}")
+    else:
+      out.append(arg)
+  return out
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags
+
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  parse_gin(f.gin_file, f.gin_bindings, f.gin_search_paths)
+  train_fn = sys.modules["__main__"].__dict__.get("train", train)
+  gin.get_configurable(train_fn)()  # gin supplies every argument
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  flags.DEFINE_multi_string("gin_file", [], "gin config files")
+  flags.DEFINE_multi_string("gin_bindings", [], "individual gin bindings")
+  flags.DEFINE_list("gin_search_paths", ["."], "gin include search paths")
+  logging.set_verbosity(logging.INFO)
+  app.run(main, argv=_rewrite_gin_args(sys.argv))

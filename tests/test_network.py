@@ -1,0 +1,311 @@
+"""Tests for slic_jax.network: T5X parameter tree, masking, caching, dtypes, remat, gin."""
+
+import dataclasses
+import functools
+import pathlib
+
+from flax import traverse_util
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slic_jax import network
+
+GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin' / 'models'
+
+# [B=2, Li=7] encoder tokens (0 = padding), decoder inputs/targets [B, Lt=5].
+ENC = jnp.array([[5, 9, 33, 2, 17, 1, 0], [44, 3, 8, 1, 0, 0, 0]], jnp.int32)
+TGT = jnp.array([[11, 12, 13, 14, 1], [21, 22, 23, 1, 0]], jnp.int32)
+DEC = jnp.array([[0, 11, 12, 13, 14], [0, 21, 22, 23, 1]], jnp.int32)
+
+
+def _init(cfg, rng=0):
+  model = network.Transformer(cfg)
+  init = jax.jit(lambda r: model.init(r, ENC, DEC, TGT, enable_dropout=False))
+  return model, init(jax.random.PRNGKey(rng))
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return _init(network.make_config('tiny'))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, enc=ENC, dec=DEC, tgt=TGT, **kw):
+  """Jitted teacher-forced logits [B, Lt, V] without dropout."""
+  return model.apply({'params': params}, enc, dec, tgt, enable_dropout=False, **kw)
+
+
+def _expected_t5x_tree(cfg):
+  """{path: (shape, logical axes)} of T5X's t5_1_1 network for `cfg`."""
+  d, v, f, hk = cfg.emb_dim, cfg.vocab_size, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
+  norm = ((d,), ('embed',))
+  attn = {
+      'query/kernel': ((d, hk), ('embed', 'joined_kv')),
+      'key/kernel': ((d, hk), ('embed', 'joined_kv')),
+      'value/kernel': ((d, hk), ('embed', 'joined_kv')),
+      'out/kernel': ((hk, d), ('joined_kv', 'embed')),
+  }
+  mlp = {
+      'wi_0/kernel': ((d, f), ('embed', 'mlp')),
+      'wi_1/kernel': ((d, f), ('embed', 'mlp')),
+      'wo/kernel': ((f, d), ('mlp', 'embed')),
+  }
+  relpos = ((cfg.num_heads, 32), ('heads', 'relpos_buckets'))
+  tree = {
+      'token_embedder/embedding': ((v, d), ('vocab', 'embed')),
+      'encoder/relpos_bias/rel_embedding': relpos,
+      'encoder/encoder_norm/scale': norm,
+      'decoder/relpos_bias/rel_embedding': relpos,
+      'decoder/decoder_norm/scale': norm,
+      'decoder/logits_dense/kernel': ((d, v), ('embed', 'vocab')),
+  }
+  for i in range(cfg.num_encoder_layers):
+    p = f'encoder/layers_{i}/'
+    tree[p + 'pre_attention_layer_norm/scale'] = norm
+    tree[p + 'pre_mlp_layer_norm/scale'] = norm
+    tree.update({p + 'attention/' + k: s for k, s in attn.items()})
+    tree.update({p + 'mlp/' + k: s for k, s in mlp.items()})
+  for i in range(cfg.num_decoder_layers):
+    p = f'decoder/layers_{i}/'
+    for n in ('pre_self_attention', 'pre_cross_attention', 'pre_mlp'):
+      tree[p + n + '_layer_norm/scale'] = norm
+    for n in ('self_attention', 'encoder_decoder_attention'):
+      tree.update({p + n + '/' + k: s for k, s in attn.items()})
+    tree.update({p + 'mlp/' + k: s for k, s in mlp.items()})
+  return tree
+
+
+def test_param_tree_matches_t5x(tiny):
+  model, variables = tiny
+  cfg = model.config
+  expected = _expected_t5x_tree(cfg)
+  params = {'/'.join(k): v for k, v in traverse_util.flatten_dict(variables['params']).items()}
+  axes = {'/'.join(k)[:-len('_axes')]: v.names
+          for k, v in traverse_util.flatten_dict(variables['params_axes']).items()}
+  assert set(params) == set(expected)
+  assert {k: v.shape for k, v in params.items()} == {k: s for k, (s, _) in expected.items()}
+  assert axes == {k: a for k, (_, a) in expected.items()}
+  assert all(v.dtype == jnp.float32 for v in params.values())
+
+
+def test_initialisers_match_t5x(tiny):
+  model, variables = tiny
+  cfg, p = model.config, variables['params']
+  attn = p['encoder']['layers_0']['attention']
+  d, k = cfg.emb_dim, cfg.head_dim
+  np.testing.assert_allclose(np.std(attn['query']['kernel']), (d * k) ** -0.5, rtol=0.05)
+  np.testing.assert_allclose(np.std(attn['key']['kernel']), d ** -0.5, rtol=0.05)
+  np.testing.assert_allclose(np.std(p['token_embedder']['embedding']), 1.0, rtol=0.05)
+  # Truncated normal (fan_in): |w| < 2 * d**-0.5 / 0.8796.
+  wi = p['encoder']['layers_0']['mlp']['wi_0']['kernel']
+  assert np.max(np.abs(wi)) < 2 * d ** -0.5 / 0.8796 + 1e-6
+  np.testing.assert_allclose(np.std(wi), d ** -0.5, rtol=0.05)
+  np.testing.assert_array_equal(p['decoder']['decoder_norm']['scale'], 1.0)
+
+
+def test_logits_shape_and_dtype(tiny):
+  model, variables = tiny
+  logits = _apply(model, variables['params'])
+  assert logits.shape == (2, 5, model.config.vocab_size)
+  assert logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+
+
+def test_relative_position_buckets():
+  rel = np.arange(-200, 201)[None, :]
+  bi = network.relative_position_bucket(rel, True, 32, 128)[0]
+  uni = network.relative_position_bucket(rel, False, 32, 128)[0]
+  at = lambda b, r: b[r + 200]
+  # Exact buckets near 0: past keys (r < 0) use 0..7, future keys 16..23.
+  assert [at(bi, r) for r in (0, -1, -7, 1, 7)] == [0, 1, 7, 17, 23]
+  assert at(bi, -200) == 15 and at(bi, 200) == 31
+  # Causal: future keys all bucket 0, distances 0..15 exact, far past -> 31.
+  assert at(uni, 5) == 0 and at(uni, -15) == 15 and at(uni, -200) == 31
+  assert np.all(np.diff(uni[:201]) <= 0)  # monotone in distance
+
+
+def test_incremental_decode_matches_full_forward(tiny):
+  model, variables = tiny
+  params = variables['params']
+  tgt = jnp.array([[11, 12, 13, 14, 1], [21, 22, 23, 24, 25]], jnp.int32)
+  dec = jnp.pad(tgt[:, :-1], ((0, 0), (1, 0)))
+  full = _apply(model, params, dec=dec, tgt=tgt)
+  batch, length = tgt.shape
+  encoded = model.apply({'params': params}, ENC, enable_dropout=False, method=model.encode)
+  cache = network.init_decoder_cache(model, batch, ENC.shape[1], length)
+
+  @jax.jit
+  def step(cache, token):
+    logits, new = model.apply(
+        {'params': params, 'cache': cache}, encoded, ENC, token, token,
+        enable_dropout=False, decode=True, max_decode_length=length,
+        mutable=['cache'], method=model.decode)
+    return logits[:, 0], new['cache']
+
+  steps = []
+  for t in range(length):
+    logits, cache = step(cache, dec[:, t:t + 1])
+    steps.append(logits)
+  np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+  assert int(cache['decoder']['layers_0']['self_attention']['cache_index']) == length
+
+
+def test_decode_step_requires_max_decode_length(tiny):
+  model, variables = tiny
+  cache = network.init_decoder_cache(model, 2, ENC.shape[1], 4)
+  encoded = jnp.zeros((2, ENC.shape[1], model.config.emb_dim))
+  with pytest.raises(ValueError, match='max_decode_length'):
+    model.apply({'params': variables['params'], 'cache': cache}, encoded, ENC,
+                DEC[:, :1], DEC[:, :1], enable_dropout=False, decode=True,
+                mutable=['cache'], method=model.decode)
+
+
+def test_encoder_padding_invariance(tiny):
+  model, variables = tiny
+  params = variables['params']
+  real_tgt = np.asarray(TGT > 0)  # padded targets are fully masked queries
+  base = np.asarray(_apply(model, params))[real_tgt]
+  longer = _apply(model, params, enc=jnp.pad(ENC, ((0, 0), (0, 4))))
+  np.testing.assert_allclose(np.asarray(longer)[real_tgt], base, atol=1e-5, rtol=1e-5)
+  # With segment ids, a token in a segment-0 (padding) slot is invisible.
+  seg_kw = dict(encoder_segment_ids=(ENC > 0).astype(jnp.int32),
+                decoder_segment_ids=(TGT > 0).astype(jnp.int32))
+  with_seg = _apply(model, params, **seg_kw)
+  np.testing.assert_allclose(np.asarray(with_seg)[real_tgt], base, atol=1e-5, rtol=1e-5)
+  garbage = _apply(model, params, enc=ENC.at[1, 5].set(123), **seg_kw)
+  np.testing.assert_allclose(np.asarray(garbage)[real_tgt], base, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_causality_and_target_padding(tiny):
+  model, variables = tiny
+  params = variables['params']
+  base = _apply(model, params)
+  t = 2
+  dec = DEC.at[:, t + 1].set(77)
+  changed = _apply(model, params, dec=dec)
+  np.testing.assert_allclose(changed[:, :t + 1], base[:, :t + 1], atol=1e-6)
+  assert not np.allclose(changed[:, t + 1:], base[:, t + 1:], atol=1e-3)
+  # Padded target position (row 1, last) does not influence real positions.
+  dec = DEC.at[1, 4].set(99)
+  np.testing.assert_allclose(_apply(model, params, dec=dec)[1, :4], base[1, :4], atol=1e-6)
+
+
+def test_packed_segments_match_separate_examples(tiny):
+  model, variables = tiny
+  params = variables['params']
+  enc_a, enc_b = jnp.array([5, 9, 33, 1]), jnp.array([44, 3, 1])
+  tgt_a, tgt_b = jnp.array([11, 12, 1]), jnp.array([21, 22, 23, 1])
+  shift = lambda t: jnp.pad(t[:-1], (1, 0))
+  packed = _apply(
+      model, params,
+      enc=jnp.concatenate([enc_a, enc_b, jnp.zeros(1, jnp.int32)])[None],
+      dec=jnp.concatenate([shift(tgt_a), shift(tgt_b), jnp.zeros(1, jnp.int32)])[None],
+      tgt=jnp.concatenate([tgt_a, tgt_b, jnp.zeros(1, jnp.int32)])[None],
+      encoder_segment_ids=jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]]),
+      decoder_segment_ids=jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]]))
+  sep_a = _apply(model, params, enc=enc_a[None], dec=shift(tgt_a)[None], tgt=tgt_a[None])
+  sep_b = _apply(model, params, enc=enc_b[None], dec=shift(tgt_b)[None], tgt=tgt_b[None])
+  np.testing.assert_allclose(packed[0, :3], sep_a[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(packed[0, 3:7], sep_b[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_activations_and_weights(tiny):
+  model, variables = tiny
+  params = variables['params']
+  ref = _apply(model, params)
+  bf_model = network.Transformer(dataclasses.replace(model.config, dtype='bfloat16'))
+  logits = _apply(bf_model, params)
+  assert logits.dtype == jnp.float32
+  ref_lp, lp = jax.nn.log_softmax(ref), jax.nn.log_softmax(logits)
+  assert np.max(np.abs(lp - ref_lp)) < 0.25
+  assert np.mean(np.argmax(lp, -1) == np.argmax(ref_lp, -1)) >= 0.8
+
+  bf_model = network.Transformer(
+      network.make_config('tiny', weight_dtype='bfloat16', dtype='bfloat16'))
+  bf_params = jax.eval_shape(lambda: bf_model.init(
+      jax.random.PRNGKey(0), ENC, DEC, TGT, enable_dropout=False))['params']
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf_params))
+  assert jax.eval_shape(_apply, bf_model, bf_params).dtype == jnp.float32
+
+
+def test_dropout(tiny):
+  model, variables = tiny
+  drop_model = network.Transformer(dataclasses.replace(model.config, dropout_rate=0.3))
+  params = variables['params']
+  run = jax.jit(lambda enable, seed: drop_model.apply(
+      {'params': params}, ENC, DEC, TGT, enable_dropout=enable,
+      rngs={'dropout': jax.random.PRNGKey(seed)}), static_argnums=0)
+  np.testing.assert_array_equal(run(False, 0), run(False, 1))
+  np.testing.assert_allclose(run(False, 0), _apply(model, params), atol=1e-5)
+  a, b = run(True, 0), run(True, 1)
+  assert not np.allclose(a, b, atol=1e-3)
+  np.testing.assert_array_equal(a, run(True, 0))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.value_and_grad, argnums=1)
+def _loss_and_grad(model, params):
+  """Teacher-forced sum of target log-probs and its gradient."""
+  logits = _apply(model, params)
+  return jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(TGT, logits.shape[-1]))
+
+
+@pytest.mark.parametrize('policy', ['full', 'minimal'])
+def test_remat_matches_no_remat(tiny, policy):
+  model, variables = tiny
+  params = variables['params']
+  remat_model = network.Transformer(dataclasses.replace(model.config, remat_policy=policy))
+  value, grads = _loss_and_grad(model, params)
+  value_r, grads_r = _loss_and_grad(remat_model, params)
+  np.testing.assert_allclose(value_r, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+               grads_r, grads)
+  # Same parameter tree under remat.
+  remat_params = jax.eval_shape(lambda: remat_model.init(
+      jax.random.PRNGKey(0), ENC, DEC, TGT, enable_dropout=False))['params']
+  assert jax.tree.structure(remat_params) == jax.tree.structure(params)
+
+
+def test_make_config_sizes():
+  expect = {
+      'tiny': (512, 128, 4, 32, 2, 256), 'small': (32128, 512, 6, 64, 8, 1024),
+      'base': (32128, 768, 12, 64, 12, 2048), 'large': (32128, 1024, 16, 64, 24, 2816),
+      'xl': (32128, 2048, 32, 64, 24, 5120), 'xxl': (32128, 4096, 64, 64, 24, 10240)}
+  for size, (v, d, h, k, n, f) in expect.items():
+    cfg = network.make_config(size)
+    assert (cfg.vocab_size, cfg.emb_dim, cfg.num_heads, cfg.head_dim,
+            cfg.num_encoder_layers, cfg.num_decoder_layers, cfg.mlp_dim) == (v, d, h, k, n, n, f)
+  assert network.make_config('base', dropout_rate=0.1).dropout_rate == 0.1
+  assert network.make_config('tiny', dtype='bfloat16').dtype == jnp.bfloat16
+  with pytest.raises(ValueError):
+    network.make_config('huge')
+  with pytest.raises(ValueError):
+    network.make_config('tiny', remat_policy='sometimes')
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small', 'base', 'large', 'xl', 'xxl'])
+def test_gin_model_files(size):
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(
+        [str(GIN_DIR / f't5_1_1_{size}.gin')],
+        ['DROPOUT_RATE = 0.1', "network.T5Config.dtype = 'bfloat16'"])
+    transformer = gin.query_parameter('%NETWORK').scoped_configurable_fn()
+  finally:
+    gin.clear_config()
+  assert isinstance(transformer, network.Transformer)
+  expected = network.make_config(size, dropout_rate=0.1, dtype='bfloat16')
+  assert transformer.config == expected
+
+
+def test_gin_plain_bindings():
+  gin.clear_config()
+  try:
+    gin.parse_config("network.T5Config.emb_dim = 128\nnetwork.T5Config.weight_dtype = 'bfloat16'")
+    cfg = network.T5Config()
+  finally:
+    gin.clear_config()
+  assert cfg.emb_dim == 128 and cfg.weight_dtype == jnp.bfloat16
