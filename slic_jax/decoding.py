@@ -1,4 +1,4 @@
-"""Autoregressive temperature / top-k / top-p sampling with a flax KV cache.
+"""Autoregressive sampling (temperature / top-k / top-p) and beam search with a KV cache.
 
 Follows the calling convention of `t5x.decoding.temperature_sample` (no prompt
 prefill): the caller passes the decoder prompt `inputs` [B, L] (targets shifted
@@ -132,7 +132,7 @@ def temperature_sample(
   sequences0 = jnp.concatenate(
       [jnp.zeros((rows, 1), jnp.int32), inputs[:, 1:].astype(jnp.int32),
        jnp.zeros((rows, 1), jnp.int32)], axis=1)
-  # Last output position each row may write: prompt tokens + generated tokens.
+  # [B*n] output tokens each row may hold: its prompt tokens + max_decode_steps.
   max_len = jnp.full((rows,), length, jnp.int32)
   if max_decode_steps is not None:
     max_len = jnp.minimum(max_len, jnp.sum(inputs[:, 1:] != 0, axis=1) + max_decode_steps)

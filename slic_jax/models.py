@@ -16,7 +16,6 @@ for the decoder (`_pair_sequence_log_probs`), so a pair costs one encoder pass.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Mapping
 
 import clu.metrics as clu_metrics
@@ -29,6 +28,7 @@ import seqio
 from slic_jax import decoding
 from slic_jax import feature_converters
 from slic_jax import losses
+from slic_jax import network
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -221,30 +221,21 @@ class EncoderDecoderModel:
     enc_tokens = batch["encoder_input_tokens"]
     dec_len = batch["decoder_input_tokens"].shape[-1]
     b = enc_tokens.shape[0]
-    # Cache shapes come from a decode=True init over [B·n, dec_len].
-    _, cache_vars = self.module.apply(
-        {"params": params},
-        jnp.ones((b * num_decodes, enc_tokens.shape[1]), enc_tokens.dtype),
-        jnp.ones((b * num_decodes, dec_len), jnp.int32),
-        jnp.ones((b * num_decodes, dec_len), jnp.int32),
-        decode=True,
-        enable_dropout=False,
-        mutable=["cache"],
-    )
-    cache = jax.tree.map(jnp.zeros_like, cache_vars["cache"])
+    # An all-zero cache for batch B (decode_fn repeats it num_decodes times).
+    cache = network.init_decoder_cache(self.module, b, enc_tokens.shape[1], dec_len)
     encoded = self.module.apply(
         {"params": params}, enc_tokens, enable_dropout=False, method=self.module.encode
     )
-    encoded = jnp.repeat(encoded, num_decodes, axis=0)
-    enc_rep = jnp.repeat(enc_tokens, num_decodes, axis=0)
+    encoded = decoding.batch_repeat(encoded, num_decodes)
+    enc_rep = decoding.batch_repeat(enc_tokens, num_decodes)
 
-    def tokens_to_logits(tokens, cache):
+    def tokens_to_logits(state: decoding.DecodingState):
       logits, new_vars = self.module.apply(
-          {"params": params, "cache": cache},
+          {"params": params, "cache": state.cache},
           encoded,
           enc_rep,
-          tokens,
-          tokens,
+          state.cur_token,
+          state.cur_token,
           enable_dropout=False,
           decode=True,
           max_decode_length=dec_len,
@@ -266,9 +257,8 @@ class EncoderDecoderModel:
     )
     if return_all_decodes:
       return decodes, {"scores": scores}
-    best = jnp.argmax(scores, axis=-1)
-    take = functools.partial(jnp.take_along_axis, axis=1)
-    return take(decodes, best[:, None, None])[:, 0], {"scores": take(scores, best[:, None])[:, 0]}
+    # decode_fn sorts each example's decodes by increasing score (T5X): the best is last.
+    return decodes[:, -1], {"scores": scores[:, -1]}
 
   def predict_batch(self, params, batch: Batch, rng: Array | None = None, **kwargs) -> Array:
     return self.predict_batch_with_aux(params, batch, rng=rng, **kwargs)[0]

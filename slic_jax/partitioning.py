@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -106,7 +107,7 @@ class Partitioner:
 
   def params_shardings(self, params_axes: Any) -> Any:
     """Tree of NamedSharding for params from the network's ``params_axes`` collection."""
-    logical_specs = flax_partitioning.get_axis_names(params_axes)
+    logical_specs = flax.core.unfreeze(flax_partitioning.get_axis_names(params_axes))
     return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.logical_axis_rules)
 
   def batch_sharding(self, ndim: int) -> NamedSharding:
