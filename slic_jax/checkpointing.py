@@ -106,7 +106,7 @@ def restore_params(path: str, params_template: Any) -> tuple[Any, int]:
     step = None
   manager = ocp.CheckpointManager(
       directory, item_names=("params", "opt_state"),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
   )
   step = manager.latest_step() if step is None else step
   if step is None:

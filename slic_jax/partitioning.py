@@ -97,7 +97,7 @@ class Partitioner:
   @contextlib.contextmanager
   def activation_rules(self):
     """Context in which `with_sharding_constraint` on logical names is active."""
-    with self.mesh, nn.logical_axis_rules(self.logical_axis_rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.logical_axis_rules):
       yield
 
   def sharding(self, logical_spec: Sequence[str | None] | None) -> NamedSharding:

@@ -48,8 +48,8 @@ def run_trainer(gin_file: str, bindings: dict[str, str], env: dict[str, str], lo
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--work_dir", default="/tmp/slic_jax_demo")
-  ap.add_argument("--sft_steps", type=int, default=1500)
-  ap.add_argument("--slic_steps", type=int, default=1000)
+  ap.add_argument("--sft_steps", type=int, default=400)
+  ap.add_argument("--slic_steps", type=int, default=300)
   ap.add_argument("--eval_posts", type=int, default=500)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--fresh", action="store_true", help="delete previous runs in work_dir first")
@@ -67,7 +67,7 @@ def main() -> None:
   os.makedirs(work, exist_ok=True)
   if not os.path.isdir(data_dir):
     counts = synthetic.generate_world(data_dir, seed=args.seed)
-    print(f"synthetic TL;DR world → {data_dir}: {counts}")
+    print(f"synthetic TL;DR world → {data_dir}: {counts['counts']}")
   env = dict(os.environ, SLIC_JAX_TLDR_DIR=data_dir)
   os.environ["SLIC_JAX_TLDR_DIR"] = data_dir
 

@@ -1,0 +1,220 @@
+r"""Peer benchmark: Hugging Face TRL's CPOTrainer (hinge + cpo_alpha) on a local T5 1.1.
+
+Runs inside the peer venv made by ``tools/setup_peer_env.sh`` (torch 2.13.0 CPU,
+transformers 5.23.0, trl 1.16.0), never in slic_jax's venv; ``tools/benchmark.py``
+calls it in a subprocess. Prints one JSON line on stdout (and ``--out`` if given).
+
+What is run: ``trl.experimental.cpo.CPOTrainer(...).train()`` — the real, full
+Trainer loop — with ``loss_type="hinge"`` (``relu(1 − β·(log π(y⁺) − log π(y⁻)))``,
+β = 1/δ = 1) and ``cpo_alpha`` = λ (token-mean NLL on the chosen response; SLiC-HF's
+regulariser on y_ref = y⁺), Adafactor (transformers' implementation, constant
+lr 1e-4, no relative step), ``max_grad_norm=1.0``, no dropout, on a
+``T5ForConditionalGeneration`` built from a ``T5Config`` with slic_jax's dims
+(T5 1.1: ``feed_forward_proj="gated-gelu"``, untied embeddings, d_kv 64,
+32 relative buckets, max distance 128, dropout 0). ``HF_HUB_OFFLINE=1``; the
+tokenizer is a local word-level ``PreTrainedTokenizerFast`` whose words are
+``w<id>``, so a prompt of Li random words tokenises to exactly Li ids and each
+response to Lt ids (the last one EOS): the same shapes as slic_jax's batch.
+
+What is timed: a ``TrainerCallback`` records ``on_step_begin`` → ``on_step_end``
+for every optimizer step (``training_step`` = ``compute_loss`` → TRL's
+``concatenated_forward`` + ``cpo_loss``, ``backward``; then gradient clipping,
+``optimizer.step()``, scheduler, ``zero_grad``) — ``step_s_median`` is the median
+over the steps after ``--warmup``. The ``on_step_end`` → ``on_step_end`` interval
+(which adds the data loader / collator and logging) is reported as
+``loop_step_s_median``.
+
+How CPOTrainer handles an encoder-decoder (trl 1.16.0, ``concatenated_inputs``):
+the chosen and rejected labels are concatenated along the batch and the prompt is
+``repeat(2, 1)``-ed, so ONE model call runs the encoder on 2·B prompts (each
+prompt is encoded twice, once per response) and the decoder on 2·B sequences.
+slic_jax encodes each prompt once and decodes 3 rows (chosen, rejected, y_ref).
+
+``--matmul_only`` instead measures torch's square matmul peak (float32, bfloat16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def matmul_peak(n: int, reps: int) -> dict:
+  import torch
+  out = {"n": n, "torch_num_threads": torch.get_num_threads()}
+  for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dt)
+    b = torch.randn(n, n, generator=g).to(dt)
+    a @ b
+    ts = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      a @ b
+      ts.append(time.perf_counter() - t0)
+    out[f"torch_{name}_flops_per_s"] = 2.0 * n ** 3 / min(ts)
+    out[f"torch_{name}_flops_per_s_median"] = 2.0 * n ** 3 / statistics.median(ts)
+  out["peak_rss_mb"] = _peak_rss_mb()
+  return out
+
+
+def make_tokenizer(vocab_size: int):
+  """Word-level tokenizer: id i <-> 'w<i>'; 0 = <pad>, 1 = </s>, 2 = <unk>."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {f"w{i}": i for i in range(vocab_size)}
+  vocab["<pad>"], vocab["</s>"], vocab["<unk>"] = 0, 1, 2
+  for i in (0, 1, 2):
+    vocab.pop(f"w{i}")
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                 unk_token="<unk>")
+
+
+def make_dataset(n_rows: int, li: int, lt: int, vocab_size: int, seed: int):
+  """Random prompts of Li words and responses of Lt − 1 words + '</s>' (same shapes as slic_jax)."""
+  import numpy as np
+  from datasets import Dataset
+  rng = np.random.default_rng(seed)
+  words = lambda ids: " ".join(f"w{i}" for i in ids)
+  rows = {"prompt": [], "chosen": [], "rejected": []}
+  for _ in range(n_rows):
+    rows["prompt"].append(words(rng.integers(3, vocab_size, li)))
+    rows["chosen"].append(words(rng.integers(3, vocab_size, lt - 1)) + " </s>")
+    rows["rejected"].append(words(rng.integers(3, vocab_size, lt - 1)) + " </s>")
+  return Dataset.from_dict(rows)
+
+
+def run_cpo(args) -> dict:
+  import torch
+  import transformers
+  import trl
+  from transformers import T5Config, T5ForConditionalGeneration, TrainerCallback
+  from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+  rss_import = _peak_rss_mb()
+  torch.manual_seed(args.seed)
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  cfg = T5Config(
+      vocab_size=args.vocab_size, d_model=args.d_model, d_kv=args.d_kv, d_ff=args.d_ff,
+      num_layers=args.num_layers, num_decoder_layers=args.num_layers,
+      num_heads=args.num_heads, relative_attention_num_buckets=32,
+      relative_attention_max_distance=128, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+      tie_word_embeddings=False, is_encoder_decoder=True, pad_token_id=0, eos_token_id=1,
+      decoder_start_token_id=0)
+  model = T5ForConditionalGeneration(cfg)
+  num_params = sum(p.numel() for p in model.parameters())
+  tokenizer = make_tokenizer(args.vocab_size)
+  total = args.warmup + args.steps
+  ds = make_dataset(args.batch * total, args.li, args.lt, args.vocab_size, args.seed)
+
+  cpo_args = CPOConfig(
+      output_dir=args.output_dir, per_device_train_batch_size=args.batch, max_steps=total,
+      loss_type="hinge", beta=1.0 / args.delta, cpo_alpha=args.cpo_alpha,
+      max_length=args.li + args.lt + 8, max_completion_length=args.lt,
+      optim="adafactor", learning_rate=1e-4, lr_scheduler_type="constant",
+      max_grad_norm=1.0, weight_decay=0.0, disable_dropout=True,
+      logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
+      dataloader_num_workers=0, remove_unused_columns=False, seed=args.seed,
+      bf16=args.bf16, use_cpu=True, dataset_num_proc=None)
+
+  class Timer(TrainerCallback):
+    def __init__(self):
+      self.begin, self.compute, self.loop, self.last_end = None, [], [], None
+
+    def on_step_begin(self, *a, **k):
+      self.begin = time.perf_counter()
+
+    def on_step_end(self, *a, **k):
+      now = time.perf_counter()
+      self.compute.append(now - self.begin)
+      if self.last_end is not None:
+        self.loop.append(now - self.last_end)
+      self.last_end = now
+
+  timer = Timer()
+  t0 = time.perf_counter()
+  trainer = CPOTrainer(model=model, args=cpo_args, train_dataset=ds,
+                       processing_class=tokenizer, callbacks=[timer])
+  setup_s = time.perf_counter() - t0
+  # Check the shapes TRL actually feeds the model (one collated batch).
+  batch = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)])
+  cat = trainer.concatenated_inputs(batch, is_encoder_decoder=True, padding_value=0)
+  shapes = {"encoder_input_ids": list(cat["concatenated_input_ids"].shape),
+            "concatenated_labels": list(cat["concatenated_labels"].shape)}
+  t0 = time.perf_counter()
+  out = trainer.train()
+  train_s = time.perf_counter() - t0
+  comp = timer.compute[args.warmup:]
+  loop = timer.loop[max(args.warmup - 1, 0):]
+  med = statistics.median(comp)
+  return {
+      "framework": "trl_cpo", "size": args.size_name, "dtype": "bfloat16" if args.bf16 else "float32",
+      "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
+      "setup_s": setup_s, "train_s": train_s, "step_times_s": comp, "step_s_median": med,
+      "step_s_min": min(comp), "loop_step_s_median": statistics.median(loop) if loop else None,
+      "pairs_per_s": args.batch / med, "final_train_loss": out.training_loss,
+      "model_call_shapes": shapes,
+      "encoder_passes_per_pair": shapes["encoder_input_ids"][0] // args.batch,
+      "decoder_rows_per_pair": shapes["concatenated_labels"][0] // args.batch,
+      "timed": ("CPOTrainer.train(): on_step_begin->on_step_end per optimizer step "
+                "(compute_loss/concatenated_forward+cpo_loss, backward, clip, Adafactor step)"),
+      "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": rss_import,
+      "torch_num_threads": torch.get_num_threads(),
+      "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                   "trl": trl.__version__},
+  }
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--matmul_only", action="store_true")
+  ap.add_argument("--matmul_n", type=int, default=2048)
+  ap.add_argument("--matmul_reps", type=int, default=10)
+  ap.add_argument("--d_model", type=int, default=512)
+  ap.add_argument("--num_heads", type=int, default=6)
+  ap.add_argument("--d_kv", type=int, default=64)
+  ap.add_argument("--d_ff", type=int, default=1024)
+  ap.add_argument("--num_layers", type=int, default=8)
+  ap.add_argument("--vocab_size", type=int, default=32128)
+  ap.add_argument("--size_name", default="custom")
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--li", type=int, default=512)
+  ap.add_argument("--lt", type=int, default=64)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--delta", type=float, default=1.0, help="SLiC-HF margin; TRL beta = 1/delta")
+  ap.add_argument("--cpo_alpha", type=float, default=0.5, help="NLL weight (SLiC-HF's lambda)")
+  ap.add_argument("--bf16", action="store_true")
+  ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+  ap.add_argument("--output_dir", default="/tmp/slic_jax_peer_trl_out")
+  ap.add_argument("--out", default=None, help="also write the JSON here")
+  args = ap.parse_args(argv)
+  res = matmul_peak(args.matmul_n, args.matmul_reps) if args.matmul_only else run_cpo(args)
+  line = json.dumps(res)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(line + "\n")
+  print(line, flush=True)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,585 @@
+r"""SLiC-HF training throughput: slic_jax side by side with the PyTorch/TRL peer.
+
+Run (one command measures everything and writes benchmarks/results.{json,md})::
+
+  bash tools/setup_peer_env.sh                 # once: peer venv in /tmp/slic_jax_peer_env
+  TF_CPP_MIN_LOG_LEVEL=2 TF_ENABLE_ONEDNN_OPTS=0 \
+    .venv/bin/python tools/benchmark.py --batch 4 --li 512 --lt 64 \
+        --sizes small,mini --sweep 128,256,512,1024 --levers
+
+Every measurement runs in its own subprocess (``--_worker ...``), so peak
+resident memory (``ru_maxrss`` of that process) is per run, and one run's
+compile caches / allocator state do not leak into the next:
+
+* ``slic``   : slic_jax's own update step, ``slic_jax.train.make_train_step`` on
+  `models.SlicHFModel` with `optimizers.create_optimizer` (Adafactor, clip 1.0),
+  jitted with ``donate_argnums=(0,)`` exactly as ``slic_jax.train.train`` does.
+  Steady-state time = median of ``--steps`` timed steps after ``--warmup``
+  steps (each ``block_until_ready``); compile time is reported separately.
+* ``matmul`` : peak matmul rate of this machine in the same run: a square float32
+  (and bfloat16) ``jnp.dot`` of ``--matmul_n`` (2048) repeated, plus numpy's.
+  torch's is measured by the peer script (``--matmul_only``).
+* ``peer``   : ``tools/bench_peer_trl.py`` in the peer venv (TRL CPOTrainer,
+  hinge + cpo_alpha, same dims/batch/lengths); see that file for what it times.
+
+Model FLOPs (``model_flops``) — matmul FLOPs only, 2 per multiply-add, of the
+model *as configured and as slic_jax runs it*, for B prompts, encoder length
+Li, target length Lt, n target rows per prompt (SLiC-HF: chosen, rejected,
+reference → n = 3), D = emb_dim, A = num_heads·head_dim, F = mlp_dim,
+G = number of ``wi`` branches (2 for gated-GELU), V = vocab, Le/Ld = layers::
+
+  enc_per_token   = 2·(4·D·A)            # q, k, v, out projections
+                  + 2·(G+1)·D·F          # gated MLP
+                  + 2·2·Li·A             # q·kᵀ and weights·v over Li keys
+  encoder         = E · Li · Le · enc_per_token          E = B (encoder once per prompt)
+
+  dec_per_seq_per_layer =
+        Lt·[2·4·D·A + 2·2·Lt·A]          # causal self-attention (full Lt×Lt computed)
+      + Lt·[2·2·D·A]                     # cross-attention q and out projections
+      + Li·[2·2·D·A]                     # cross-attention k, v of the encoder output
+      + Lt·[2·2·Li·A]                    # cross-attention q·kᵀ and weights·v
+      + Lt·[2·(G+1)·D·F]                 # gated MLP
+  decoder         = S · Ld · dec_per_seq_per_layer       S = n·B decoded sequences
+  logits          = S · Lt · 2·D·V
+  forward         = encoder + decoder + logits
+  train_step      = 3 · forward          # backward = 2 × forward
+
+The cross-attention k/v term is counted per decoded *sequence*, because
+``SlicHFModel._pair_logits`` repeats the encoder output n times and the
+decoder projects it in every row (as does Hugging Face's T5). Embedding
+gathers, norms, softmax, GELU, loss and optimizer updates are not matmuls and
+are left out; remat recomputation is not counted either (this is "model
+FLOPs", as in MFU; XLA's ``cost_analysis`` counts what is executed, so it is
+higher with remat and slightly higher always — reported beside it).
+The TRL peer's count uses the same formula with E = 2·B (CPOTrainer runs
+the encoder once for chosen and once for rejected) and S = 2·B.
+
+Achieved model FLOP/s = train_step FLOPs / median step time, compared with the
+float32 matmul peak measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
+T5X_ENV = "/tmp/t5x_env"
+VOCAB = 32128
+
+# name -> (emb_dim, num_heads, head_dim, layers (enc = dec), mlp_dim, vocab)
+SIZES = {
+    "small": (512, 6, 64, 8, 1024, VOCAB),   # T5 1.1 small
+    "mini": (256, 4, 64, 4, 512, VOCAB),     # a smaller T5 1.1-shaped model
+    "tiny": (128, 4, 32, 2, 256, 512),       # network.make_config('tiny'), for tests
+}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def model_flops(*, emb_dim: int, num_heads: int, head_dim: int, mlp_dim: int,
+                num_encoder_layers: int, num_decoder_layers: int, vocab_size: int,
+                batch: int, li: int, lt: int, n_targets: int = 3,
+                encoder_passes_per_prompt: int = 1, num_wi: int = 2) -> dict:
+  """Analytic matmul FLOPs of one training step (see the module docstring).
+
+  Returns a dict with ``encoder``, ``decoder``, ``logits``, ``forward`` and
+  ``train_step`` (= 3·forward) FLOPs, plus ``cross_kv`` (the decoder's
+  cross-attention k/v projections, a part of ``decoder``).
+  """
+  d, a, f, v = emb_dim, num_heads * head_dim, mlp_dim, vocab_size
+  mlp = 2 * (num_wi + 1) * d * f
+  enc_tok = 2 * 4 * d * a + mlp + 2 * 2 * li * a
+  e = batch * encoder_passes_per_prompt
+  encoder = e * li * num_encoder_layers * enc_tok
+  s = batch * n_targets
+  self_attn = lt * (2 * 4 * d * a + 2 * 2 * lt * a)
+  cross_qo = lt * 2 * 2 * d * a
+  cross_kv = li * 2 * 2 * d * a
+  cross_scores = lt * 2 * 2 * li * a
+  dec_layer = self_attn + cross_qo + cross_kv + cross_scores + lt * mlp
+  decoder = s * num_decoder_layers * dec_layer
+  logits = s * lt * 2 * d * v
+  forward = encoder + decoder + logits
+  return {
+      "encoder": float(encoder), "decoder": float(decoder), "logits": float(logits),
+      "cross_kv": float(s * num_decoder_layers * cross_kv),
+      "forward": float(forward), "train_step": float(3 * forward),
+  }
+
+
+def size_dims(size: str) -> dict:
+  d, h, k, layers, f, v = SIZES[size]
+  return dict(emb_dim=d, num_heads=h, head_dim=k, mlp_dim=f, num_encoder_layers=layers,
+              num_decoder_layers=layers, vocab_size=v)
+
+
+def config_flops(cfg, batch: int, li: int, lt: int, n_targets: int = 3, **kw) -> dict:
+  """`model_flops` for a `slic_jax.network.T5Config`."""
+  return model_flops(emb_dim=cfg.emb_dim, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                     mlp_dim=cfg.mlp_dim, num_encoder_layers=cfg.num_encoder_layers,
+                     num_decoder_layers=cfg.num_decoder_layers, vocab_size=cfg.vocab_size,
+                     batch=batch, li=li, lt=lt, n_targets=n_targets,
+                     num_wi=len(cfg.mlp_activations), **kw)
+
+
+# ----------------------------------------------------------------------------- slic_jax side
+def make_config(size: str, dtype: str = "float32", remat: str = "none"):
+  from slic_jax import network
+  return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat)
+
+
+def random_pair_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, n: int = 3):
+  """Random SLiC-HF pair batch (numpy): full-length prompts, targets ending in EOS (1)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(2, vocab, (batch, li), dtype=np.int32)
+  tgt = rng.integers(2, vocab, (batch, n, lt), dtype=np.int32)
+  tgt[..., -1] = 1
+  dec_in = np.concatenate([np.zeros((batch, n, 1), np.int32), tgt[..., :-1]], axis=-1)
+  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in,
+          "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
+
+
+def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor"):
+  """(jitted train_step, init_state_fn) exactly as slic_jax.train builds them."""
+  import jax
+  import jax.numpy as jnp
+  import seqio
+  from slic_jax import models, network, optimizers, train
+
+  vocab = seqio.PassThroughVocabulary(size=cfg.vocab_size, eos_id=1)
+  tx = optimizers.create_optimizer(name=optimizer, learning_rate=1e-4, clip_norm=1.0)
+  model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx)
+
+  def init_state(rng):
+    params = model.get_initial_variables(rng, batch_shapes)["params"]
+    return train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+
+  step = jax.jit(train.make_train_step(model, tx, dropout_seed=seed + 1), donate_argnums=(0,))
+  return step, init_state
+
+
+def xla_cost_flops(compiled) -> float | None:
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # pragma: no cover - backend without cost analysis
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not ca or "flops" not in ca:
+    return None
+  return float(ca["flops"])
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker_slic(args) -> dict:
+  import jax
+  import numpy as np
+  from slic_jax import models, partitioning  # noqa: F401  (models imports seqio/TF)
+
+  rss_import = _peak_rss_mb()
+  cfg = make_config(args.size, args.dtype, args.remat)
+  np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
+  shapes = {k: v.shape for k, v in np_batch.items()}
+  p = partitioning.Partitioner(devices=jax.devices()[:1])
+  with p.activation_rules():
+    step, init_state = build_step(cfg, shapes, args.seed)
+    state = jax.jit(init_state)(jax.random.PRNGKey(args.seed))
+    batch = jax.device_put(np_batch)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    xla_flops = xla_cost_flops(compiled)
+    times = []
+    for i in range(args.warmup + args.steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+      if i >= args.warmup:
+        times.append(time.perf_counter() - t0)
+    loss = float(np.asarray(metrics["loss"].compute()))
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  flops = config_flops(cfg, args.batch, args.li, args.lt)
+  med = statistics.median(times)
+  return {
+      "framework": "slic_jax", "size": args.size, "dtype": args.dtype, "remat": args.remat,
+      "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
+      "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
+      "step_s_min": min(times), "pairs_per_s": args.batch / med,
+      "model_flops_per_step": flops["train_step"], "flops_breakdown": flops,
+      "xla_cost_analysis_flops": xla_flops,
+      "achieved_model_flops_per_s": flops["train_step"] / med,
+      "final_loss": loss, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": rss_import,
+      "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
+  }
+
+
+def worker_matmul(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  n, reps = args.matmul_n, args.matmul_reps
+  out = {"n": n}
+  flops = 2.0 * n ** 3
+  for dt in ("float32", "bfloat16"):
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
+    y = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
+    f = jax.jit(jnp.dot)
+    f(x, y).block_until_ready()
+    ts = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      f(x, y).block_until_ready()
+      ts.append(time.perf_counter() - t0)
+    out[f"jax_{dt}_flops_per_s"] = flops / min(ts)
+    out[f"jax_{dt}_flops_per_s_median"] = flops / statistics.median(ts)
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+  a @ b
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    a @ b
+    ts.append(time.perf_counter() - t0)
+  out["numpy_float32_flops_per_s"] = flops / min(ts)
+  out["numpy_float32_flops_per_s_median"] = flops / statistics.median(ts)
+  out["peak_rss_mb"] = _peak_rss_mb()
+  return out
+
+
+# ----------------------------------------------------------------------------- orchestration
+def _run_json(cmd: list[str], timeout: float, env=None) -> dict:
+  """Runs one worker subprocess; returns its last stdout line as JSON (or an error)."""
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0",
+         "HF_HUB_OFFLINE": "1", **(env or {})}
+  env.pop("XLA_FLAGS", None)  # one real CPU device, not the tests' fake 8
+  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  t0 = time.perf_counter()
+  print("[benchmark] $", " ".join(cmd), file=sys.stderr, flush=True)
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timeout after {timeout}s", "cmd": cmd}
+  wall = time.perf_counter() - t0
+  after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-3000:], "cmd": cmd}
+  res = json.loads(lines[-1])
+  res["wall_s"] = wall
+  # RUSAGE_CHILDREN is a max over all children so far: it confirms the worker's own
+  # figure only when this child set a new maximum.
+  if after > before:
+    res["rusage_children_maxrss_mb"] = after / 1024.0
+  print("[benchmark]   ->", _brief(res), file=sys.stderr, flush=True)
+  return res
+
+
+def _brief(r: dict) -> str:
+  if "error" in r:
+    return "ERROR " + r["error"]
+  if "pairs_per_s" in r:
+    return (f"{r.get('framework')} {r.get('size')} Li={r.get('li')} {r.get('dtype', '')} "
+            f"{r.get('remat', '')}: {r['step_s_median']:.2f} s/step, "
+            f"{r['pairs_per_s']:.3f} pairs/s, rss {r['peak_rss_mb']:.0f} MB")
+  return json.dumps(r)[:200]
+
+
+def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None) -> list[str]:
+  return [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
+          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
+          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
+          "--warmup", str(args.warmup), "--seed", str(args.seed)]
+
+
+def peer_cmd(args, size, li, matmul_only=False) -> list[str] | None:
+  py = os.path.join(args.peer_env, "bin", "python")
+  if not os.path.exists(py):
+    return None
+  script = os.path.join(REPO, "tools", "bench_peer_trl.py")
+  if matmul_only:
+    return [py, script, "--matmul_only", "--matmul_n", str(args.matmul_n),
+            "--matmul_reps", str(args.matmul_reps)]
+  d = size_dims(size)
+  return [py, script, "--d_model", str(d["emb_dim"]), "--num_heads", str(d["num_heads"]),
+          "--d_kv", str(d["head_dim"]), "--d_ff", str(d["mlp_dim"]),
+          "--num_layers", str(d["num_encoder_layers"]), "--vocab_size", str(d["vocab_size"]),
+          "--batch", str(args.batch), "--li", str(li), "--lt", str(args.lt),
+          "--steps", str(args.peer_steps), "--warmup", str(args.peer_warmup),
+          "--seed", str(args.seed), "--size_name", size]
+
+
+def peer_flops(size, batch, li, lt) -> dict:
+  return model_flops(**size_dims(size), batch=batch, li=li, lt=lt, n_targets=2,
+                     encoder_passes_per_prompt=2)
+
+
+def _versions(args) -> dict:
+  import importlib.metadata as md
+  v = {"python": platform.python_version()}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    try:
+      v[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      pass
+  py = os.path.join(args.peer_env, "bin", "python")
+  if os.path.exists(py):
+    try:
+      out = subprocess.run([py, "-c", "import importlib.metadata as m, json; print(json.dumps("
+                            "{p: m.version(p) for p in ('torch','transformers','trl')}))"],
+                           capture_output=True, text=True, timeout=120).stdout
+      v["peer"] = json.loads(out.strip().splitlines()[-1])
+    except Exception as e:  # pragma: no cover
+      v["peer"] = f"unknown ({e})"
+  return v
+
+
+def _machine() -> dict:
+  info = {"cpu_count": os.cpu_count(), "platform": platform.platform()}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          info["cpu_model"] = line.split(":", 1)[1].strip()
+          break
+    info["loadavg_at_start"] = os.getloadavg()
+    with open("/proc/meminfo") as f:
+      info["mem_total_gb"] = round(int(f.readline().split()[1]) / 2 ** 20, 1)
+  except OSError:
+    pass
+  return info
+
+
+def orchestrate(args) -> dict:
+  sizes = [s for s in args.sizes.split(",") if s]
+  res = {
+      "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "machine": _machine(), "versions": _versions(args),
+      "settings": {"batch_pairs": args.batch, "li": args.li, "lt": args.lt,
+                   "steps": args.steps, "warmup": args.warmup, "peer_steps": args.peer_steps,
+                   "peer_warmup": args.peer_warmup, "seed": args.seed},
+      "matmul": {}, "comparison": [], "sweep": [], "levers": [],
+      "t5x": {"status": "not run",
+              "note": (f"{T5X_ENV} detected; a t5x-driven run of the same model is not "
+                       "implemented in this benchmark") if os.path.isdir(T5X_ENV)
+              else f"{T5X_ENV} not present"},
+  }
+  t = args.timeout
+  res["matmul"]["jax_numpy"] = _run_json(
+      [sys.executable, os.path.abspath(__file__), "--_worker", "matmul",
+       "--matmul_n", str(args.matmul_n), "--matmul_reps", str(args.matmul_reps)], t)
+  pc = peer_cmd(args, None, None, matmul_only=True)
+  res["matmul"]["torch"] = _run_json(pc, t) if pc else {"error": "peer env missing"}
+  peak = res["matmul"]["jax_numpy"].get("jax_float32_flops_per_s")
+
+  def add_peak(r):
+    if peak and "achieved_model_flops_per_s" in r:
+      r["fraction_of_jax_f32_matmul_peak"] = r["achieved_model_flops_per_s"] / peak
+
+  # Side-by-side comparison at the main setting.
+  for size in sizes:
+    ours = _run_json(slic_cmd(args, size, args.li), t)
+    add_peak(ours)
+    pc = None if args.no_peer else peer_cmd(args, size, args.li)
+    peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
+    if "step_s_median" in peer:
+      pf = peer_flops(size, args.batch, args.li, args.lt)
+      peer["model_flops_per_step"] = pf["train_step"]
+      peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
+      add_peak(peer)
+    row = {"size": size, "slic_jax": ours, "trl": peer}
+    if "pairs_per_s" in ours and "pairs_per_s" in peer:
+      row["speedup_pairs_per_s"] = ours["pairs_per_s"] / peer["pairs_per_s"]
+    res["comparison"].append(row)
+    _write(args, res)
+
+  # Input-length sweep.
+  for li in [int(x) for x in args.sweep.split(",") if x]:
+    size = args.sweep_size
+    ours = next((c["slic_jax"] for c in res["comparison"]
+                 if c["size"] == size and li == args.li), None) or _run_json(
+                     slic_cmd(args, size, li), t)
+    add_peak(ours)
+    row = {"size": size, "li": li, "slic_jax": ours}
+    if args.sweep_peer and not args.no_peer:
+      peer = next((c["trl"] for c in res["comparison"]
+                   if c["size"] == size and li == args.li), None)
+      if peer is None:
+        pc = peer_cmd(args, size, li)
+        peer = _run_json(pc, t) if pc else {"error": "peer env missing"}
+      row["trl"] = peer
+    res["sweep"].append(row)
+    _write(args, res)
+
+  # Levers: dtype x remat (and batch) on the lever size.
+  if args.levers:
+    combos = [("float32", "none"), ("bfloat16", "none"), ("float32", "full"),
+              ("float32", "minimal"), ("bfloat16", "full")]
+    for dtype, remat in combos:
+      if (dtype, remat) == ("float32", "none") and args.lever_size in sizes:
+        r = next(c["slic_jax"] for c in res["comparison"] if c["size"] == args.lever_size)
+      else:
+        r = _run_json(slic_cmd(args, args.lever_size, args.li, dtype, remat), t)
+      add_peak(r)
+      res["levers"].append(r)
+      _write(args, res)
+    for b in [int(x) for x in args.lever_batches.split(",") if x]:
+      r = _run_json(slic_cmd(args, args.lever_size, args.li, batch=b), t)
+      add_peak(r)
+      res["levers"].append(r)
+      _write(args, res)
+  _write(args, res)
+  return res
+
+
+# ----------------------------------------------------------------------------- reporting
+def _g(x, scale=1.0, fmt="{:.2f}"):
+  return "–" if x is None else fmt.format(x / scale)
+
+
+def to_markdown(res: dict) -> str:
+  m, s = res["machine"], res["settings"]
+  mm = res["matmul"].get("jax_numpy", {})
+  tm = res["matmul"].get("torch", {})
+  lines = [
+      "# SLiC-HF training benchmark: slic_jax vs TRL CPOTrainer (PyTorch)", "",
+      f"- command: `{res['command']}`",
+      f"- date: {res['date']}",
+      f"- machine: {m.get('cpu_count')} CPU cores ({m.get('cpu_model', '?')}), "
+      f"{m.get('mem_total_gb', '?')} GB RAM, load average at start {m.get('loadavg_at_start')}",
+      f"- versions: {json.dumps(res['versions'])}",
+      f"- setting: {s['batch_pairs']} pairs/step, prompt Li={s['li']}, target Lt={s['lt']}, "
+      f"median of {s['steps']} steps after {s['warmup']} warm-up steps (TRL: {s.get('peer_steps')} "
+      f"after {s.get('peer_warmup')}), float32 unless noted",
+      f"- t5x: {res['t5x']['status']} ({res['t5x']['note']})", "",
+      "## Matmul peak (same run, square N×N)", "",
+      "| library | dtype | GFLOP/s (best) | GFLOP/s (median) |", "|---|---|---|---|",
+  ]
+  for lib, key, src in (("jax", "jax_float32", mm), ("jax", "jax_bfloat16", mm),
+                        ("numpy", "numpy_float32", mm), ("torch", "torch_float32", tm),
+                        ("torch", "torch_bfloat16", tm)):
+    if f"{key}_flops_per_s" in src:
+      lines.append(f"| {lib} | {key.split('_')[-1]} | {_g(src[f'{key}_flops_per_s'], 1e9, '{:.1f}')}"
+                   f" | {_g(src.get(f'{key}_flops_per_s_median'), 1e9, '{:.1f}')} |")
+  lines += ["", "## Side by side", "",
+            "| model | framework | s/step | pairs/s | speed-up | model GFLOP/step | "
+            "XLA GFLOP/step | model GFLOP/s | % of jax f32 matmul peak | peak RSS MB | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for c in res["comparison"]:
+    for fw in ("slic_jax", "trl"):
+      r = c[fw]
+      if "error" in r:
+        lines.append(f"| {c['size']} | {fw} | error: {r['error']} | | | | | | | | |")
+        continue
+      sp = f"{c['speedup_pairs_per_s']:.2f}×" if fw == "slic_jax" and "speedup_pairs_per_s" in c else ""
+      frac = r.get("fraction_of_jax_f32_matmul_peak")
+      lines.append(
+          f"| {c['size']} | {fw} | {r['step_s_median']:.2f} | {r['pairs_per_s']:.3f} | {sp} | "
+          f"{_g(r.get('model_flops_per_step'), 1e9, '{:.0f}')} | "
+          f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
+          f"{_g(r.get('achieved_model_flops_per_s'), 1e9, '{:.1f}')} | "
+          f"{_g(frac, 0.01, '{:.0f}%')} | {r['peak_rss_mb']:.0f} | "
+          f"{_g(r.get('compile_s'), 1, '{:.1f}')} |")
+  if res["sweep"]:
+    lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs)", "",
+              "| model | Li | framework | s/step | model GFLOP/step | s per TFLOP | model GFLOP/s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in res["sweep"]:
+      for fw in ("slic_jax", "trl"):
+        r = row.get(fw)
+        if r is None:
+          continue
+        if "error" in r:
+          lines.append(f"| {row['size']} | {row['li']} | {fw} | error: {r['error']} | | | | |")
+          continue
+        fl = r.get("model_flops_per_step") or peer_flops(row["size"], s["batch_pairs"], row["li"], s["lt"])["train_step"]
+        lines.append(f"| {row['size']} | {row['li']} | {fw} | {r['step_s_median']:.2f} | "
+                     f"{fl / 1e9:.0f} | {r['step_s_median'] / fl * 1e12:.2f} | "
+                     f"{fl / r['step_s_median'] / 1e9:.1f} | {r['peak_rss_mb']:.0f} |")
+  if res["levers"]:
+    lines += ["", "## Levers (slic_jax)", "",
+              "| model | dtype | remat | pairs | s/step | pairs/s | model GFLOP/s | XLA GFLOP/step | peak RSS MB | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["levers"]:
+      if "error" in r:
+        lines.append(f"| | | | | error: {r['error']} | | | | | |")
+        continue
+      lines.append(f"| {r['size']} | {r['dtype']} | {r['remat']} | {r['batch_pairs']} | "
+                   f"{r['step_s_median']:.2f} | {r['pairs_per_s']:.3f} | "
+                   f"{r['achieved_model_flops_per_s'] / 1e9:.1f} | "
+                   f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
+                   f"{r['peak_rss_mb']:.0f} | {r['compile_s']:.1f} |")
+  lines += ["", "Model FLOPs: matmul FLOPs of forward + backward (= 3 × forward) as defined in "
+            "`tools/benchmark.py`'s docstring; slic_jax encodes each prompt once and decodes 3 "
+            "rows (chosen, rejected, reference), TRL's CPOTrainer encodes the prompt twice "
+            "(chosen and rejected rows concatenated) and decodes 2 rows. Timings were taken on a "
+            "shared machine; see the load average above.", ""]
+  return "\n".join(lines)
+
+
+def _write(args, res):
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+    json.dump(res, f, indent=1)
+  with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+    f.write(to_markdown(res))
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--_worker", choices=["slic", "matmul"], help=argparse.SUPPRESS)
+  ap.add_argument("--size", default="small", choices=sorted(SIZES))
+  ap.add_argument("--sizes", default="small,mini", help="models for the side-by-side")
+  ap.add_argument("--batch", type=int, default=4, help="pairs (prompts) per step")
+  ap.add_argument("--li", type=int, default=512)
+  ap.add_argument("--lt", type=int, default=64)
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--peer_steps", type=int, default=3, help="timed TRL steps (they are slow)")
+  ap.add_argument("--peer_warmup", type=int, default=1)
+  ap.add_argument("--sweep", default="128,256,512,1024", help="input lengths ('' = none)")
+  ap.add_argument("--sweep_size", default="mini")
+  ap.add_argument("--sweep_peer", action="store_true", help="also sweep the TRL peer")
+  ap.add_argument("--levers", action="store_true", help="dtype/remat/batch variants")
+  ap.add_argument("--lever_size", default="mini")
+  ap.add_argument("--lever_batches", default="8", help="extra batch sizes for the levers")
+  ap.add_argument("--matmul_n", type=int, default=2048)
+  ap.add_argument("--matmul_reps", type=int, default=10)
+  ap.add_argument("--peer_env", default=DEFAULT_PEER_ENV)
+  ap.add_argument("--no_peer", action="store_true")
+  ap.add_argument("--timeout", type=float, default=1800)
+  ap.add_argument("--out_dir", default=os.path.join(REPO, "benchmarks"))
+  return ap.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args._worker:
+    sys.path.insert(0, REPO)
+    fn = {"slic": worker_slic, "matmul": worker_matmul}[args._worker]
+    print(json.dumps(fn(args)), flush=True)
+    return
+  res = orchestrate(args)
+  print(to_markdown(res))
+
+
+if __name__ == "__main__":
+  main()
