@@ -29,6 +29,7 @@ from slic_jax import decoding
 from slic_jax import feature_converters
 from slic_jax import losses
 from slic_jax import network
+from slic_jax import t5x_bridge
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -48,7 +49,9 @@ class EncoderDecoderModel:
     module: a `slic_jax.network.Transformer` (or any module with T5X's
       encode/decode/__call__ signatures).
     input_vocabulary, output_vocabulary: seqio vocabularies.
-    optimizer_def: an optax GradientTransformation.
+    optimizer_def: an optax GradientTransformation. Read back through the
+      ``optimizer_def`` property, which wraps it in ``t5x.optimizers.OptaxWrapper``
+      when t5x is loaded in the process (`slic_jax.t5x_bridge`).
     decode_fn: sampling function with `decoding.temperature_sample`'s signature.
     label_smoothing, z_loss: cross-entropy options (T5X defaults 0.0 and 1e-4).
     loss_normalizing_factor: None divides the summed token loss by the number of
@@ -77,6 +80,20 @@ class EncoderDecoderModel:
     self._label_smoothing = label_smoothing
     self._z_loss = z_loss
     self._loss_normalizing_factor = loss_normalizing_factor
+
+  # ---------------------------------------------------------------- T5X bridge
+  @property
+  def optimizer_def(self):
+    """The optax transformation; a ``t5x.optimizers.OptaxWrapper`` of it when t5x is
+    loaded (T5X's trainer needs an OptimizerDef; slic_jax's unwraps it again)."""
+    if self._t5x_optimizer_def is None and t5x_bridge.t5x_loaded():
+      self._t5x_optimizer_def = t5x_bridge.as_t5x_optimizer(self._optimizer_def)
+    return self._t5x_optimizer_def or self._optimizer_def
+
+  @optimizer_def.setter
+  def optimizer_def(self, value):
+    self._optimizer_def = t5x_bridge.as_optax(value)
+    self._t5x_optimizer_def = None
 
   # ---------------------------------------------------------------- variables
   def get_initial_variables(
@@ -184,6 +201,8 @@ class EncoderDecoderModel:
         "num_tokens": clu_metrics.Average(total=weight_sum, count=jnp.float32(1.0)),
         "num_examples": clu_metrics.Average(total=num_examples.astype(jnp.float32), count=jnp.float32(1.0)),
     }
+    targets = batch["decoder_target_tokens"]
+    metrics.update(t5x_bridge.timing_metrics(targets.shape[0], targets.size))
     return loss, metrics
 
   def eval_fn(self, params, batch: Batch) -> tuple[Array, MetricsMap]:
@@ -308,4 +327,8 @@ class SlicHFModel(EncoderDecoderModel):
     metrics["chosen_length"] = _average(per_row(lengths[:, 0]), count)
     metrics["rejected_length"] = _average(per_row(lengths[:, 1]), count)
     metrics["num_examples"] = clu_metrics.Average(total=count, count=jnp.float32(1.0))
+    # T5X's throughput metrics (only when t5x is loaded): one sequence = one prompt
+    # with its (chosen, rejected, reference) rows.
+    targets = batch["decoder_target_tokens"]
+    metrics.update(t5x_bridge.timing_metrics(targets.shape[0], targets.size))
     return loss, metrics

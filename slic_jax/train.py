@@ -28,6 +28,13 @@ from slic_jax import checkpointing
 from slic_jax import input_pipeline
 from slic_jax import metric_logging
 from slic_jax import partitioning
+from slic_jax import t5x_bridge
+
+# slic_jax's stand-ins for T5X's run configs: experiments `include
+# 't5x/configs/runs/finetune.gin'`; `python -m t5x.train` finds T5X's own file, this
+# trainer finds gin/slic_jax_runs/t5x/configs/runs/finetune.gin (see `parse_gin`).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_CONFIGS_DIR = os.path.join(REPO_ROOT, "gin", "slic_jax_runs")
 
 
 @flax.struct.dataclass
@@ -42,6 +49,9 @@ def _compute(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _merge(acc: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Mapping[str, Any]:
+  # timing/* from the model are T5X's wall-clock metrics (t5x_bridge.timing_metrics,
+  # present when t5x is loaded); this trainer measures its own (Progress.rates).
+  new = {k: v for k, v in new.items() if not k.startswith("timing/")}
   return dict(new) if acc is None else {k: acc[k].merge(v) for k, v in new.items()}
 
 
@@ -130,7 +140,7 @@ def train(
   input_types = {k: v.dtype.as_numpy_dtype for k, v in element_spec.items()}
 
   # ------------------------------------------------------------------ state
-  tx = model.optimizer_def
+  tx = t5x_bridge.as_optax(model.optimizer_def)  # unwraps T5X's OptaxWrapper if t5x is loaded
   init_rng = jax.random.PRNGKey(seed)
   abstract_vars = jax.eval_shape(
       lambda r: model.get_initial_variables(r, input_shapes, input_types), init_rng
@@ -156,7 +166,9 @@ def train(
     logging.info("resumed from %s step %d", model_dir, latest)
   elif checkpoint_cfg.restore and checkpoint_cfg.restore.path:
     params, init_step = checkpointing.restore_params(checkpoint_cfg.restore.path, state.params)
-    state = state.replace(params=params)
+    # As in T5X, the step continues from the initial checkpoint (TRAIN_STEPS is absolute);
+    # the optimizer state starts fresh.
+    state = state.replace(params=params, step=jax.device_put(jnp.int32(init_step), p.replicated()))
     logging.info("initialised from %s (step %d)", checkpoint_cfg.restore.path, init_step)
   start_step = int(state.step)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -225,11 +237,30 @@ def train(
 # ---------------------------------------------------------------------- command line
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               gin_search_paths: Sequence[str] = (".",)) -> None:
-  """Parses gin files with the repo root and the given folders on the search path."""
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for path in list(gin_search_paths) + [repo_root]:
-    gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+  """Parses gin files for this trainer.
+
+  Search order: the name as given (relative to the cwd), then ``gin/slic_jax_runs``
+  (slic_jax's stand-ins for ``t5x/configs/runs/*.gin``), then ``gin_search_paths`` and
+  the repo root. Both are set for this parse only: gin keeps process-wide lists, and
+  T5X's entries must not shadow the stand-ins -- its site-packages search path (added
+  when a T5X config was parsed earlier in the process) and gin's "Python package"
+  file reader, which would resolve 't5x/configs/runs/finetune.gin' to T5X's file
+  wherever t5x is importable.
+  """
+  from gin import resource_reader  # pylint: disable=g-import-not-at-top
+
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  saved_prefixes, saved_readers = list(prefixes), list(readers)
+  prefixes[:] = [""] + [p for p in (RUN_CONFIGS_DIR, *gin_search_paths, REPO_ROOT) if p]
+  readers[:] = [r for r in readers if r[0] is not resource_reader.system_path_reader]
+  try:
+    # interactive_mode: one process may parse configs for both trainers (tests, tools),
+    # and both register their train() as `train_script.train`.
+    with gin.config.interactive_mode():
+      gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+  finally:
+    prefixes[:], readers[:] = saved_prefixes, saved_readers
 
 
 def _rewrite_gin_args(argv: Sequence[str]) -> list[str]:

@@ -197,3 +197,23 @@ def test_return_all_decodes_shapes():
       decoder_params={"temperature": 1.0, "topk": 8})
   assert decodes.shape == (B, 4, LT) and aux["scores"].shape == (B, 4)
   assert np.all(np.diff(np.asarray(aux["scores"]), axis=1) >= -1e-6)  # sorted, best last
+
+
+def test_list_of_m_candidates_shares_one_encoder_pass():
+  """m = 5 candidates per prompt: same scores as five separate forward passes."""
+  m = _model()
+  rng = np.random.default_rng(8)
+  tgt = rng.integers(2, 64, (2, 5, LT)).astype(np.int32)
+  batch = {
+      "encoder_input_tokens": jnp.asarray(rng.integers(2, 64, (2, LI)).astype(np.int32)),
+      "decoder_input_tokens": jnp.asarray(
+          np.concatenate([np.zeros((2, 5, 1), np.int32), tgt[..., :-1]], -1)),
+      "decoder_target_tokens": jnp.asarray(tgt),
+      "decoder_loss_weights": jnp.ones((2, 5, LT), jnp.int32),
+  }
+  params = _params(m, batch)
+  scores = np.asarray(m.score_batch(params, batch))
+  assert scores.shape == (2, 5)
+  for i in range(5):
+    np.testing.assert_allclose(scores[:, i], np.asarray(m.score_batch(params, _row(batch, i))),
+                               rtol=1e-5, atol=1e-5)

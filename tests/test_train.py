@@ -79,7 +79,9 @@ def test_sft_then_resume_then_slic_hf_from_sft(world, tmp_path):
   assert [r["step"] for r in rows if r["split"] == "train_eval"] == [4, 8, 12]
   assert glob.glob(os.path.join(sft_dir, "train", "events.out.tfevents.*"))
   assert glob.glob(os.path.join(sft_dir, "train_eval", "events.out.tfevents.*"))
-  assert sorted(os.listdir(os.path.join(sft_dir, "checkpoints"))) == ["12", "8"]  # keep 2
+  ckpts = sorted(d for d in os.listdir(sft_dir) if d.startswith("checkpoint_"))
+  assert ckpts == ["checkpoint_12", "checkpoint_8"]  # T5X's layout; keep 2
+  assert os.path.isdir(os.path.join(sft_dir, "checkpoint_12", "state"))
   assert "MODEL_DIR" in open(os.path.join(sft_dir, "config.gin")).read()
 
   # Resume: the same MODEL_DIR continues from step 12, not from scratch.
@@ -92,16 +94,18 @@ def test_sft_then_resume_then_slic_hf_from_sft(world, tmp_path):
   # SLiC-HF from the SFT run: at step 0 its params are exactly the SFT params of step 14.
   slic_dir = str(tmp_path / "slic")
   sft_final = jax.tree.map(np.asarray, state.params)
-  step, init_state = run("gin/slic_hf.gin", [f"MODEL_DIR = '{slic_dir}'", "TRAIN_STEPS = 0",
+  step, init_state = run("gin/slic_hf.gin", [f"MODEL_DIR = '{slic_dir}'", "TRAIN_STEPS = 14",
                                              f"INITIAL_CHECKPOINT_PATH = '{sft_dir}'"])
-  assert step == 0
+  assert step == 14  # TRAIN_STEPS is absolute: the step continues from the SFT checkpoint
   for a, b in zip(jax.tree.leaves(sft_final), jax.tree.leaves(init_state.params)):
     np.testing.assert_array_equal(a, np.asarray(b))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(sft_final)))
 
-  step, _ = run("gin/slic_hf.gin", [f"MODEL_DIR = '{slic_dir}'", "TRAIN_STEPS = 4",
+  step, _ = run("gin/slic_hf.gin", [f"MODEL_DIR = '{slic_dir}'", "TRAIN_STEPS = 18",
                                     "EVAL_PERIOD = 4", f"INITIAL_CHECKPOINT_PATH = '{sft_dir}'"])
+  assert step == 18
   rows = read_jsonl(slic_dir)
+  assert [r["step"] for r in rows if r["split"] == "train"] == [15, 16, 17, 18]
   evals = [r for r in rows if r["split"] == "train_eval"]
   assert evals and {"pair_accuracy", "margin", "chosen_logps", "rejected_logps",
                     "hinge_active_fraction"} <= set(evals[-1])
@@ -119,7 +123,10 @@ def test_checkpointer_round_trip_and_missing_initial_checkpoint(tmp_path):
   p2, o2 = ck.restore(2, jax.tree.map(jax.numpy.zeros_like, params), jax.tree.map(jax.numpy.zeros_like, opt))
   np.testing.assert_array_equal(np.asarray(p2["a"]), np.asarray(params["a"]))
   ck.close()
-  restored, step = checkpointing.restore_params(str(tmp_path), jax.tree.map(jax.numpy.zeros_like, params))
+  zeros = jax.tree.map(jax.numpy.zeros_like, params)
+  restored, step = checkpointing.restore_params(str(tmp_path), zeros)  # a model_dir: latest
+  assert step == 2 and float(restored["a"][1, 2]) == 5.0
+  restored, step = checkpointing.restore_params(str(tmp_path / "checkpoint_2"), zeros)
   assert step == 2 and float(restored["a"][1, 2]) == 5.0
   with pytest.raises(FileNotFoundError, match="INITIAL_CHECKPOINT_PATH not found: .*nowhere"):
     checkpointing.restore_params(str(tmp_path / "nowhere"), params)
@@ -128,3 +135,33 @@ def test_checkpointer_round_trip_and_missing_initial_checkpoint(tmp_path):
 def test_gin_shorthand_flags_are_rewritten():
   assert train._rewrite_gin_args(["prog", "--gin.TRAIN_STEPS=5", "--gin_file=x.gin"]) == [
       "prog", "--gin_bindings=TRAIN_STEPS = 5", "--gin_file=x.gin"]
+
+
+def test_checkpoint_is_t5x_layout_with_optax_state(tmp_path):
+  """checkpoint_<step>/state = {'target', 'state': {'step', 'param_states'}} (T5X's tree);
+  the optax state (with EmptyStates, stored as T5X's OptaxWrapper does) round-trips."""
+  import orbax.checkpoint as ocp
+
+  from slic_jax import optimizers
+
+  tx = optimizers.create_optimizer(name="adafactor", learning_rate=1e-3)
+  params = {"dense": {"kernel": jax.numpy.ones((4, 3))}, "scale": jax.numpy.ones(3)}
+  opt = tx.init(params)
+  _, opt = tx.update(jax.tree.map(lambda x: 0.1 * x, params), opt, params)
+  ck = checkpointing.Checkpointer(str(tmp_path), checkpointing.SaveCheckpointConfig())
+  assert ck.maybe_save(7, params, opt, force=True)
+  ck.close()
+  tree = ocp.PyTreeCheckpointer().restore(str(tmp_path / "checkpoint_7" / "state"))
+  assert set(tree) == {"target", "state"} and set(tree["state"]) == {"step", "param_states"}
+  assert int(tree["state"]["step"]) == 7
+  expected = checkpointing.opt_state_to_t5x(opt)  # e.g. {'1': {'0': {'count', 'v_row', ...}}}
+  assert jax.tree.structure(tree["state"]["param_states"]) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(tree["state"]["param_states"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ck = checkpointing.Checkpointer(str(tmp_path), checkpointing.SaveCheckpointConfig())
+  zeros = jax.tree.map(jax.numpy.zeros_like, (params, opt))
+  p2, o2 = ck.restore(7, *zeros)
+  ck.close()
+  for a, b in zip(jax.tree.leaves((params, opt)), jax.tree.leaves((p2, o2))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(o2) == jax.tree.structure(opt)
