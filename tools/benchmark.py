@@ -202,6 +202,15 @@ def worker_slic(args) -> dict:
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     xla_flops = xla_cost_flops(compiled)
+    mem = {}
+    try:
+      ma = compiled.memory_analysis()
+      for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                "alias_size_in_bytes"):
+        if hasattr(ma, k):
+          mem[k.replace("_in_bytes", "_mb")] = getattr(ma, k) / 2 ** 20
+    except Exception:  # pragma: no cover
+      pass
     times = []
     for i in range(args.warmup + args.steps):
       t0 = time.perf_counter()
@@ -219,7 +228,7 @@ def worker_slic(args) -> dict:
       "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
       "model_flops_per_step": flops["train_step"], "flops_breakdown": flops,
-      "xla_cost_analysis_flops": xla_flops,
+      "xla_cost_analysis_flops": xla_flops, "xla_memory_analysis": mem,
       "achieved_model_flops_per_s": flops["train_step"] / med,
       "final_loss": loss, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": rss_import,
       "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
@@ -455,6 +464,7 @@ def _g(x, scale=1.0, fmt="{:.2f}"):
 def to_markdown(res: dict) -> str:
   m, s = res["machine"], res["settings"]
   mm = res["matmul"].get("jax_numpy", {})
+  peak = mm.get("jax_float32_flops_per_s")
   tm = res["matmul"].get("torch", {})
   lines = [
       "# SLiC-HF training benchmark: slic_jax vs TRL CPOTrainer (PyTorch)", "",
@@ -477,52 +487,62 @@ def to_markdown(res: dict) -> str:
       lines.append(f"| {lib} | {key.split('_')[-1]} | {_g(src[f'{key}_flops_per_s'], 1e9, '{:.1f}')}"
                    f" | {_g(src.get(f'{key}_flops_per_s_median'), 1e9, '{:.1f}')} |")
   lines += ["", "## Side by side", "",
-            "| model | framework | s/step | pairs/s | speed-up | model GFLOP/step | "
-            "XLA GFLOP/step | model GFLOP/s | % of jax f32 matmul peak | peak RSS MB | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| model | framework | s/step (median) | s/step (best) | pairs/s (median) | speed-up "
+            "(median / best) | model GFLOP/step | XLA GFLOP/step | model GFLOP/s (median / best) | "
+            "% of jax f32 matmul peak (median / best) | peak RSS MB | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
     for fw in ("slic_jax", "trl"):
       r = c[fw]
       if "error" in r:
-        lines.append(f"| {c['size']} | {fw} | error: {r['error']} | | | | | | | | |")
+        lines.append(f"| {c['size']} | {fw} | error: {r['error']} | | | | | | | | | |")
         continue
-      sp = f"{c['speedup_pairs_per_s']:.2f}×" if fw == "slic_jax" and "speedup_pairs_per_s" in c else ""
-      frac = r.get("fraction_of_jax_f32_matmul_peak")
+      sp = ""
+      if fw == "slic_jax" and "speedup_pairs_per_s" in c:
+        best = c["trl"]["step_s_min"] / r["step_s_min"]
+        sp = f"{c['speedup_pairs_per_s']:.2f}× / {best:.2f}×"
+      fl = r.get("model_flops_per_step")
       lines.append(
-          f"| {c['size']} | {fw} | {r['step_s_median']:.2f} | {r['pairs_per_s']:.3f} | {sp} | "
-          f"{_g(r.get('model_flops_per_step'), 1e9, '{:.0f}')} | "
+          f"| {c['size']} | {fw} | {r['step_s_median']:.2f} | {r['step_s_min']:.2f} | "
+          f"{r['pairs_per_s']:.3f} | {sp} | {_g(fl, 1e9, '{:.0f}')} | "
           f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
-          f"{_g(r.get('achieved_model_flops_per_s'), 1e9, '{:.1f}')} | "
-          f"{_g(frac, 0.01, '{:.0f}%')} | {r['peak_rss_mb']:.0f} | "
-          f"{_g(r.get('compile_s'), 1, '{:.1f}')} |")
+          f"{_g(r.get('achieved_model_flops_per_s'), 1e9, '{:.1f}')} / "
+          f"{_g(fl and fl / r['step_s_min'], 1e9, '{:.1f}')} | "
+          f"{_g(r.get('fraction_of_jax_f32_matmul_peak'), 0.01, '{:.0f}%')} / "
+          f"{_g(fl and peak and fl / r['step_s_min'] / peak, 0.01, '{:.0f}%')} | "
+          f"{r['peak_rss_mb']:.0f} | {_g(r.get('compile_s'), 1, '{:.1f}')} |")
   if res["sweep"]:
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs)", "",
-              "| model | Li | framework | s/step | model GFLOP/step | s per TFLOP | model GFLOP/s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| model | Li | framework | s/step (median) | s/step (best) | model GFLOP/step | "
+              "s per model TFLOP (median / best) | model GFLOP/s (median) | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in res["sweep"]:
       for fw in ("slic_jax", "trl"):
         r = row.get(fw)
         if r is None:
           continue
         if "error" in r:
-          lines.append(f"| {row['size']} | {row['li']} | {fw} | error: {r['error']} | | | | |")
+          lines.append(f"| {row['size']} | {row['li']} | {fw} | error: {r['error']} | | | | | |")
           continue
         fl = r.get("model_flops_per_step") or peer_flops(row["size"], s["batch_pairs"], row["li"], s["lt"])["train_step"]
         lines.append(f"| {row['size']} | {row['li']} | {fw} | {r['step_s_median']:.2f} | "
-                     f"{fl / 1e9:.0f} | {r['step_s_median'] / fl * 1e12:.2f} | "
+                     f"{r['step_s_min']:.2f} | {fl / 1e9:.0f} | {r['step_s_median'] / fl * 1e12:.1f} / "
+                     f"{r['step_s_min'] / fl * 1e12:.1f} | "
                      f"{fl / r['step_s_median'] / 1e9:.1f} | {r['peak_rss_mb']:.0f} |")
   if res["levers"]:
     lines += ["", "## Levers (slic_jax)", "",
-              "| model | dtype | remat | pairs | s/step | pairs/s | model GFLOP/s | XLA GFLOP/step | peak RSS MB | compile s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | dtype | remat | pairs | s/step (median) | s/step (best) | pairs/s (median) | "
+              "model GFLOP/s (median) | XLA GFLOP/step | XLA temp MB | peak RSS MB | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["levers"]:
       if "error" in r:
-        lines.append(f"| | | | | error: {r['error']} | | | | | |")
+        lines.append(f"| | | | | error: {r['error']} | | | | | | | |")
         continue
       lines.append(f"| {r['size']} | {r['dtype']} | {r['remat']} | {r['batch_pairs']} | "
-                   f"{r['step_s_median']:.2f} | {r['pairs_per_s']:.3f} | "
+                   f"{r['step_s_median']:.2f} | {r['step_s_min']:.2f} | {r['pairs_per_s']:.3f} | "
                    f"{r['achieved_model_flops_per_s'] / 1e9:.1f} | "
                    f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
+                   f"{_g(r.get('xla_memory_analysis', {}).get('temp_size_mb'), 1, '{:.0f}')} | "
                    f"{r['peak_rss_mb']:.0f} | {r['compile_s']:.1f} |")
   lines += ["", "Model FLOPs: matmul FLOPs of forward + backward (= 3 × forward) as defined in "
             "`tools/benchmark.py`'s docstring; slic_jax encodes each prompt once and decodes 3 "
@@ -567,6 +587,7 @@ def parse_args(argv=None):
   ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--timeout", type=float, default=1800)
   ap.add_argument("--out_dir", default=os.path.join(REPO, "benchmarks"))
+  ap.add_argument("--render", default=None, help="only re-render results.md from this JSON")
   return ap.parse_args(argv)
 
 
@@ -576,6 +597,12 @@ def main(argv=None):
     sys.path.insert(0, REPO)
     fn = {"slic": worker_slic, "matmul": worker_matmul}[args._worker]
     print(json.dumps(fn(args)), flush=True)
+    return
+  if args.render:
+    with open(args.render) as f:
+      res = json.load(f)
+    _write(args, res)
+    print(to_markdown(res))
     return
   res = orchestrate(args)
   print(to_markdown(res))
