@@ -138,8 +138,9 @@ class EncoderDecoderModel:
   def _pair_logits(self, params, batch: Batch, dropout_rng=None) -> Array:
     """Logits ``[B, n, Lt, V]`` for n target sequences per prompt, one encoder pass.
 
-    encoded = encode(x) : [B, Li, D] → repeated to [B·n, Li, D];
-    logits  = decode(encoded, y_1..n) : [B·n, Lt, V] → [B, n, Lt, V].
+    encoded = encode(x) : [B, Li, D]  (once per prompt);
+    logits  = decode(encoded, y_1..n) : [B·n, Lt, V] → [B, n, Lt, V], the decoder's
+    cross-attention projecting each prompt's keys/values once for its n rows.
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     enc_tokens = batch["encoder_input_tokens"]
@@ -151,8 +152,8 @@ class EncoderDecoderModel:
     )
     logits = self.module.apply(
         {"params": params},
-        jnp.repeat(encoded, n, axis=0),
-        jnp.repeat(enc_tokens, n, axis=0),
+        encoded,
+        enc_tokens,
         dec_in.reshape(b * n, lt),
         batch["decoder_target_tokens"].reshape(b * n, lt),
         enable_dropout=rngs is not None,

@@ -353,6 +353,17 @@ class MultiHeadDotProductAttention(nn.Module):
     if bias is not None:
       attention_bias = bias if attention_bias is None else attention_bias + bias
 
+    # Grouped cross-attention: G = B_q / B_kv query rows share each key/value row (the
+    # n summaries of one prompt). Keys/values are projected once per prompt and the G
+    # rows' queries are stacked along the query axis: [B_kv, G·Lq, H, K].
+    rows, q_len = query.shape[0], query.shape[1]
+    groups = 1 if decode else rows // key.shape[0]
+    if groups > 1:
+      query = query.reshape((key.shape[0], groups * q_len) + query.shape[2:])
+      if attention_bias is not None:
+        attention_bias = _group_queries(
+            jnp.broadcast_to(attention_bias, (rows,) + attention_bias.shape[1:]), groups)
+
     if self.float32_logits:
       query, key = query.astype(jnp.float32), key.astype(jnp.float32)
     logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
@@ -363,9 +374,16 @@ class MultiHeadDotProductAttention(nn.Module):
     weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         weights, deterministic=deterministic)
     x = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
-    x = x.reshape(x.shape[:-2] + (heads * depth,))
+    x = x.reshape((rows, q_len, heads * depth))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), self.dtype,
                  self.weight_dtype, _attention_init, name='out')(x)
+
+
+def _group_queries(x, groups: int):
+  """[B·G, H, Lq, Lk] -> [B, H, G·Lq, Lk]: G consecutive rows stacked along the queries."""
+  bg, h, lq, lk = x.shape
+  x = x.reshape(bg // groups, groups, h, lq, lk).transpose(0, 2, 1, 3, 4)
+  return x.reshape(bg // groups, h, groups * lq, lk)
 
 
 class MlpBlock(nn.Module):
@@ -587,8 +605,10 @@ class Transformer(nn.Module):
     """Decoder branch. Returns float32 logits [B, Lt, V].
 
     Args:
-      encoded: [B, Li, D] output of `encode`.
-      encoder_input_tokens: [B, Li], only used for the cross-attention mask.
+      encoded: [B, Li, D] output of `encode`; or [B/n, Li, D] for n target rows per
+        prompt (grouped: keys/values projected once per prompt, not per row).
+      encoder_input_tokens: [B, Li] (grouped: [B/n, Li]), only used for the
+        cross-attention mask.
       decoder_input_tokens: [B, Lt] targets shifted right (0 = BOS).
       decoder_target_tokens: [B, Lt]; its padding (0) masks queries. In decode
         mode only its shape is used.
@@ -603,6 +623,15 @@ class Transformer(nn.Module):
     """
     del decoder_positions
     cfg = self.config
+    groups = decoder_input_tokens.shape[0] // encoded.shape[0]
+    if groups > 1:
+      # n target rows per prompt (pairs, lists): `encoded` and `encoder_input_tokens` are
+      # [B, Li], decoder tokens [B·n, Lt] with prompt b's rows at b·n … b·n+n−1. The
+      # cross-attention projects each prompt's keys/values once.
+      if decode or encoder_segment_ids is not None:
+        raise ValueError('grouped decoding (decoder batch = n × encoder batch) supports '
+                         'neither decode=True nor packed inputs')
+      encoder_input_tokens = jnp.repeat(encoder_input_tokens > 0, groups, axis=0)
     if decode:
       decoder_mask = None  # causality comes from the cache index
       encoder_decoder_mask = make_attention_mask(

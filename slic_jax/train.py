@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import clu.metrics as clu_metrics
 import flax.struct
 import gin
 import jax
@@ -74,8 +75,6 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int) 
 
 
 def _scalar_metric(x):
-  import clu.metrics as clu_metrics  # local: clu is only needed for this wrapper
-
   return clu_metrics.Average(total=jnp.asarray(x, jnp.float32), count=jnp.float32(1.0))
 
 
