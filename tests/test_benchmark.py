@@ -21,11 +21,16 @@ def test_flops_hand_derived():
   # encoder, per token: qkvo 2*4*4*6=192, mlp 2*3*4*5=120, attention 2*2*2*6=48 -> 360; 2 tokens.
   assert f["encoder"] == 2 * 360
   # decoder, per sequence: self-attn 3*(192 + 2*2*3*6=72)=792; cross q,o 3*2*2*4*6=288;
-  # cross k,v 2*2*2*4*6=192; cross scores 3*2*2*2*6=144; mlp 3*120=360 -> 1776; 3 sequences.
-  assert f["decoder"] == 3 * 1776
-  assert f["cross_kv"] == 3 * 192
+  # cross scores 3*2*2*2*6=144; mlp 3*120=360 -> 1584; 3 sequences; plus the cross k,v
+  # projections 2*2*2*4*6=192 once for the prompt (grouped cross-attention).
+  assert f["decoder"] == 3 * 1584 + 192
+  assert f["cross_kv"] == 192
   assert f["logits"] == 3 * 3 * 2 * 4 * 7
-  assert f["forward"] == 720 + 5328 + 504
+  assert f["forward"] == 720 + 4944 + 504
+  per_row = benchmark.model_flops(emb_dim=4, num_heads=2, head_dim=3, mlp_dim=5,
+                                  num_encoder_layers=1, num_decoder_layers=1, vocab_size=7,
+                                  batch=1, li=2, lt=3, n_targets=3, cross_kv_per_prompt=False)
+  assert per_row["cross_kv"] == 3 * 192
   assert f["train_step"] == 3 * f["forward"]
 
 
@@ -35,7 +40,9 @@ def test_flops_peer_layout_and_scaling():
   peer = benchmark.peer_flops("small", 4, 512, 64)
   # TRL: encoder twice per pair, 2 decoded rows instead of 3.
   assert peer["encoder"] == pytest.approx(2 * ours["encoder"])
-  assert peer["decoder"] == pytest.approx(ours["decoder"] * 2 / 3)
+  assert peer["decoder"] - peer["cross_kv"] == pytest.approx(
+      (ours["decoder"] - ours["cross_kv"]) * 2 / 3)
+  assert peer["cross_kv"] == pytest.approx(2 * ours["cross_kv"])  # per row vs per prompt
   assert peer["logits"] == pytest.approx(ours["logits"] * 2 / 3)
   # Linear in batch.
   ours8 = benchmark.model_flops(**dims, batch=8, li=512, lt=64)

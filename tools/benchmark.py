@@ -36,17 +36,18 @@ G = number of ``wi`` branches (2 for gated-GELU), V = vocab, Le/Ld = layers::
   dec_per_seq_per_layer =
         Lt·[2·4·D·A + 2·2·Lt·A]          # causal self-attention (full Lt×Lt computed)
       + Lt·[2·2·D·A]                     # cross-attention q and out projections
-      + Li·[2·2·D·A]                     # cross-attention k, v of the encoder output
       + Lt·[2·2·Li·A]                    # cross-attention q·kᵀ and weights·v
       + Lt·[2·(G+1)·D·F]                 # gated MLP
-  decoder         = S · Ld · dec_per_seq_per_layer       S = n·B decoded sequences
+  cross_kv        = C · Ld · Li·[2·2·D·A]   # cross-attention k, v of the encoder output
+  decoder         = S · Ld · dec_per_seq_per_layer + cross_kv    S = n·B decoded sequences
   logits          = S · Lt · 2·D·V
   forward         = encoder + decoder + logits
   train_step      = 3 · forward          # backward = 2 × forward
 
-The cross-attention k/v term is counted per decoded *sequence*, because
-``SlicHFModel._pair_logits`` repeats the encoder output n times and the
-decoder projects it in every row (as does Hugging Face's T5). Embedding
+The cross-attention k/v projections are counted once per prompt for slic_jax
+(C = B: its grouped cross-attention projects a prompt's encoder output once for
+all n rows) and once per decoded sequence for the peer (C = S: Hugging Face's T5
+projects the encoder output in every row). Embedding
 gathers, norms, softmax, GELU, loss and optimizer updates are not matmuls and
 are left out; remat recomputation is not counted either (this is "model
 FLOPs", as in MFU; XLA's ``cost_analysis`` counts what is executed, so it is
@@ -88,7 +89,8 @@ SIZES = {
 def model_flops(*, emb_dim: int, num_heads: int, head_dim: int, mlp_dim: int,
                 num_encoder_layers: int, num_decoder_layers: int, vocab_size: int,
                 batch: int, li: int, lt: int, n_targets: int = 3,
-                encoder_passes_per_prompt: int = 1, num_wi: int = 2) -> dict:
+                encoder_passes_per_prompt: int = 1, num_wi: int = 2,
+                cross_kv_per_prompt: bool = True) -> dict:
   """Analytic matmul FLOPs of one training step (see the module docstring).
 
   Returns a dict with ``encoder``, ``decoder``, ``logits``, ``forward`` and
@@ -105,13 +107,14 @@ def model_flops(*, emb_dim: int, num_heads: int, head_dim: int, mlp_dim: int,
   cross_qo = lt * 2 * 2 * d * a
   cross_kv = li * 2 * 2 * d * a
   cross_scores = lt * 2 * 2 * li * a
-  dec_layer = self_attn + cross_qo + cross_kv + cross_scores + lt * mlp
-  decoder = s * num_decoder_layers * dec_layer
+  dec_layer = self_attn + cross_qo + cross_scores + lt * mlp
+  kv_rows = e if cross_kv_per_prompt else s
+  decoder = s * num_decoder_layers * dec_layer + kv_rows * num_decoder_layers * cross_kv
   logits = s * lt * 2 * d * v
   forward = encoder + decoder + logits
   return {
       "encoder": float(encoder), "decoder": float(decoder), "logits": float(logits),
-      "cross_kv": float(s * num_decoder_layers * cross_kv),
+      "cross_kv": float(kv_rows * num_decoder_layers * cross_kv),
       "forward": float(forward), "train_step": float(3 * forward),
   }
 
@@ -334,7 +337,7 @@ def peer_cmd(args, size, li, matmul_only=False) -> list[str] | None:
 
 def peer_flops(size, batch, li, lt) -> dict:
   return model_flops(**size_dims(size), batch=batch, li=li, lt=lt, n_targets=2,
-                     encoder_passes_per_prompt=2)
+                     encoder_passes_per_prompt=2, cross_kv_per_prompt=False)
 
 
 def _versions(args) -> dict:
