@@ -10,7 +10,6 @@ For each run (a MODEL_DIR with orbax checkpoints) it reports
 from __future__ import annotations
 
 import itertools
-import sys
 from typing import Mapping
 
 import gin
@@ -28,12 +27,7 @@ def model_from_gin(gin_file: str, bindings: tuple[str, ...] = ()):
   from slic_jax import train as train_module
 
   gin.clear_config()
-  main = sys.modules["__main__"]
-  sys.modules["__main__"] = train_module  # the run config does `import __main__ as train_script`
-  try:
-    train_module.parse_gin([gin_file], list(bindings))
-  finally:
-    sys.modules["__main__"] = main
+  train_module.parse_experiment([gin_file], bindings)
   return gin.query_parameter("%MODEL").scoped_configurable_fn()
 
 

@@ -262,6 +262,20 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     prefixes[:], readers[:] = saved_prefixes, saved_readers
 
 
+def parse_experiment(gin_files: Sequence[str], gin_bindings: Sequence[str] = ()) -> None:
+  """Parses experiment gin files as ``python -m slic_jax.train`` would, from any process.
+
+  The run config does ``import __main__ as train_script``; while parsing, ``__main__`` is
+  this module (tests, tools and notebooks have another ``__main__``).
+  """
+  main = sys.modules["__main__"]
+  sys.modules["__main__"] = sys.modules[__name__]
+  try:
+    parse_gin(list(gin_files), list(gin_bindings))
+  finally:
+    sys.modules["__main__"] = main
+
+
 def _rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   """``--gin.NAME=VALUE`` → ``--gin_bindings=NAME = VALUE`` (T5X's shorthand)."""
   out = []

@@ -5,8 +5,6 @@ gin/sft.gin and gin/slic_hf.gin include T5X's run config by name
 gin/slic_jax_runs/ even when another entry (e.g. T5X's site-packages) is on gin's
 search path. tests/test_t5x_path.py parses the same files for `python -m t5x.train`.
 """
-import os
-import sys
 
 import gin
 import pytest
@@ -18,20 +16,11 @@ from slic_jax import partitioning
 from slic_jax import t5x_bridge
 from slic_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_for_slic_jax(gin_file, bindings=()):
   gin.clear_config()
-  main = sys.modules["__main__"]
-  sys.modules["__main__"] = train  # the run config does `import __main__ as train_script`
-  cwd = os.getcwd()
-  try:
-    os.chdir(REPO)
-    train.parse_gin([gin_file], list(bindings))
-  finally:
-    os.chdir(cwd)
-    sys.modules["__main__"] = main
+  train.parse_experiment([gin_file], bindings)
 
 
 def build(name):

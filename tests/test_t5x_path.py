@@ -98,15 +98,11 @@ def test_sft_gin_parses_for_t5x_then_for_slic_jax():
   assert isinstance(build("train_script.train.train_dataset_cfg"), t5x_utils.DatasetConfig)
   gin.clear_config()
   # Same process, now for slic_jax.train: the stand-in run config, not T5X's.
-  main = sys.modules["__main__"]
-  sys.modules["__main__"] = train
   gin.config._LOCATION_PREFIXES.append(T5X_SEARCH_PATH)  # pylint: disable=protected-access
   try:
-    os.chdir(REPO)
-    train.parse_gin(["gin/sft.gin"], [])
+    train.parse_experiment(["gin/sft.gin"])
   finally:
     gin.config._LOCATION_PREFIXES.remove(T5X_SEARCH_PATH)  # pylint: disable=protected-access
-    sys.modules["__main__"] = main
   from slic_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   assert isinstance(build("train_script.train.train_dataset_cfg"), input_pipeline.DatasetConfig)
 
@@ -144,15 +140,7 @@ def run_slic_jax(gin_file, model_dir, world, extra):
   """slic_jax.train in this process (t5x is loaded: the bridge is active and undone)."""
   old = os.environ.get("SLIC_JAX_TLDR_DIR")
   os.environ["SLIC_JAX_TLDR_DIR"] = world
-  main = sys.modules["__main__"]
-  sys.modules["__main__"] = train
-  cwd = os.getcwd()
-  try:
-    os.chdir(REPO)
-    train.parse_gin([gin_file], _bindings({"MODEL_DIR": repr(model_dir), **extra}))
-  finally:
-    os.chdir(cwd)
-    sys.modules["__main__"] = main
+  train.parse_experiment([gin_file], _bindings({"MODEL_DIR": repr(model_dir), **extra}))
   try:
     return gin.get_configurable(train.train)()
   finally:

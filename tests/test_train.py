@@ -7,7 +7,6 @@ through the repo's real gin files with a tiny network bound on top.
 import glob
 import json
 import os
-import sys
 
 import gin
 import jax
@@ -18,7 +17,6 @@ from slic_jax import checkpointing
 from slic_jax import train
 from slic_jax.data import synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "network.T5Config.emb_dim = 32", "network.T5Config.num_heads = 2",
     "network.T5Config.head_dim = 16", "network.T5Config.mlp_dim = 64",
@@ -44,15 +42,7 @@ def world(tmp_path_factory):
 def run(gin_file, bindings):
   """Parses the experiment as `python -m slic_jax.train` would and calls train()."""
   gin.clear_config()
-  main = sys.modules["__main__"]
-  sys.modules["__main__"] = train  # the run config does `import __main__ as train_script`
-  try:
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    train.parse_gin([gin_file], TINY + bindings)
-  finally:
-    os.chdir(cwd)
-    sys.modules["__main__"] = main
+  train.parse_experiment([gin_file], TINY + bindings)
   try:
     return gin.get_configurable(train.train)()
   finally:
