@@ -16,24 +16,41 @@ for the decoder (`_pair_sequence_log_probs`), so a pair costs one encoder pass.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import importlib
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import clu.metrics as clu_metrics
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import seqio
 
 from slic_jax import decoding
-from slic_jax import feature_converters
 from slic_jax import losses
 from slic_jax import network
 from slic_jax import t5x_bridge
 
+if TYPE_CHECKING:  # annotations only; importing seqio loads TensorFlow
+  import seqio
+
 Array = jax.Array
 Batch = Mapping[str, Array]
 MetricsMap = dict[str, clu_metrics.Metric]
+
+
+class _Lazy:
+  """A class attribute imported on first access: ``_Lazy('seqio', 'EncDecFeatureConverter')``.
+
+  Models name their SeqIO feature converter, but importing SeqIO loads TensorFlow
+  (~0.6 GB resident); a process that only runs the step on arrays (benchmarks,
+  scoring) never touches the attribute and never pays for it.
+  """
+
+  def __init__(self, module: str, name: str):
+    self.module, self.name = module, name
+
+  def __get__(self, obj, objtype=None):
+    return getattr(importlib.import_module(self.module), self.name)
 
 
 def _average(value: Array, count: Array | float = 1.0) -> clu_metrics.Average:
@@ -59,7 +76,7 @@ class EncoderDecoderModel:
       fixed normaliser).
   """
 
-  FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+  FEATURE_CONVERTER_CLS = _Lazy("seqio", "EncDecFeatureConverter")
 
   def __init__(
       self,
@@ -291,31 +308,43 @@ class SlicHFModel(EncoderDecoderModel):
 
   Batches carry three target rows per prompt: chosen y⁺, rejected y⁻ and the
   regulariser's target y_ref (the SFT reference summary, or y⁺; see
-  `tasks.tldr.tldr_options`). One encoder pass serves all three.
+  `tasks.tldr.tldr_options`). One encoder pass serves all rows.
 
   Args (beyond `EncoderDecoderModel`'s):
     delta: ranking margin δ (paper: 1.0).
     reg_weight: λ, weight of the cross-entropy regulariser on y_ref.
     length_normalize: use per-token mean log-probs instead of sums (default off, as
       in the paper).
+    reg_target: 'reference' (default): y_ref is targets row 2 of the batch (what the
+      task put there: the SFT summary in the paper's SLiC-HF-direct). 'chosen':
+      y_ref = y⁺ (the NLL-on-chosen term of TRL's CPO), so only rows 0 and 1 are
+      decoded: a third less decoder and logits work; any row 2 is ignored.
   """
 
-  FEATURE_CONVERTER_CLS = feature_converters.PairEncDecFeatureConverter
+  FEATURE_CONVERTER_CLS = _Lazy("slic_jax.feature_converters", "PairEncDecFeatureConverter")
+  REG_TARGETS = ("reference", "chosen")
 
   def __init__(self, *args, delta: float = 1.0, reg_weight: float = 0.5,
-               length_normalize: bool = False, **kwargs):
+               length_normalize: bool = False, reg_target: str = "reference", **kwargs):
     super().__init__(*args, **kwargs)
+    if reg_target not in self.REG_TARGETS:
+      raise ValueError(f"SlicHFModel.reg_target must be one of {self.REG_TARGETS}, "
+                       f"got {reg_target!r}")
     self.delta = delta
     self.reg_weight = reg_weight
     self.length_normalize = length_normalize
+    self.reg_target = reg_target
 
   def loss_fn(self, params, batch: Batch, dropout_rng: Array | None) -> tuple[Array, MetricsMap]:
+    if self.reg_target == "chosen":  # decode (chosen, rejected) only
+      batch = {k: (v[:, :2] if k.startswith("decoder_") else v) for k, v in batch.items()}
+    ref_row = 2 if self.reg_target == "reference" else 0
     logps = self.sequence_log_probs(params, batch, dropout_rng, self.length_normalize)
     mask = jnp.any(batch["decoder_target_tokens"][:, 0] > 0, axis=-1).astype(jnp.float32)
     loss, stats = losses.slic_hf_loss(
         chosen_logps=logps[:, 0],
         rejected_logps=logps[:, 1],
-        reference_logps=logps[:, 2],
+        reference_logps=logps[:, ref_row],
         delta=self.delta,
         reg_weight=self.reg_weight,
         mask=mask,
@@ -329,7 +358,7 @@ class SlicHFModel(EncoderDecoderModel):
     metrics["rejected_length"] = _average(per_row(lengths[:, 1]), count)
     metrics["num_examples"] = clu_metrics.Average(total=count, count=jnp.float32(1.0))
     # T5X's throughput metrics (only when t5x is loaded): one sequence = one prompt
-    # with its (chosen, rejected, reference) rows.
+    # with its (chosen, rejected[, reference]) rows.
     targets = batch["decoder_target_tokens"]
     metrics.update(t5x_bridge.timing_metrics(targets.shape[0], targets.size))
     return loss, metrics

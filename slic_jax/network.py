@@ -205,6 +205,38 @@ class Dense(nn.Module):
     return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+class Kernel(nn.Module):
+  """The weight of a bias-free projection alone, W [in, features], stored as `Dense` does.
+
+  `Kernel(name='wi_0')` creates the same parameter (path, name, init, axes) as
+  `Dense(name='wi_0')`; `fused_projection` then applies several such weights to one
+  input in a single matmul.
+  """
+
+  shape: tuple
+  kernel_axes: tuple
+  weight_dtype: Any = jnp.float32
+  kernel_init: Any = _dense_init
+
+  @nn.compact
+  def __call__(self):
+    return param_with_axes('kernel', self.kernel_init, self.shape, self.weight_dtype,
+                           axes=self.kernel_axes)
+
+
+def fused_projection(x, kernels, dtype):
+  """``[x @ W_1, ..., x @ W_n]`` as one matmul: x [..., D], W_i [D, F] -> n arrays [..., F].
+
+  ``y[..., i, :] = x @ W_i`` with ``W = stack_i W_i`` [D, n, F]: one larger GEMM
+  instead of n (and, in the backward pass, one ``dx = dy W^T`` instead of n plus their
+  sum). Stacking on a new axis, not concatenating along F, keeps every W_i's sharding
+  along F, so no resharding is needed under model parallelism.
+  """
+  w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
+  y = jnp.einsum('...d,dnf->...nf', x.astype(dtype), w)
+  return [y[..., i, :] for i in range(len(kernels))]
+
+
 class RMSNorm(nn.Module):
   """T5 layer norm: y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32.
 
@@ -305,15 +337,24 @@ class MultiHeadDotProductAttention(nn.Module):
     heads, depth = self.num_heads, self.head_dim
     query_init = lambda *a: _attention_init(*a) / jnp.sqrt(depth).astype(a[-1])
 
-    def project(x, name, init):
-      y = Dense(heads * depth, ('embed', 'joined_kv'), self.dtype,
-                self.weight_dtype, init, name=name)(x)
+    def kernel(name, init):
+      return Kernel((inputs_q.shape[-1], heads * depth), ('embed', 'joined_kv'),
+                    self.weight_dtype, init, name=name)()
+
+    def heads_of(y):  # [B, L, H·K] -> [B, L, H, K]
       y = y.reshape(y.shape[:-1] + (heads, depth))
       return with_sharding_constraint(y, ('batch', 'length', 'heads', 'kv'))
 
-    query = project(inputs_q, 'query', query_init)  # [B, Lq, H, K]
-    key = project(inputs_kv, 'key', _attention_init)  # [B, Lk, H, K]
-    value = project(inputs_kv, 'value', _attention_init)
+    # One matmul per distinct input: q, k, v together for self-attention; k, v
+    # together for cross-attention.
+    w_q, w_k, w_v = (kernel('query', query_init), kernel('key', _attention_init),
+                     kernel('value', _attention_init))
+    if inputs_q is inputs_kv:
+      query, key, value = map(heads_of, fused_projection(inputs_q, (w_q, w_k, w_v), self.dtype))
+    else:
+      (query,) = map(heads_of, fused_projection(inputs_q, (w_q,), self.dtype))
+      key, value = map(heads_of, fused_projection(inputs_kv, (w_k, w_v), self.dtype))
+    # query [B, Lq, H, K]; key, value [B, Lk, H, K]
 
     if decode:
       initialized = self.has_variable('cache', 'cached_key')
@@ -397,10 +438,13 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     cfg = self.config
+    acts = cfg.mlp_activations
+    kernels = [
+        Kernel((x.shape[-1], cfg.mlp_dim), ('embed', 'mlp'), cfg.weight_dtype,
+               name=f'wi_{i}' if len(acts) > 1 else 'wi')()
+        for i in range(len(acts))]
     hidden = 1.0
-    for i, act in enumerate(cfg.mlp_activations):
-      h = Dense(cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, cfg.weight_dtype,
-                name=f'wi_{i}' if len(cfg.mlp_activations) > 1 else 'wi')(x)
+    for act, h in zip(acts, fused_projection(x, kernels, cfg.dtype)):  # one matmul
       hidden = hidden * (h if act == 'linear' else getattr(nn, act)(h))
     hidden = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         hidden, deterministic=deterministic)

@@ -13,36 +13,27 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import clu.metrics as clu_metrics
-import flax.struct
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from slic_jax import checkpointing
+from slic_jax import compiler_options
 from slic_jax import input_pipeline
 from slic_jax import metric_logging
 from slic_jax import partitioning
 from slic_jax import t5x_bridge
+from slic_jax.update_step import TrainState, make_train_step  # noqa: F401 (re-exported)
 
 # slic_jax's stand-ins for T5X's run configs: experiments `include
 # 't5x/configs/runs/finetune.gin'`; `python -m t5x.train` finds T5X's own file, this
 # trainer finds gin/slic_jax_runs/t5x/configs/runs/finetune.gin (see `parse_gin`).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_CONFIGS_DIR = os.path.join(REPO_ROOT, "gin", "slic_jax_runs")
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 def _compute(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -54,28 +45,6 @@ def _merge(acc: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Mapping[str
   # present when t5x is loaded); this trainer measures its own (Progress.rates).
   new = {k: v for k, v in new.items() if not k.startswith("timing/")}
   return dict(new) if acc is None else {k: acc[k].merge(v) for k, v in new.items()}
-
-
-def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int) -> Callable:
-  """The pure update: (state, batch) → (state', metrics). Jitted by the caller."""
-  base_rng = jax.random.PRNGKey(dropout_seed)
-
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(base_rng, state.step)
-    (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-        state.params, batch, rng
-    )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics)
-    metrics["grad_norm"] = _scalar_metric(optax.tree.norm(grads))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return train_step
-
-
-def _scalar_metric(x):
-  return clu_metrics.Average(total=jnp.asarray(x, jnp.float32), count=jnp.float32(1.0))
 
 
 def train(
@@ -155,6 +124,7 @@ def train(
 
   with p.activation_rules():
     state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+  del init_state  # frees its compiled executable before the update step is compiled
 
   ckpt = checkpointing.Checkpointer(model_dir, checkpoint_cfg.save)
   latest = ckpt.latest_step()
@@ -175,13 +145,16 @@ def train(
 
   # ------------------------------------------------------------------ update step
   batch_sh = {k: p.batch_sharding(len(s)) for k, s in input_shapes.items()}
+  xla_options = compiler_options.step_compiler_options()
   step_fn = jax.jit(
       make_train_step(model, tx, dropout_seed=seed + 1),
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, None),
       donate_argnums=(0,),
+      compiler_options=xla_options,
   )
-  eval_fn = jax.jit(model.eval_fn, in_shardings=(params_sh, batch_sh))
+  eval_fn = jax.jit(model.eval_fn, in_shardings=(params_sh, batch_sh),
+                    compiler_options=xla_options)
 
   def evaluate(step: int) -> dict[str, float] | None:
     if train_eval_dataset_cfg is None:

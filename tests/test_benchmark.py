@@ -66,3 +66,56 @@ def test_flops_match_xla_cost_analysis():
   assert 1.0 <= xla / ours < 1.15, (xla, ours)
   state, metrics = compiled(state, batch)
   assert np.isfinite(float(metrics["loss"].compute()))
+
+
+def test_two_row_step_flops_match_xla_and_are_lower():
+  """reg_target='chosen' (TRL CPO's loss) decodes 2 rows: the FLOP count drops to match."""
+  cfg = benchmark.make_config("tiny")
+  b, li, lt = 2, 64, 16
+  batch = benchmark.random_pair_batch(b, li, lt, cfg.vocab_size, seed=0)
+  shapes = {k: v.shape for k, v in batch.items()}
+  step, init_state = benchmark.build_step(cfg, shapes, reg_target="chosen")
+  state = jax.jit(init_state)(jax.random.PRNGKey(0))
+  xla = benchmark.xla_cost_flops(step.lower(state, batch).compile())
+  if xla is None:
+    pytest.skip("this backend has no cost_analysis flops")
+  two = benchmark.config_flops(cfg, b, li, lt, n_targets=2)["train_step"]
+  three = benchmark.config_flops(cfg, b, li, lt, n_targets=3)["train_step"]
+  assert two < three
+  assert 1.0 <= xla / two < 1.15, (xla, two)
+
+
+def test_step_process_does_not_import_tensorflow():
+  """The benchmark's step (and anything using slic_jax.update_step) runs without SeqIO/TF."""
+  import subprocess
+  import sys
+  code = ("import sys; sys.path.insert(0, 'tools'); import benchmark; "
+          "cfg = benchmark.make_config('tiny'); "
+          "b = benchmark.random_pair_batch(1, 8, 4, cfg.vocab_size); "
+          "benchmark.build_step(cfg, {k: v.shape for k, v in b.items()}); "
+          "print('tensorflow' in sys.modules, 'seqio' in sys.modules)")
+  repo = os.path.dirname(os.path.dirname(_PATH))
+  out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_markdown_report_has_all_rows():
+  run = lambda s, fl, **kw: {"step_s_median": s, "step_s_min": s * 0.9, "pairs_per_s": 4 / s,
+                             "model_flops_per_step": fl, "achieved_model_flops_per_s": fl / s,
+                             "fraction_of_jax_f32_matmul_peak": fl / s / 3e11,
+                             "peak_rss_mb": 1000.0, "compile_s": 1.0, **kw}
+  res = {"command": "x", "date": "d", "machine": {}, "versions": {},
+         "settings": {"batch_pairs": 4, "li": 512, "lt": 64, "steps": 5, "warmup": 2},
+         "matmul": {"jax_numpy": {"jax_float32_flops_per_s": 3e11}},
+         "comparison": [{"size": "small", "slic_jax": run(4.0, 5e11, speedup_pairs_per_s=1.5,
+                                                          speedup_best=1.5),
+                         "slic_jax_2row": run(3.0, 4e11, speedup_pairs_per_s=2.0,
+                                              speedup_best=2.0),
+                         "trl": run(6.0, 7.5e11)}],
+         "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
+  md = benchmark.to_markdown(res)
+  for label in benchmark.LABELS.values():
+    assert label in md
+  assert "2.00× / 2.00×" in md and "1.50× / 1.50×" in md

@@ -7,7 +7,6 @@ import pytest
 import seqio
 
 from slic_jax import feature_converters
-from slic_jax import losses
 from slic_jax import models
 from slic_jax import network
 from slic_jax import optimizers
@@ -109,6 +108,40 @@ def test_slic_hf_loss_fn_matches_the_equation():
   np.testing.assert_allclose(float(metrics["chosen_logps"].compute()), lp[:, 0].mean(), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["rejected_length"].compute()),
                              np.asarray(batch["decoder_loss_weights"])[:, 1].sum(-1).mean())
+
+
+def test_reg_target_chosen_is_cpo_loss_on_two_rows(monkeypatch):
+  """reg_target='chosen': hinge + λ·NLL(y+) (TRL CPO's loss), decoding 2 rows, not 3."""
+  m = _model(delta=1.0, reg_weight=0.3, reg_target="chosen")
+  batch = _pair_batch(4)
+  params = _params(m, batch)
+  lp = np.asarray(m.score_batch(params, batch), np.float64)
+  loss, metrics = m.loss_fn(params, batch, None)
+  expected = np.mean(np.maximum(0.0, 1.0 - lp[:, 0] + lp[:, 1]) - 0.3 * lp[:, 0])
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["reference_logps"].compute()), lp[:, 0].mean(),
+                             rtol=1e-5)
+  # The same loss and gradients as reg_target='reference' with y+ copied into row 2.
+  copied = {k: v.at[:, 2].set(v[:, 0]) if k.startswith("decoder_") else v
+            for k, v in batch.items()}
+  ref = _model(delta=1.0, reg_weight=0.3)
+  g_chosen = jax.grad(lambda p: m.loss_fn(p, batch, None)[0])(params)
+  g_ref = jax.grad(lambda p: ref.loss_fn(p, copied, None)[0])(params)
+  for a, b in zip(jax.tree.leaves(g_chosen), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  # Only 2 rows per prompt reach the decoder.
+  rows = []
+  original = network.Transformer.decode
+
+  def counting_decode(self, encoded, encoder_input_tokens, decoder_input_tokens, *a, **kw):
+    rows.append(decoder_input_tokens.shape[0])
+    return original(self, encoded, encoder_input_tokens, decoder_input_tokens, *a, **kw)
+
+  monkeypatch.setattr(network.Transformer, "decode", counting_decode)
+  jax.make_jaxpr(lambda p: m.loss_fn(p, batch, None))(params)
+  assert rows == [2 * B]
+  with pytest.raises(ValueError, match="reg_target"):
+    _model(reg_target="sft")
 
 
 def test_padding_rows_do_not_count():

@@ -309,3 +309,25 @@ def test_gin_plain_bindings():
   finally:
     gin.clear_config()
   assert cfg.emb_dim == 128 and cfg.weight_dtype == jnp.bfloat16
+
+
+def test_fused_projection_equals_separate_matmuls():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  ws = [jax.random.normal(jax.random.PRNGKey(i), (8, 6)) for i in range(1, 4)]
+  outs = network.fused_projection(x, ws, jnp.float32)
+  assert len(outs) == 3
+  for y, w in zip(outs, ws):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_block_is_gated_gelu_of_its_two_kernels():
+  """The fused wi_0/wi_1 matmul computes T5 1.1's W_o (gelu(x W_0) * (x W_1))."""
+  cfg = network.make_config('tiny', emb_dim=8, mlp_dim=12)
+  block = network.MlpBlock(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+  variables = block.init(jax.random.PRNGKey(1), x)
+  p = variables['params']
+  assert set(p) == {'wi_0', 'wi_1', 'wo'}
+  expected = (jax.nn.gelu(x @ p['wi_0']['kernel']) * (x @ p['wi_1']['kernel'])) @ p['wo']['kernel']
+  np.testing.assert_allclose(np.asarray(block.apply(variables, x)), np.asarray(expected),
+                             rtol=1e-5, atol=1e-5)

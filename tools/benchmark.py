@@ -5,15 +5,19 @@ Run (one command measures everything and writes benchmarks/results.{json,md})::
   bash tools/setup_peer_env.sh                 # once: peer venv in /tmp/slic_jax_peer_env
   TF_CPP_MIN_LOG_LEVEL=2 TF_ENABLE_ONEDNN_OPTS=0 \
     .venv/bin/python tools/benchmark.py --batch 4 --li 512 --lt 64 \
-        --sizes small,mini --sweep 128,256,512,1024 --levers
+        --sizes small,mini --sweep 128,256,512,1024 --sweep_peer --levers --trainers
 
 Every measurement runs in its own subprocess (``--_worker ...``), so peak
 resident memory (``ru_maxrss`` of that process) is per run, and one run's
 compile caches / allocator state do not leak into the next:
 
-* ``slic``   : slic_jax's own update step, ``slic_jax.train.make_train_step`` on
+* ``slic``   : slic_jax's own update step, ``slic_jax.update_step.make_train_step`` on
   `models.SlicHFModel` with `optimizers.create_optimizer` (Adafactor, clip 1.0),
-  jitted with ``donate_argnums=(0,)`` exactly as ``slic_jax.train.train`` does.
+  jitted with ``donate_argnums=(0,)`` and `slic_jax.compiler_options` exactly as
+  ``slic_jax.train.train`` does. Run twice per model: ``--reg_target reference`` (the
+  paper's SLiC-HF-direct: 3 decoded rows, y_ref = SFT summary) and ``--reg_target
+  chosen`` (y_ref = y⁺, 2 decoded rows: exactly TRL CPO's hinge + NLL-on-chosen loss,
+  the same work as the peer). The step process never imports SeqIO/TensorFlow.
   Steady-state time = median of ``--steps`` timed steps after ``--warmup``
   steps (each ``block_until_ready``); compile time is reported separately.
 * ``matmul`` : peak matmul rate of this machine in the same run: a square float32
@@ -21,6 +25,9 @@ compile caches / allocator state do not leak into the next:
   torch's is measured by the peer script (``--matmul_only``).
 * ``peer``   : ``tools/bench_peer_trl.py`` in the peer venv (TRL CPOTrainer,
   hinge + cpo_alpha, same dims/batch/lengths); see that file for what it times.
+* ``--trainers``: ``python -m slic_jax.train`` vs ``python -m t5x.train`` on the same
+  gin experiment, each trainer's own ``timing/seqs_per_second``
+  (``tools/bench_trainers.py``; needs the throw-away T5X env, ``--t5x_python``).
 
 Model FLOPs (``model_flops``) — matmul FLOPs only, 2 per multiply-add, of the
 model *as configured and as slic_jax runs it*, for B prompts, encoder length
@@ -62,11 +69,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +82,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
 T5X_ENV = "/tmp/t5x_env"
+SLIC_ROWS = ("slic_jax", "slic_jax_2row")
+LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
+          "slic_jax_2row": "slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL)",
+          "trl": "TRL CPOTrainer (hinge + NLL on y⁺)"}
 VOCAB = 32128
 
 # name -> (emb_dim, num_heads, head_dim, layers (enc = dec), mlp_dim, vocab)
@@ -152,22 +163,34 @@ def random_pair_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, n
           "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)}
 
 
-def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor"):
-  """(jitted train_step, init_state_fn) exactly as slic_jax.train builds them."""
+class _EosOnlyVocabulary:
+  """What the model reads from a vocabulary in the step: ``eos_id`` (no SeqIO import)."""
+  eos_id = 1
+
+
+def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
+               reg_target: str = "reference", xla_default: bool = False):
+  """(jitted train_step, init_state_fn) exactly as slic_jax.train builds them.
+
+  Same model class, optimizer, update step (`slic_jax.update_step`) and compiler
+  options (`slic_jax.compiler_options`; ``xla_default=True``: none, XLA's defaults).
+  Nothing here imports SeqIO/TensorFlow; the peak-RSS figure is the step's.
+  """
   import jax
   import jax.numpy as jnp
-  import seqio
-  from slic_jax import models, network, optimizers, train
+  from slic_jax import compiler_options, models, network, optimizers, update_step
 
-  vocab = seqio.PassThroughVocabulary(size=cfg.vocab_size, eos_id=1)
+  vocab = _EosOnlyVocabulary()
   tx = optimizers.create_optimizer(name=optimizer, learning_rate=1e-4, clip_norm=1.0)
-  model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx)
+  model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx, reg_target=reg_target)
 
   def init_state(rng):
     params = model.get_initial_variables(rng, batch_shapes)["params"]
-    return train.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    return update_step.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-  step = jax.jit(train.make_train_step(model, tx, dropout_seed=seed + 1), donate_argnums=(0,))
+  options = None if xla_default else compiler_options.step_compiler_options()
+  step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=seed + 1),
+                 donate_argnums=(0,), compiler_options=options)
   return step, init_state
 
 
@@ -190,7 +213,7 @@ def _peak_rss_mb() -> float:
 def worker_slic(args) -> dict:
   import jax
   import numpy as np
-  from slic_jax import models, partitioning  # noqa: F401  (models imports seqio/TF)
+  from slic_jax import partitioning  # (no SeqIO/TF in this process: see build_step)
 
   rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat)
@@ -198,8 +221,11 @@ def worker_slic(args) -> dict:
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
   with p.activation_rules():
-    step, init_state = build_step(cfg, shapes, args.seed)
+    step, init_state = build_step(cfg, shapes, args.seed, reg_target=args.reg_target,
+                                  xla_default=args.xla_default)
     state = jax.jit(init_state)(jax.random.PRNGKey(args.seed))
+    del init_state  # as slic_jax.train: free the init executable before compiling the step
+    gc.collect()
     batch = jax.device_put(np_batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -223,10 +249,14 @@ def worker_slic(args) -> dict:
         times.append(time.perf_counter() - t0)
     loss = float(np.asarray(metrics["loss"].compute()))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  flops = config_flops(cfg, args.batch, args.li, args.lt)
+  n_rows = 2 if args.reg_target == "chosen" else 3
+  flops = config_flops(cfg, args.batch, args.li, args.lt, n_targets=n_rows)
   med = statistics.median(times)
   return {
       "framework": "slic_jax", "size": args.size, "dtype": args.dtype, "remat": args.remat,
+      "reg_target": args.reg_target, "decoded_rows": n_rows,
+      "xla_options": "xla_default" if args.xla_default else "slic_jax",
+      "tensorflow_loaded": "tensorflow" in sys.modules,
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
       "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
@@ -311,11 +341,13 @@ def _brief(r: dict) -> str:
   return json.dumps(r)[:200]
 
 
-def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None) -> list[str]:
-  return [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
-          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
-          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
-          "--warmup", str(args.warmup), "--seed", str(args.seed)]
+def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
+             reg_target="reference", xla_default=False) -> list[str]:
+  cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
+         "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
+         "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
+         "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target]
+  return cmd + (["--xla_default"] if xla_default else [])
 
 
 def peer_cmd(args, size, li, matmul_only=False) -> list[str] | None:
@@ -386,10 +418,7 @@ def orchestrate(args) -> dict:
                    "steps": args.steps, "warmup": args.warmup, "peer_steps": args.peer_steps,
                    "peer_warmup": args.peer_warmup, "seed": args.seed},
       "matmul": {}, "comparison": [], "sweep": [], "levers": [],
-      "t5x": {"status": "not run",
-              "note": (f"{T5X_ENV} detected; a t5x-driven run of the same model is not "
-                       "implemented in this benchmark") if os.path.isdir(T5X_ENV)
-              else f"{T5X_ENV} not present"},
+      "t5x": {"status": "not run", "note": "--trainers not given"},
   }
   t = args.timeout
   res["matmul"]["jax_numpy"] = _run_json(
@@ -404,9 +433,13 @@ def orchestrate(args) -> dict:
       r["fraction_of_jax_f32_matmul_peak"] = r["achieved_model_flops_per_s"] / peak
 
   # Side-by-side comparison at the main setting.
+  # slic_jax twice: the paper's SLiC-HF-direct (3 decoded rows: y_ref = SFT summary) and
+  # TRL CPO's exact loss (2 rows: NLL on y+), then the peer.
   for size in sizes:
-    ours = _run_json(slic_cmd(args, size, args.li), t)
-    add_peak(ours)
+    row = {"size": size}
+    for key, reg_target in (("slic_jax", "reference"), ("slic_jax_2row", "chosen")):
+      row[key] = _run_json(slic_cmd(args, size, args.li, reg_target=reg_target), t)
+      add_peak(row[key])
     pc = None if args.no_peer else peer_cmd(args, size, args.li)
     peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
     if "step_s_median" in peer:
@@ -414,9 +447,11 @@ def orchestrate(args) -> dict:
       peer["model_flops_per_step"] = pf["train_step"]
       peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
       add_peak(peer)
-    row = {"size": size, "slic_jax": ours, "trl": peer}
-    if "pairs_per_s" in ours and "pairs_per_s" in peer:
-      row["speedup_pairs_per_s"] = ours["pairs_per_s"] / peer["pairs_per_s"]
+    row["trl"] = peer
+    for key in SLIC_ROWS:
+      if "pairs_per_s" in row[key] and "pairs_per_s" in peer:
+        row[key]["speedup_pairs_per_s"] = row[key]["pairs_per_s"] / peer["pairs_per_s"]
+        row[key]["speedup_best"] = peer["step_s_min"] / row[key]["step_s_min"]
     res["comparison"].append(row)
     _write(args, res)
 
@@ -440,13 +475,14 @@ def orchestrate(args) -> dict:
 
   # Levers: dtype x remat (and batch) on the lever size.
   if args.levers:
-    combos = [("float32", "none"), ("bfloat16", "none"), ("float32", "full"),
-              ("float32", "minimal"), ("bfloat16", "full")]
-    for dtype, remat in combos:
-      if (dtype, remat) == ("float32", "none") and args.lever_size in sizes:
+    combos = [("float32", "none", False), ("float32", "none", True), ("bfloat16", "none", False),
+              ("float32", "full", False), ("float32", "minimal", False)]
+    for dtype, remat, xla_default in combos:
+      if (dtype, remat, xla_default) == ("float32", "none", False) and args.lever_size in sizes:
         r = next(c["slic_jax"] for c in res["comparison"] if c["size"] == args.lever_size)
       else:
-        r = _run_json(slic_cmd(args, args.lever_size, args.li, dtype, remat), t)
+        r = _run_json(slic_cmd(args, args.lever_size, args.li, dtype, remat,
+                               xla_default=xla_default), t)
       add_peak(r)
       res["levers"].append(r)
       _write(args, res)
@@ -455,8 +491,27 @@ def orchestrate(args) -> dict:
       add_peak(r)
       res["levers"].append(r)
       _write(args, res)
+  # slic_jax.train vs t5x.train on the same gin experiment (where T5X is installed).
+  if args.trainers:
+    res["t5x"] = run_trainers(args)
   _write(args, res)
   return res
+
+
+def run_trainers(args) -> dict:
+  """`bench_trainers.compare_trainers` with this run's --trainer_* settings."""
+  import bench_trainers  # tools/, beside this file
+  if not os.path.exists(args.t5x_python):
+    return {"status": "not run", "note": f"{args.t5x_python} not present (T5X not installed)"}
+  try:
+    result = bench_trainers.compare_trainers(
+        t5x_python=args.t5x_python, steps=args.trainer_steps, batch=args.trainer_batch,
+        inputs_len=args.trainer_inputs, targets_len=args.trainer_targets,
+        model_gin=args.trainer_model, stats_period=args.trainer_stats_period,
+        workdir=args.trainer_workdir, timeout=args.timeout)
+  except (bench_trainers.TrainerError, ValueError) as e:
+    return {"status": "error", "note": str(e)[-2000:]}
+  return {"status": "run", "note": f"{args.t5x_python}", "result": result}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -495,18 +550,19 @@ def to_markdown(res: dict) -> str:
             "% of jax f32 matmul peak (median / best) | peak RSS MB | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
-    for fw in ("slic_jax", "trl"):
-      r = c[fw]
+    for fw in SLIC_ROWS + ("trl",):
+      r = c.get(fw)
+      if r is None:
+        continue
       if "error" in r:
-        lines.append(f"| {c['size']} | {fw} | error: {r['error']} | | | | | | | | | |")
+        lines.append(f"| {c['size']} | {LABELS[fw]} | error: {r['error']} | | | | | | | | | |")
         continue
       sp = ""
-      if fw == "slic_jax" and "speedup_pairs_per_s" in c:
-        best = c["trl"]["step_s_min"] / r["step_s_min"]
-        sp = f"{c['speedup_pairs_per_s']:.2f}× / {best:.2f}×"
+      if "speedup_pairs_per_s" in r:
+        sp = f"{r['speedup_pairs_per_s']:.2f}× / {r['speedup_best']:.2f}×"
       fl = r.get("model_flops_per_step")
       lines.append(
-          f"| {c['size']} | {fw} | {r['step_s_median']:.2f} | {r['step_s_min']:.2f} | "
+          f"| {c['size']} | {LABELS[fw]} | {r['step_s_median']:.2f} | {r['step_s_min']:.2f} | "
           f"{r['pairs_per_s']:.3f} | {sp} | {_g(fl, 1e9, '{:.0f}')} | "
           f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
           f"{_g(r.get('achieved_model_flops_per_s'), 1e9, '{:.1f}')} / "
@@ -534,24 +590,35 @@ def to_markdown(res: dict) -> str:
                      f"{fl / r['step_s_median'] / 1e9:.1f} | {r['peak_rss_mb']:.0f} |")
   if res["levers"]:
     lines += ["", "## Levers (slic_jax)", "",
-              "| model | dtype | remat | pairs | s/step (median) | s/step (best) | pairs/s (median) | "
-              "model GFLOP/s (median) | XLA GFLOP/step | XLA temp MB | peak RSS MB | compile s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| model | dtype | remat | XLA options | pairs | s/step (median) | s/step (best) | "
+              "pairs/s (median) | model GFLOP/s (median) | XLA GFLOP/step | XLA temp MB | "
+              "peak RSS MB | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["levers"]:
       if "error" in r:
-        lines.append(f"| | | | | error: {r['error']} | | | | | | | |")
+        lines.append(f"| | | | | | error: {r['error']} | | | | | | | |")
         continue
-      lines.append(f"| {r['size']} | {r['dtype']} | {r['remat']} | {r['batch_pairs']} | "
+      lines.append(f"| {r['size']} | {r['dtype']} | {r['remat']} | "
+                   f"{r.get('xla_options', 'xla_default')} | {r['batch_pairs']} | "
                    f"{r['step_s_median']:.2f} | {r['step_s_min']:.2f} | {r['pairs_per_s']:.3f} | "
                    f"{r['achieved_model_flops_per_s'] / 1e9:.1f} | "
                    f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
                    f"{_g(r.get('xla_memory_analysis', {}).get('temp_size_mb'), 1, '{:.0f}')} | "
                    f"{r['peak_rss_mb']:.0f} | {r['compile_s']:.1f} |")
+  if res.get("t5x", {}).get("result"):
+    import bench_trainers  # tools/, beside this file
+    lines += ["", "## Trainers: `python -m slic_jax.train` vs `python -m t5x.train`", "",
+              "Each trainer's own `timing/seqs_per_second` on the same gin experiment "
+              "(`tools/bench_trainers.py`; one sequence = one prompt with its target rows).", "",
+              bench_trainers.markdown_table(res["t5x"]["result"])]
   lines += ["", "Model FLOPs: matmul FLOPs of forward + backward (= 3 × forward) as defined in "
             "`tools/benchmark.py`'s docstring; slic_jax encodes each prompt once and decodes 3 "
-            "rows (chosen, rejected, reference), TRL's CPOTrainer encodes the prompt twice "
-            "(chosen and rejected rows concatenated) and decodes 2 rows. Timings were taken on a "
-            "shared machine; see the load average above.", ""]
+            "rows (chosen, rejected, SFT reference) or 2 (chosen, rejected; the regulariser on "
+            "the chosen row, which is TRL CPO's loss), TRL's CPOTrainer encodes the prompt twice "
+            "(chosen and rejected rows concatenated) and decodes 2 rows. Every row ran in its own "
+            "process, one after the other; see the load average above. Peak RSS of slic_jax is "
+            "that of the step process, which does not import SeqIO/TensorFlow "
+            "(`python -m slic_jax.train` does, for its input pipeline: about +0.6 GB).", ""]
   return "\n".join(lines)
 
 
@@ -573,6 +640,11 @@ def parse_args(argv=None):
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
+  ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"],
+                  help="SlicHFModel.reg_target: 'reference' decodes 3 rows (paper: y_ref = SFT "
+                       "summary), 'chosen' 2 rows (y_ref = y+, TRL CPO's NLL term)")
+  ap.add_argument("--xla_default", action="store_true",
+                  help="compile without slic_jax.compiler_options (XLA's defaults)")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
@@ -589,6 +661,16 @@ def parse_args(argv=None):
   ap.add_argument("--peer_env", default=DEFAULT_PEER_ENV)
   ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--timeout", type=float, default=1800)
+  ap.add_argument("--trainers", action="store_true",
+                  help="also time python -m slic_jax.train vs python -m t5x.train")
+  ap.add_argument("--t5x_python", default=os.path.join(T5X_ENV, "bin", "python"))
+  ap.add_argument("--trainer_model", default="tiny")
+  ap.add_argument("--trainer_workdir", default="/tmp/slic_jax_bench_trainers")
+  ap.add_argument("--trainer_steps", type=int, default=60)
+  ap.add_argument("--trainer_stats_period", type=int, default=10)
+  ap.add_argument("--trainer_batch", type=int, default=32)
+  ap.add_argument("--trainer_inputs", type=int, default=128)
+  ap.add_argument("--trainer_targets", type=int, default=32)
   ap.add_argument("--out_dir", default=os.path.join(REPO, "benchmarks"))
   ap.add_argument("--render", default=None, help="only re-render results.md from this JSON")
   return ap.parse_args(argv)
