@@ -84,11 +84,36 @@ def token_log_probs(*, logits, targets) -> Array:
     targets: ``[..., L]`` integer token ids in ``[0, V)``.
 
   Returns:
-    ``[..., L]`` float32, ``out[..., t] = log_softmax(float32(logits[..., t, :]))[targets[..., t]]``.
+    ``[..., L]`` float32, ``out[..., t] = log_softmax(float32(logits[..., t, :]))[targets[..., t]]``
+    ``= logits[..., t, y_t] − logsumexp(logits[..., t, :])``.
+
+  Gradient (custom VJP): ``∂out_t/∂logits_t = onehot(y_t) − softmax(logits_t)``, computed
+  in one elementwise pass from the logits and the saved ``logsumexp``: no ``[..., L, V]``
+  log-softmax array is stored for the backward pass and no scatter builds the gradient.
   """
-  logp = jax.nn.log_softmax(_f32(logits), axis=-1)
   targets = jnp.asarray(targets).astype(jnp.int32)
-  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return _target_log_softmax(_f32(logits), targets)
+
+
+@jax.custom_vjp
+def _target_log_softmax(logits: Array, targets: Array) -> Array:
+  return _target_log_softmax_fwd(logits, targets)[0]
+
+
+def _target_log_softmax_fwd(logits, targets):
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return target_logit - log_z, (logits, targets, log_z)
+
+
+def _target_log_softmax_bwd(residuals, g):
+  logits, targets, log_z = residuals
+  onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  d_logits = g[..., None] * (onehot.astype(logits.dtype) - jnp.exp(logits - log_z[..., None]))
+  return d_logits, None
+
+
+_target_log_softmax.defvjp(_target_log_softmax_fwd, _target_log_softmax_bwd)
 
 
 def sequence_log_probs(*, logits, targets, weights, length_normalize: bool = False) -> Array:

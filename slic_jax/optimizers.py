@@ -13,6 +13,7 @@ base rate and ``T`` the total steps:
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -44,6 +45,24 @@ def learning_rate_schedule(
     return learning_rate * ramp * decay
 
   return fn
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``g ← g · min(1, max_norm / ‖g‖₂)``, ‖g‖₂ the norm over all leaves (gradient clipping).
+
+  The same transformation and state (`optax.EmptyState`) as `optax.clip_by_global_norm`,
+  written as one multiply by a scalar instead of optax's per-leaf ``select(trigger, g,
+  g / ‖g‖ · max_norm)``: XLA then fuses the scale into the optimizer's own passes over
+  the gradients instead of first writing a clipped copy of every gradient.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def create_optimizer(
@@ -85,5 +104,5 @@ def create_optimizer(
   else:
     raise ValueError(f"unknown optimizer {name!r}; expected 'adafactor' or 'adamw'")
   if clip_norm:
-    opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
+    opt = optax.chain(clip_by_global_norm(clip_norm), opt)
   return opt

@@ -603,3 +603,25 @@ def test_every_function_is_jittable_and_matches_eager():
 def test_keyword_only():
   with pytest.raises(TypeError):
     losses.rank_calibration_loss(jnp.zeros(1), jnp.zeros(1))  # pylint: disable=too-many-function-args
+
+
+def test_token_log_probs_gradient_is_onehot_minus_softmax():
+  """The custom VJP equals autodiff of log_softmax + take_along_axis."""
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 11)) * 3.0
+  targets = jax.random.randint(jax.random.PRNGKey(1), (2, 3, 5), 0, 11)
+  g = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5))
+
+  def reference(x):
+    logp = jax.nn.log_softmax(x, axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+  ours = lambda x: losses.token_log_probs(logits=x, targets=targets)
+  np.testing.assert_allclose(np.asarray(ours(logits)), np.asarray(reference(logits)),
+                             rtol=1e-5, atol=1e-5)
+  d_ours = jax.grad(lambda x: jnp.sum(g * ours(x)))(logits)
+  d_ref = jax.grad(lambda x: jnp.sum(g * reference(x)))(logits)
+  np.testing.assert_allclose(np.asarray(d_ours), np.asarray(d_ref), rtol=1e-5, atol=1e-6)
+  # Under jit, with bfloat16 logits (cast to float32 inside) too.
+  d_bf16 = jax.jit(jax.grad(lambda x: jnp.sum(
+      g * losses.token_log_probs(logits=x, targets=targets))))(logits.astype(jnp.bfloat16))
+  assert d_bf16.dtype == jnp.bfloat16

@@ -50,3 +50,17 @@ def test_optimizer_decreases_a_quadratic(name):
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
   assert float(loss(params)) < 0.5 * start
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0])
+def test_clip_by_global_norm_matches_optax(scale):
+  """Same updates and state structure as optax.clip_by_global_norm, below and above the norm."""
+  grads = {"a": jnp.arange(6.0).reshape(2, 3) * scale, "b": jnp.ones(4) * scale}
+  ours, theirs = optimizers.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  u1, s1 = ours.update(grads, ours.init(grads))
+  u2, s2 = theirs.update(grads, theirs.init(grads))
+  for k in grads:
+    np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=1e-6)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  norm = float(optax.tree.norm(u1))
+  assert norm == pytest.approx(min(1.0, float(optax.tree.norm(grads))), rel=1e-5)
