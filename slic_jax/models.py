@@ -20,6 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import clu.metrics as clu_metrics
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +52,24 @@ class _Lazy:
 
   def __get__(self, obj, objtype=None):
     return getattr(importlib.import_module(self.module), self.name)
+
+
+@flax.struct.dataclass
+class Sum(clu_metrics.Metric):
+  """A metric that adds up: merged over microbatches and report windows it is the total
+  (T5X reports ``num_examples`` / ``num_tokens`` as sums too)."""
+
+  total: jax.Array
+
+  @classmethod
+  def from_model_output(cls, values: Array, **_) -> "Sum":
+    return cls(total=jnp.sum(jnp.asarray(values, jnp.float32)))
+
+  def merge(self, other: "Sum") -> "Sum":
+    return type(self)(total=self.total + other.total)
+
+  def compute(self) -> Array:
+    return self.total
 
 
 def _average(value: Array, count: Array | float = 1.0) -> clu_metrics.Average:
@@ -216,8 +235,8 @@ class EncoderDecoderModel:
         "cross_ent_loss_per_token": _average((loss_sum - z_loss_sum) / jnp.maximum(weight_sum, 1.0), weight_sum),
         "z_loss": _average(z_loss_sum / norm),
         "accuracy": _average(jnp.sum(correct) / jnp.maximum(weight_sum, 1.0), weight_sum),
-        "num_tokens": clu_metrics.Average(total=weight_sum, count=jnp.float32(1.0)),
-        "num_examples": clu_metrics.Average(total=num_examples.astype(jnp.float32), count=jnp.float32(1.0)),
+        "num_tokens": Sum.from_model_output(weight_sum),
+        "num_examples": Sum.from_model_output(num_examples),
     }
     targets = batch["decoder_target_tokens"]
     metrics.update(t5x_bridge.timing_metrics(targets.shape[0], targets.size))
@@ -356,7 +375,7 @@ class SlicHFModel(EncoderDecoderModel):
     metrics["loss"] = _average(loss)
     metrics["chosen_length"] = _average(per_row(lengths[:, 0]), count)
     metrics["rejected_length"] = _average(per_row(lengths[:, 1]), count)
-    metrics["num_examples"] = clu_metrics.Average(total=count, count=jnp.float32(1.0))
+    metrics["num_examples"] = Sum.from_model_output(count)
     # T5X's throughput metrics (only when t5x is loaded): one sequence = one prompt
     # with its (chosen, rejected[, reference]) rows.
     targets = batch["decoder_target_tokens"]

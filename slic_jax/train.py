@@ -61,6 +61,7 @@ def train(
     stats_period: int | None = None,
     random_seed: int | None = 0,
     run_eval_before_training: bool = False,
+    num_microbatches: int | None = None,
     **unused_t5x_kwargs,
 ) -> tuple[int, TrainState]:
   """Trains ``model`` until ``total_steps`` (absolute, as in T5X) and returns (step, state).
@@ -77,6 +78,9 @@ def train(
     eval_period: steps between evaluations (and the progress line).
     stats_period: steps between training-metric writes (default: eval_period / 10).
     random_seed: seeds parameter init and dropout.
+    num_microbatches: split each batch into this many microbatches and accumulate their
+      gradients (`update_step.make_train_step`; T5X: ``trainer.Trainer.num_microbatches``).
+      Bind with ``--gin.train.num_microbatches=4`` (slic_jax.train only).
     unused_t5x_kwargs: T5X run-config arguments that have no meaning here
       (e.g. ``trainer_cls``, ``use_orbax``); logged and ignored.
   """
@@ -147,7 +151,7 @@ def train(
   batch_sh = {k: p.batch_sharding(len(s)) for k, s in input_shapes.items()}
   xla_options = compiler_options.step_compiler_options()
   step_fn = jax.jit(
-      make_train_step(model, tx, dropout_seed=seed + 1),
+      make_train_step(model, tx, dropout_seed=seed + 1, num_microbatches=num_microbatches),
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, None),
       donate_argnums=(0,),

@@ -23,18 +23,53 @@ class TrainState:
   opt_state: Any
 
 
-def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int) -> Callable:
-  """The pure update: (state, batch) → (state', metrics). Jitted by the caller."""
+def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
+                    num_microbatches: int | None = None) -> Callable:
+  """The pure update: (state, batch) → (state', metrics). Jitted by the caller.
+
+  ``g = ∇ model.loss_fn(params, batch)``; ``params' = params + tx(g)``.
+
+  num_microbatches: k > 1 splits the batch into k microbatches (example b goes to
+    microbatch b mod k, so each device's shard of a data-sharded batch splits locally),
+    runs them one after the other (``lax.scan``) and applies one update with the mean of
+    their gradients, ``g = (1/k) Σ_i ∇ loss(params, batch_i)``: the whole-batch gradient
+    when every microbatch holds the same number of real examples, with about 1/k of the
+    activation memory. Metrics are merged over the microbatches. As T5X's
+    ``Trainer.num_microbatches``; None or 1: the whole batch at once.
+  """
   base_rng = jax.random.PRNGKey(dropout_seed)
+  grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+  k = int(num_microbatches or 1)
+
+  def loss_grads(params, batch, rng):
+    if k <= 1:
+      (_, metrics), grads = grad_fn(params, batch, rng)
+      return dict(metrics), grads
+    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(rows) != 1 or next(iter(rows)) % k:
+      raise ValueError(f"batch of {sorted(rows)} rows does not split into {k} microbatches")
+    b = next(iter(rows))
+    split = jax.tree.map(lambda x: x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+    (_, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], split),
+                                  jax.random.fold_in(rng, 0))
+
+    def body(carry, xs):
+      acc_grads, acc_metrics = carry
+      i, micro = xs
+      (_, m), g = grad_fn(params, micro, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, acc_grads, g),
+              {name: acc_metrics[name].merge(m[name]) for name in acc_metrics}), None
+
+    (grads, metrics), _ = jax.lax.scan(
+        body, (grads, dict(metrics)),
+        (jnp.arange(1, k), jax.tree.map(lambda x: x[1:], split)))
+    return metrics, jax.tree.map(lambda g: g / k, grads)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
-    (_, metrics), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
-        state.params, batch, rng
-    )
+    metrics, grads = loss_grads(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics)
     metrics["grad_norm"] = _scalar_metric(optax.tree.norm(grads))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -80,7 +80,7 @@ def test_params_and_optimizer_state_shardings_from_logical_axes():
   assert ((256,), P("model")) in wi  # v_col: [mlp]
 
 
-def _run_step(partitioner, batch):
+def _run_step(partitioner, batch, num_microbatches=None):
   model = _model()
   tx = model.optimizer_def
   shapes = {k: v.shape for k, v in batch.items()}
@@ -97,7 +97,8 @@ def _run_step(partitioner, batch):
   batch_sh = {k: partitioner.batch_sharding(v.ndim) for k, v in batch.items()}
   with partitioner.activation_rules():
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    step = jax.jit(train.make_train_step(model, tx, dropout_seed=1),
+    step = jax.jit(train.make_train_step(model, tx, dropout_seed=1,
+                                         num_microbatches=num_microbatches),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
     sharded = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
@@ -116,3 +117,18 @@ def test_one_device_and_4x2_mesh_give_the_same_step():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
   # The step really changed the params (the comparison above is not vacuous).
   assert one_metrics["grad_norm"] > 0
+
+
+def test_microbatches_on_the_mesh_give_the_whole_batch_step():
+  """2 microbatches (accumulated gradients) on the (4, 2) mesh = one whole-batch step."""
+  batch = _batch(1)
+  one_state, one_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch)
+  mb_state, mb_metrics = _run_step(partitioning.Partitioner(num_partitions=2), batch,
+                                   num_microbatches=2)
+  np.testing.assert_allclose(one_metrics["loss"], mb_metrics["loss"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(one_metrics["grad_norm"], mb_metrics["grad_norm"], rtol=1e-4)
+  assert mb_metrics["num_examples"] == one_metrics["num_examples"] == B
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mb_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="microbatches"):
+    _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch, num_microbatches=3)

@@ -169,7 +169,8 @@ class _EosOnlyVocabulary:
 
 
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
-               reg_target: str = "reference", xla_default: bool = False):
+               reg_target: str = "reference", xla_default: bool = False,
+               num_microbatches: int | None = None):
   """(jitted train_step, init_state_fn) exactly as slic_jax.train builds them.
 
   Same model class, optimizer, update step (`slic_jax.update_step`) and compiler
@@ -189,7 +190,8 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
     return update_step.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
   options = None if xla_default else compiler_options.step_compiler_options()
-  step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=seed + 1),
+  step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=seed + 1,
+                                             num_microbatches=num_microbatches),
                  donate_argnums=(0,), compiler_options=options)
   return step, init_state
 
@@ -222,7 +224,8 @@ def worker_slic(args) -> dict:
   p = partitioning.Partitioner(devices=jax.devices()[:1])
   with p.activation_rules():
     step, init_state = build_step(cfg, shapes, args.seed, reg_target=args.reg_target,
-                                  xla_default=args.xla_default)
+                                  xla_default=args.xla_default,
+                                  num_microbatches=args.microbatches)
     state = jax.jit(init_state)(jax.random.PRNGKey(args.seed))
     del init_state  # as slic_jax.train: free the init executable before compiling the step
     gc.collect()
@@ -254,7 +257,7 @@ def worker_slic(args) -> dict:
   med = statistics.median(times)
   return {
       "framework": "slic_jax", "size": args.size, "dtype": args.dtype, "remat": args.remat,
-      "reg_target": args.reg_target, "decoded_rows": n_rows,
+      "reg_target": args.reg_target, "decoded_rows": n_rows, "microbatches": args.microbatches,
       "xla_options": "xla_default" if args.xla_default else "slic_jax",
       "tensorflow_loaded": "tensorflow" in sys.modules,
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
@@ -342,11 +345,12 @@ def _brief(r: dict) -> str:
 
 
 def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
-             reg_target="reference", xla_default=False) -> list[str]:
+             reg_target="reference", xla_default=False, microbatches=1) -> list[str]:
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
-         "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target]
+         "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target,
+         "--microbatches", str(microbatches)]
   return cmd + (["--xla_default"] if xla_default else [])
 
 
@@ -416,7 +420,7 @@ def orchestrate(args) -> dict:
       "machine": _machine(), "versions": _versions(args),
       "settings": {"batch_pairs": args.batch, "li": args.li, "lt": args.lt,
                    "steps": args.steps, "warmup": args.warmup, "peer_steps": args.peer_steps,
-                   "peer_warmup": args.peer_warmup, "seed": args.seed},
+                   "peer_warmup": args.peer_warmup, "seed": args.seed, "repeats": args.repeats},
       "matmul": {}, "comparison": [], "sweep": [], "levers": [],
       "t5x": {"status": "not run", "note": "--trainers not given"},
   }
@@ -435,19 +439,29 @@ def orchestrate(args) -> dict:
   # Side-by-side comparison at the main setting.
   # slic_jax twice: the paper's SLiC-HF-direct (3 decoded rows: y_ref = SFT summary) and
   # TRL CPO's exact loss (2 rows: NLL on y+), then the peer.
+  # With --repeats R the three processes run R times in turn (A B C A B C ...) and each
+  # framework's row is its run with the lowest median step time; all runs are kept in
+  # the JSON ("runs"). This VM's speed drifts over minutes, which a single run can catch.
   for size in sizes:
     row = {"size": size}
-    for key, reg_target in (("slic_jax", "reference"), ("slic_jax_2row", "chosen")):
-      row[key] = _run_json(slic_cmd(args, size, args.li, reg_target=reg_target), t)
+    runs = {"slic_jax": [], "slic_jax_2row": [], "trl": []}
+    for _ in range(max(args.repeats, 1)):
+      for key, reg_target in (("slic_jax", "reference"), ("slic_jax_2row", "chosen")):
+        runs[key].append(_run_json(slic_cmd(args, size, args.li, reg_target=reg_target), t))
+      pc = None if args.no_peer else peer_cmd(args, size, args.li)
+      peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
+      if "step_s_median" in peer:
+        pf = peer_flops(size, args.batch, args.li, args.lt)
+        peer["model_flops_per_step"] = pf["train_step"]
+        peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
+      runs["trl"].append(peer)
+    for key, rs in runs.items():
+      ok = [r for r in rs if "step_s_median" in r]
+      row[key] = dict(min(ok, key=lambda r: r["step_s_median"]) if ok else rs[0])
+      row[key]["runs"] = [{k: r.get(k) for k in ("step_s_median", "step_s_min", "peak_rss_mb",
+                                                 "error")} for r in rs]
       add_peak(row[key])
-    pc = None if args.no_peer else peer_cmd(args, size, args.li)
-    peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
-    if "step_s_median" in peer:
-      pf = peer_flops(size, args.batch, args.li, args.lt)
-      peer["model_flops_per_step"] = pf["train_step"]
-      peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
-      add_peak(peer)
-    row["trl"] = peer
+    peer = row["trl"]
     for key in SLIC_ROWS:
       if "pairs_per_s" in row[key] and "pairs_per_s" in peer:
         row[key]["speedup_pairs_per_s"] = row[key]["pairs_per_s"] / peer["pairs_per_s"]
@@ -475,14 +489,16 @@ def orchestrate(args) -> dict:
 
   # Levers: dtype x remat (and batch) on the lever size.
   if args.levers:
-    combos = [("float32", "none", False), ("float32", "none", True), ("bfloat16", "none", False),
-              ("float32", "full", False), ("float32", "minimal", False)]
-    for dtype, remat, xla_default in combos:
-      if (dtype, remat, xla_default) == ("float32", "none", False) and args.lever_size in sizes:
+    combos = [("float32", "none", False, 1), ("float32", "none", True, 1),
+              ("float32", "full", False, 1)]
+    combos += [("bfloat16", "none", False, 1), ("float32", "minimal", False, 1)] * args.all_levers
+    combos += [("float32", "none", False, int(m)) for m in args.lever_microbatches.split(",") if m]
+    for dtype, remat, xla_default, micro in combos:
+      if (dtype, remat, xla_default, micro) == ("float32", "none", False, 1) and args.lever_size in sizes:
         r = next(c["slic_jax"] for c in res["comparison"] if c["size"] == args.lever_size)
       else:
         r = _run_json(slic_cmd(args, args.lever_size, args.li, dtype, remat,
-                               xla_default=xla_default), t)
+                               xla_default=xla_default, microbatches=micro), t)
       add_peak(r)
       res["levers"].append(r)
       _write(args, res)
@@ -533,7 +549,8 @@ def to_markdown(res: dict) -> str:
       f"- versions: {json.dumps(res['versions'])}",
       f"- setting: {s['batch_pairs']} pairs/step, prompt Li={s['li']}, target Lt={s['lt']}, "
       f"median of {s['steps']} steps after {s['warmup']} warm-up steps (TRL: {s.get('peer_steps')} "
-      f"after {s.get('peer_warmup')}), float32 unless noted",
+      f"after {s.get('peer_warmup')}), float32 unless noted; side by side: the fastest of "
+      f"{s.get('repeats', 1)} process run(s) per framework, run in turn (all in results.json)",
       f"- t5x: {res['t5x']['status']} ({res['t5x']['note']})", "",
       "## Matmul peak (same run, square N×N)", "",
       "| library | dtype | GFLOP/s (best) | GFLOP/s (median) |", "|---|---|---|---|",
@@ -590,16 +607,17 @@ def to_markdown(res: dict) -> str:
                      f"{fl / r['step_s_median'] / 1e9:.1f} | {r['peak_rss_mb']:.0f} |")
   if res["levers"]:
     lines += ["", "## Levers (slic_jax)", "",
-              "| model | dtype | remat | XLA options | pairs | s/step (median) | s/step (best) | "
+              "| model | dtype | remat | XLA options | pairs | microbatches | s/step (median) | s/step (best) | "
               "pairs/s (median) | model GFLOP/s (median) | XLA GFLOP/step | XLA temp MB | "
               "peak RSS MB | compile s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["levers"]:
       if "error" in r:
-        lines.append(f"| | | | | | error: {r['error']} | | | | | | | |")
+        lines.append(f"| | | | | | | error: {r['error']} | | | | | | | |")
         continue
       lines.append(f"| {r['size']} | {r['dtype']} | {r['remat']} | "
                    f"{r.get('xla_options', 'xla_default')} | {r['batch_pairs']} | "
+                   f"{r.get('microbatches', 1)} | "
                    f"{r['step_s_median']:.2f} | {r['step_s_min']:.2f} | {r['pairs_per_s']:.3f} | "
                    f"{r['achieved_model_flops_per_s'] / 1e9:.1f} | "
                    f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
@@ -643,19 +661,25 @@ def parse_args(argv=None):
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"],
                   help="SlicHFModel.reg_target: 'reference' decodes 3 rows (paper: y_ref = SFT "
                        "summary), 'chosen' 2 rows (y_ref = y+, TRL CPO's NLL term)")
+  ap.add_argument("--microbatches", type=int, default=1,
+                  help="update_step num_microbatches (gradient accumulation)")
   ap.add_argument("--xla_default", action="store_true",
                   help="compile without slic_jax.compiler_options (XLA's defaults)")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--peer_steps", type=int, default=3, help="timed TRL steps (they are slow)")
+  ap.add_argument("--repeats", type=int, default=1,
+                  help="side-by-side processes per framework, run in turn; the fastest is shown")
   ap.add_argument("--peer_warmup", type=int, default=1)
   ap.add_argument("--sweep", default="128,256,512,1024", help="input lengths ('' = none)")
   ap.add_argument("--sweep_size", default="mini")
   ap.add_argument("--sweep_peer", action="store_true", help="also sweep the TRL peer")
   ap.add_argument("--levers", action="store_true", help="dtype/remat/batch variants")
   ap.add_argument("--lever_size", default="mini")
+  ap.add_argument("--all_levers", action="store_true", help="also bfloat16 and remat 'minimal'")
   ap.add_argument("--lever_batches", default="8", help="extra batch sizes for the levers")
+  ap.add_argument("--lever_microbatches", default="2,4", help="microbatch counts for the levers")
   ap.add_argument("--matmul_n", type=int, default=2048)
   ap.add_argument("--matmul_reps", type=int, default=10)
   ap.add_argument("--peer_env", default=DEFAULT_PEER_ENV)
