@@ -1,0 +1,205 @@
+r"""Where the SLiC-HF training step spends its time: a per-op profile mapped to the model.
+
+Run (one real CPU device; a few minutes for T5 1.1 small)::
+
+  .venv/bin/python tools/profile_step.py --size small --reg_target chosen --top 30
+
+It builds the same step as ``tools/benchmark.py`` (slic_jax's update step, compiler
+options, Adafactor + clipping), runs ``--warmup`` steps, then traces one step with
+``jax.profiler`` and joins every executed XLA op of the trace with the optimized HLO:
+
+* its matmul FLOPs (every ``dot`` in the op's fused computation: 2 · output size ·
+  contracted size), hence the op's achieved GFLOP/s;
+* its JAX source name (``op_name`` metadata, e.g.
+  ``transpose(jvp(Transformer.encode))/encoder/layers_3/mlp/...``), with layer numbers
+  folded so the 8 layers of one kind add up.
+
+It prints the top ``--top`` groups by time and a coarse split (encoder / decoder,
+forward / backward, attention projections / attention core / MLP, logits + loss,
+optimizer). Op times are as the trace reports them: XLA:CPU runs independent ops
+concurrently, so per-op times of overlapping ops include contention and their sum
+exceeds the step's wall time (both are printed).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (tools/, beside this file)
+
+
+# ----------------------------------------------------------------------------- HLO
+def parse_hlo(text: str):
+  """(computations: name -> lines, instructions: name -> (computation, line), shapes)."""
+  comps, insts, shapes, cur = {}, {}, {}, None
+  for line in text.split("\n"):
+    m = re.match(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .* \{$", line)
+    if m:
+      cur = m.group(1)
+      comps[cur] = []
+      for pm in re.finditer(r"(\S+): ([a-z0-9]+\[[0-9,]*\])", m.group(2)):
+        shapes[(cur, pm.group(1))] = pm.group(2)
+      continue
+    if cur and line.strip() == "}":
+      cur = None
+      continue
+    if cur:
+      comps[cur].append(line)
+      m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ", line)
+      if m:
+        insts[m.group(1)] = (cur, line)
+        shapes[(cur, m.group(1))] = m.group(2)
+  return comps, insts, shapes
+
+
+def _dims(shape: str) -> list[int]:
+  m = re.search(r"\[([0-9,]*)\]", shape)
+  return [int(x) for x in m.group(1).split(",") if x] if m else []
+
+
+def dot_flops(comp: str, line: str, shapes) -> int:
+  """2 · prod(output dims) · prod(lhs contracting dims) of one HLO ``dot`` line."""
+  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) dot\(%([^,\s)]+)", line)
+  if not m:
+    return 0
+  out, lhs = _dims(m.group(1)), _dims(shapes.get((comp, m.group(2)), ""))
+  contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
+  k = 1
+  for i in (contracting.group(1).split(",") if contracting else []):
+    if i and lhs:
+      k *= lhs[int(i)]
+  n = 1
+  for d in out:
+    n *= d
+  return 2 * n * k
+
+
+def op_flops(name: str, comps, insts, shapes) -> int:
+  comp, line = insts[name]
+  if " dot(" in line:
+    return dot_flops(comp, line, shapes)
+  called = re.search(r"calls=%([\w.\-]+)", line)
+  if not called:
+    return 0
+  return sum(dot_flops(called.group(1), l, shapes) for l in comps.get(called.group(1), [])
+             if " dot(" in l)
+
+
+def op_source(name: str, insts) -> str:
+  m = re.search(r'op_name="([^"]*)"', insts[name][1])
+  return m.group(1) if m else "(no source: optimizer / runtime)"
+
+
+# ----------------------------------------------------------------------------- grouping
+def fold(source: str) -> str:
+  return re.sub(r"layers_\d+", "L", source.replace("jit(train_step)/", ""))
+
+
+def coarse(source: str) -> str:
+  if any(s in source for s in ("log_softmax", "logits_dense", "take_along_axis",
+                               "token_embedder", "_target_log_softmax", "logsumexp")):
+    return "logits / loss / embeddings"
+  for part, tag in (("Transformer.encode", "encoder"), ("Transformer.decode", "decoder")):
+    if part in source:
+      direction = "backward" if "transpose(" in source else "forward"
+      if re.search(r"bhqk|bqhd|softmax|reduce_max|/div|/exp", source):
+        kind = "attention core"
+      elif "/mlp/" in source:
+        kind = "MLP"
+      elif "attention" in source:
+        kind = "attention projections"
+      else:
+        kind = "other"
+      return f"{tag} {direction} {kind}"
+  return "optimizer / other"
+
+
+def summarize(trace_events, comps, insts, shapes, top: int) -> str:
+  rows = [(e["dur"] / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts))
+          for e in trace_events if e.get("ph") == "X" and e.get("name") in insts]
+  if not rows:
+    return "no XLA ops found in the trace"
+  total_ms = sum(r[0] for r in rows)
+  total_fl = sum(r[1] for r in rows)
+  dot_ms = sum(r[0] for r in rows if r[1])
+  out = [f"ops: {len(rows)}, summed op time {total_ms:.0f} ms, matmul GFLOP {total_fl / 1e9:.1f}, "
+         f"matmul ops {dot_ms:.0f} ms ({total_fl / 1e6 / max(dot_ms, 1e-9):.0f} GFLOP/s), "
+         f"other ops {total_ms - dot_ms:.0f} ms", "", "top groups (layers folded):",
+         "     ms  ops   GFLOP/s  source"]
+  groups = collections.defaultdict(lambda: [0.0, 0, 0])
+  for ms, fl, src in rows:
+    g = groups[("DOT " if fl else "    ") + fold(src)]
+    g[0] += ms
+    g[1] += fl
+    g[2] += 1
+  for k, (ms, fl, n) in sorted(groups.items(), key=lambda x: -x[1][0])[:top]:
+    rate = f"{fl / 1e6 / ms:7.0f}" if fl else "       "
+    out.append(f"{ms:7.1f} {n:4d} {rate}   {k[:140]}")
+  out += ["", "coarse split:", "     ms    GFLOP  part"]
+  parts = collections.defaultdict(lambda: [0.0, 0])
+  for ms, fl, src in rows:
+    parts[coarse(src)][0] += ms
+    parts[coarse(src)][1] += fl
+  for k, (ms, fl) in sorted(parts.items(), key=lambda x: -x[1][0]):
+    out.append(f"{ms:7.1f} {fl / 1e9:8.1f}  {k}")
+  return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--size", default="small", choices=sorted(benchmark.SIZES))
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--li", type=int, default=512)
+  ap.add_argument("--lt", type=int, default=64)
+  ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"])
+  ap.add_argument("--xla_default", action="store_true")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--top", type=int, default=30)
+  ap.add_argument("--trace_dir", default=None, help="keep the trace here (default: a temp dir)")
+  args = ap.parse_args(argv)
+
+  import jax
+  cfg = benchmark.make_config(args.size)
+  np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
+  shapes = {k: v.shape for k, v in np_batch.items()}
+  step, init_state = benchmark.build_step(cfg, shapes, reg_target=args.reg_target,
+                                          xla_default=args.xla_default)
+  state = jax.jit(init_state)(jax.random.PRNGKey(0))
+  batch = jax.device_put(np_batch)
+  compiled = step.lower(state, batch).compile()
+  for _ in range(args.warmup):
+    state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="slic_jax_profile_")
+  jax.profiler.start_trace(trace_dir)
+  t0 = time.perf_counter()
+  state, _ = compiled(state, batch)
+  jax.block_until_ready(state)
+  wall = time.perf_counter() - t0
+  jax.profiler.stop_trace()
+  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+  if not files:
+    print(f"no trace written under {trace_dir}", file=sys.stderr)
+    return 1
+  events = json.load(gzip.open(files[-1]))["traceEvents"]
+  comps, insts, hlo_shapes = parse_hlo(compiled.as_text())
+  print(f"{args.size}, {args.batch} pairs, Li {args.li}, Lt {args.lt}, reg_target "
+        f"{args.reg_target}, {'XLA defaults' if args.xla_default else 'slic_jax compiler options'}: "
+        f"profiled step {wall:.2f} s wall; model GFLOP/step "
+        f"{benchmark.config_flops(cfg, args.batch, args.li, args.lt, n_targets=2 if args.reg_target == 'chosen' else 3)['train_step'] / 1e9:.0f}")
+  print(summarize(events, comps, insts, hlo_shapes, args.top))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
