@@ -23,6 +23,7 @@ from absl import logging
 
 from slic_jax import checkpointing
 from slic_jax import compiler_options
+from slic_jax import host_memory
 from slic_jax import input_pipeline
 from slic_jax import metric_logging
 from slic_jax import partitioning
@@ -129,6 +130,7 @@ def train(
   with p.activation_rules():
     state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
   del init_state  # frees its compiled executable before the update step is compiled
+  host_memory.trim()
 
   ckpt = checkpointing.Checkpointer(model_dir, checkpoint_cfg.save)
   latest = ckpt.latest_step()
@@ -159,6 +161,14 @@ def train(
   )
   eval_fn = jax.jit(model.eval_fn, in_shardings=(params_sh, batch_sh),
                     compiler_options=xla_options)
+  if start_step < total_steps:
+    # Compiled ahead of the loop, so that the memory the compiler frees can go back to
+    # the OS (host_memory.trim) before the first step allocates its buffers.
+    abstract_batch = {k: jax.ShapeDtypeStruct(s, input_types[k], sharding=batch_sh[k])
+                      for k, s in input_shapes.items()}
+    with p.activation_rules():
+      step_fn = step_fn.lower(state, abstract_batch).compile()
+    host_memory.trim()
 
   def evaluate(step: int) -> dict[str, float] | None:
     if train_eval_dataset_cfg is None:

@@ -113,6 +113,8 @@ def test_markdown_report_has_all_rows():
                                                           speedup_best=1.5),
                          "slic_jax_2row": run(3.0, 4e11, speedup_pairs_per_s=2.0,
                                               speedup_best=2.0),
+                         "slic_jax_2row_mb4": run(3.1, 4e11, speedup_pairs_per_s=1.9,
+                                                  speedup_best=1.9),
                          "trl": run(6.0, 7.5e11)}],
          "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
   md = benchmark.to_markdown(res)

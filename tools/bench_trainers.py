@@ -33,8 +33,8 @@ reference rows, in both trainers):
   (``split == "train"``; also TensorBoard). Its window is host wall-clock
   (``time.perf_counter``) from one report to the next; each report first blocks on the
   window's metrics, so the window covers the device work, the host's batch fetches, and
-  the previous report's own logging. Its first window also holds the jit compile of the
-  train step (compiled on first call).
+  the previous report's own logging. The train step is compiled ahead of the loop (since
+  session 2); its first window still holds the first batches and the warm-up.
 * t5x.train writes one value per window to TensorBoard event files in ``MODEL_DIR/train``
   (clu's asynchronous SummaryWriter). Its duration is ``_AsyncTimer``: from "the train
   state that the window starts from is ready" to "the window's metrics are ready",

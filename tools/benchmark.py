@@ -82,9 +82,13 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
 T5X_ENV = "/tmp/t5x_env"
-SLIC_ROWS = ("slic_jax", "slic_jax_2row")
+SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4")
+# side-by-side rows: key -> (reg_target, num_microbatches)
+SLIC_CONFIGS = {"slic_jax": ("reference", 1), "slic_jax_2row": ("chosen", 1),
+                "slic_jax_2row_mb4": ("chosen", 4)}
 LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row": "slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL)",
+          "slic_jax_2row_mb4": "slic_jax (2 rows, 4 microbatches)",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺)"}
 VOCAB = 32128
 
@@ -215,7 +219,7 @@ def _peak_rss_mb() -> float:
 def worker_slic(args) -> dict:
   import jax
   import numpy as np
-  from slic_jax import partitioning  # (no SeqIO/TF in this process: see build_step)
+  from slic_jax import host_memory, partitioning  # (no SeqIO/TF here: see build_step)
 
   rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat)
@@ -229,10 +233,12 @@ def worker_slic(args) -> dict:
     state = jax.jit(init_state)(jax.random.PRNGKey(args.seed))
     del init_state  # as slic_jax.train: free the init executable before compiling the step
     gc.collect()
+    host_memory.trim()
     batch = jax.device_put(np_batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    host_memory.trim()  # as slic_jax.train
     xla_flops = xla_cost_flops(compiled)
     mem = {}
     try:
@@ -444,10 +450,13 @@ def orchestrate(args) -> dict:
   # the JSON ("runs"). This VM's speed drifts over minutes, which a single run can catch.
   for size in sizes:
     row = {"size": size}
-    runs = {"slic_jax": [], "slic_jax_2row": [], "trl": []}
+    keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
+    runs = {**{k: [] for k in keys}, "trl": []}
     for _ in range(max(args.repeats, 1)):
-      for key, reg_target in (("slic_jax", "reference"), ("slic_jax_2row", "chosen")):
-        runs[key].append(_run_json(slic_cmd(args, size, args.li, reg_target=reg_target), t))
+      for key in keys:
+        reg_target, micro = SLIC_CONFIGS[key]
+        runs[key].append(_run_json(slic_cmd(args, size, args.li, reg_target=reg_target,
+                                            microbatches=micro), t))
       pc = None if args.no_peer else peer_cmd(args, size, args.li)
       peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
       if "step_s_median" in peer:
@@ -462,7 +471,7 @@ def orchestrate(args) -> dict:
                                                  "error")} for r in rs]
       add_peak(row[key])
     peer = row["trl"]
-    for key in SLIC_ROWS:
+    for key in keys:
       if "pairs_per_s" in row[key] and "pairs_per_s" in peer:
         row[key]["speedup_pairs_per_s"] = row[key]["pairs_per_s"] / peer["pairs_per_s"]
         row[key]["speedup_best"] = peer["step_s_min"] / row[key]["step_s_min"]
@@ -472,7 +481,7 @@ def orchestrate(args) -> dict:
   # Input-length sweep.
   for li in [int(x) for x in args.sweep.split(",") if x]:
     size = args.sweep_size
-    ours = next((c["slic_jax"] for c in res["comparison"]
+    ours = next((c.get("slic_jax") for c in res["comparison"]
                  if c["size"] == size and li == args.li), None) or _run_json(
                      slic_cmd(args, size, li), t)
     add_peak(ours)
@@ -494,9 +503,9 @@ def orchestrate(args) -> dict:
     combos += [("bfloat16", "none", False, 1), ("float32", "minimal", False, 1)] * args.all_levers
     combos += [("float32", "none", False, int(m)) for m in args.lever_microbatches.split(",") if m]
     for dtype, remat, xla_default, micro in combos:
-      if (dtype, remat, xla_default, micro) == ("float32", "none", False, 1) and args.lever_size in sizes:
-        r = next(c["slic_jax"] for c in res["comparison"] if c["size"] == args.lever_size)
-      else:
+      r = next((c.get("slic_jax") for c in res["comparison"] if c["size"] == args.lever_size),
+               None) if (dtype, remat, xla_default, micro) == ("float32", "none", False, 1) else None
+      if r is None:
         r = _run_json(slic_cmd(args, args.lever_size, args.li, dtype, remat,
                                xla_default=xla_default, microbatches=micro), t)
       add_peak(r)
@@ -669,6 +678,8 @@ def parse_args(argv=None):
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--peer_steps", type=int, default=3, help="timed TRL steps (they are slow)")
+  ap.add_argument("--rows", default=",".join(SLIC_ROWS),
+                  help="slic_jax rows of the side-by-side (" + ", ".join(SLIC_ROWS) + ")")
   ap.add_argument("--repeats", type=int, default=1,
                   help="side-by-side processes per framework, run in turn; the fastest is shown")
   ap.add_argument("--peer_warmup", type=int, default=1)
