@@ -36,6 +36,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402  (tools/, beside this file)
 
+sys.path.insert(0, benchmark.REPO)  # slic_jax from this checkout, installed or not
+
 
 # ----------------------------------------------------------------------------- HLO
 def parse_hlo(text: str):
