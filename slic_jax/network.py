@@ -41,6 +41,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from slic_jax import matmul
+
 param_with_axes = nn_partitioning.param_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
 
@@ -62,7 +64,12 @@ class T5Config:
   Attributes:
     vocab_size: V, rows of the token embedding and columns of the logits.
     dtype: activation/computation dtype (`jnp.dtype` or a string such as 'bfloat16').
+      Matmuls round their operands to it and accumulate in float32, backward pass
+      included (`slic_jax.matmul`).
     weight_dtype: dtype the parameters are created and stored in.
+    logits_dtype: compute dtype of the vocabulary projection (the logits themselves are
+      always float32, and so is the log-softmax). 'float32' as T5X; 'bfloat16' rounds
+      the final decoder state and the logits kernel, accumulating in float32.
     emb_dim: D. num_heads: H. head_dim: K. mlp_dim: F.
     num_encoder_layers / num_decoder_layers: stack depths.
     mlp_activations: one activation per `wi_{i}` branch, multiplied together;
@@ -80,6 +87,7 @@ class T5Config:
   vocab_size: int = 32128
   dtype: Any = jnp.float32
   weight_dtype: Any = jnp.float32
+  logits_dtype: Any = jnp.float32
   emb_dim: int = 512
   num_heads: int = 6
   num_encoder_layers: int = 8
@@ -97,6 +105,7 @@ class T5Config:
   def __post_init__(self):
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
     object.__setattr__(self, 'weight_dtype', jnp.dtype(self.weight_dtype))
+    object.__setattr__(self, 'logits_dtype', jnp.dtype(self.logits_dtype))
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(
@@ -188,7 +197,8 @@ def make_decoder_mask(decoder_target_tokens, dtype, decoder_segment_ids=None):
 class Dense(nn.Module):
   """Bias-free projection y = x @ W, W [in, features] stored in `weight_dtype`.
 
-  Computed in `dtype`; x [..., in] -> y [..., features].
+  Computed in `dtype` with float32 accumulation (`matmul.dense`); x [..., in] ->
+  y [..., features] in `out_dtype` (default `dtype`).
   """
 
   features: int
@@ -196,13 +206,14 @@ class Dense(nn.Module):
   dtype: Any = jnp.float32
   weight_dtype: Any = jnp.float32
   kernel_init: Any = _dense_init
+  out_dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     kernel = param_with_axes('kernel', self.kernel_init,
                              (x.shape[-1], self.features), self.weight_dtype,
                              axes=self.kernel_axes)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    return matmul.dense(x, kernel, dtype=self.dtype, out_dtype=self.out_dtype)
 
 
 class Kernel(nn.Module):
@@ -230,10 +241,15 @@ def fused_projection(x, kernels, dtype):
   ``y[..., i, :] = x @ W_i`` with ``W = stack_i W_i`` [D, n, F]: one larger GEMM
   instead of n (and, in the backward pass, one ``dx = dy W^T`` instead of n plus their
   sum). Stacking on a new axis, not concatenating along F, keeps every W_i's sharding
-  along F, so no resharding is needed under model parallelism.
+  along F, so no resharding is needed under model parallelism. Computed in `dtype` with
+  float32 accumulation (`matmul.einsum`).
   """
   w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
-  y = jnp.einsum('...d,dnf->...nf', x.astype(dtype), w)
+  if jnp.dtype(dtype) == jnp.float32:
+    y = jnp.einsum('...d,dnf->...nf', x.astype(dtype), w)
+  else:
+    y = matmul.einsum('md,dnf->mnf', x.reshape((-1, x.shape[-1])), w, dtype=dtype)
+    y = y.reshape(x.shape[:-1] + y.shape[1:])
   return [y[..., i, :] for i in range(len(kernels))]
 
 
@@ -405,16 +421,17 @@ class MultiHeadDotProductAttention(nn.Module):
         attention_bias = _group_queries(
             jnp.broadcast_to(attention_bias, (rows,) + attention_bias.shape[1:]), groups)
 
-    if self.float32_logits:
-      query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)
+    # float32 logits: the float32 accumulator of the q·k matmul is kept (T5X casts q and
+    # k to float32; they hold `dtype` values, so the products are the same).
+    logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
+                           out_dtype=jnp.float32 if self.float32_logits else self.dtype)
     if attention_bias is not None:
       logits = logits + attention_bias.astype(logits.dtype)
     weights = jax.nn.softmax(logits).astype(self.dtype)
     # Dropout on attention weights, shared across query positions (as T5X).
     weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         weights, deterministic=deterministic)
-    x = jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+    x = matmul.einsum('bhqk,bkhd->bqhd', weights, value, dtype=self.dtype)
     x = x.reshape((rows, q_len, heads * depth))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), self.dtype,
                  self.weight_dtype, _attention_init, name='out')(x)
@@ -575,10 +592,10 @@ class Decoder(nn.Module):
     y = _norm(cfg, 'decoder_norm')(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(y) / jnp.sqrt(y.shape[-1])
+      logits = self.shared_embedding.attend(y, cfg.logits_dtype) / jnp.sqrt(y.shape[-1])
     else:
-      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), jnp.float32,
-                     cfg.weight_dtype, name='logits_dense')(y)
+      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.logits_dtype,
+                     cfg.weight_dtype, name='logits_dense', out_dtype=jnp.float32)(y)
     return with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
 
 
@@ -586,7 +603,8 @@ class Embed(nn.Module):
   """Token embedding table E [V, D] ('vocab', 'embed'), init N(0, 1).
 
   `__call__`: tokens [...] -> E[tokens] [..., D] in `dtype`;
-  `attend`: y [..., D] -> y @ E^T [..., V] in float32.
+  `attend`: y [..., D] -> y @ E^T [..., V] in float32 (computed in `compute_dtype`,
+  default float32, accumulated in float32).
   """
 
   num_embeddings: int
@@ -602,8 +620,13 @@ class Embed(nn.Module):
   def __call__(self, tokens):
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
-  def attend(self, query):
-    return jnp.dot(query.astype(jnp.float32), self.embedding.astype(jnp.float32).T)
+  def attend(self, query, compute_dtype=jnp.float32):
+    if jnp.dtype(compute_dtype) == jnp.float32:
+      return jnp.dot(query.astype(jnp.float32), self.embedding.astype(jnp.float32).T)
+    lead = query.shape[:-1]
+    y = matmul.einsum('nd,vd->nv', query.reshape((-1, query.shape[-1])), self.embedding,
+                      dtype=compute_dtype, out_dtype=jnp.float32)
+    return y.reshape(lead + (self.num_embeddings,))
 
 
 class Transformer(nn.Module):

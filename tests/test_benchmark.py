@@ -108,16 +108,26 @@ def test_markdown_report_has_all_rows():
                              "peak_rss_mb": 1000.0, "compile_s": 1.0, **kw}
   res = {"command": "x", "date": "d", "machine": {}, "versions": {},
          "settings": {"batch_pairs": 4, "li": 512, "lt": 64, "steps": 5, "warmup": 2},
-         "matmul": {"jax_numpy": {"jax_float32_flops_per_s": 3e11}},
+         "matmul": {"jax_numpy": {"jax_float32_flops_per_s": 3e11,
+                                  "jax_bf16f32acc_flops_per_s": 1.2e12}},
          "comparison": [{"size": "small", "slic_jax": run(4.0, 5e11, speedup_pairs_per_s=1.5,
                                                           speedup_best=1.5),
                          "slic_jax_2row": run(3.0, 4e11, speedup_pairs_per_s=2.0,
                                               speedup_best=2.0),
                          "slic_jax_2row_mb4": run(3.1, 4e11, speedup_pairs_per_s=1.9,
                                                   speedup_best=1.9),
-                         "trl": run(6.0, 7.5e11)}],
+                         "slic_jax_bf16": run(2.2, 5e11, dtype="bfloat16",
+                                              fraction_of_jax_bf16_matmul_peak=0.2),
+                         "slic_jax_2row_bf16": run(2.0, 4e11, dtype="bfloat16",
+                                                   speedup_pairs_per_s=3.0, speedup_best=3.0,
+                                                   speedup_vs_trl_bf16=1.25),
+                         "slic_jax_2row_bf16_mb4": run(2.1, 4e11, dtype="bfloat16"),
+                         "trl": run(6.0, 7.5e11),
+                         "trl_bf16": run(2.5, 7.5e11)}],
          "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
   md = benchmark.to_markdown(res)
   for label in benchmark.LABELS.values():
     assert label in md
   assert "2.00× / 2.00×" in md and "1.50× / 1.50×" in md
+  assert "3.00× / 3.00×" in md and "| 17% / 19% | jax bf16→f32 |" in md
+  assert "against TRL with bf16 autocast: slic_jax bf16 (2 rows, as TRL) 1.25×" in md

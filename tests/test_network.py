@@ -331,3 +331,37 @@ def test_mlp_block_is_gated_gelu_of_its_two_kernels():
   expected = (jax.nn.gelu(x @ p['wi_0']['kernel']) * (x @ p['wi_1']['kernel'])) @ p['wo']['kernel']
   np.testing.assert_allclose(np.asarray(block.apply(variables, x)), np.asarray(expected),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('logits_dtype', ['float32', 'bfloat16'])
+def test_bfloat16_gradients_close_to_float32(tiny, logits_dtype):
+  """bf16 matmuls with f32 accumulation (slic_jax.matmul): loss and gradients near f32."""
+  model, variables = tiny
+  params = variables['params']
+  bf_model = network.Transformer(dataclasses.replace(
+      model.config, dtype='bfloat16', logits_dtype=logits_dtype))
+  value, grads = _loss_and_grad(model, params)
+  value_b, grads_b = _loss_and_grad(bf_model, params)
+  assert abs(float(value_b) - float(value)) < 0.02 * abs(float(value))
+  flat, flat_b = jax.tree.leaves(grads), jax.tree.leaves(grads_b)
+  assert all(g.dtype == jnp.float32 for g in flat_b)
+  for g, gb in zip(flat, flat_b):
+    rel = np.linalg.norm(np.asarray(gb) - np.asarray(g)) / (np.linalg.norm(np.asarray(g)) + 1e-12)
+    assert rel < 0.08, rel
+    assert np.sum(np.asarray(g) * np.asarray(gb)) > 0.99 * (
+        np.linalg.norm(np.asarray(g)) * np.linalg.norm(np.asarray(gb))) - 1e-12
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU lowering check')
+def test_bfloat16_training_step_has_only_bfloat16_dots(tiny):
+  """With dtype = logits_dtype = bf16, every dot of forward + backward is bf16 × bf16."""
+  import re
+  model, variables = tiny
+  bf_model = network.Transformer(dataclasses.replace(
+      model.config, dtype='bfloat16', logits_dtype='bfloat16'))
+  hlo = _loss_and_grad.lower(bf_model, variables['params']).compile().as_text()
+  types = dict(re.findall(r'^\s*(?:ROOT )?(%\S+) = (\w+)\[', hlo, re.M))
+  dots = re.findall(r' dot\(([^)]*)\)', hlo)
+  assert len(dots) >= 3 * 6
+  bad = [d for d in dots if [types.get(o.strip()) for o in d.split(',')] != ['bf16', 'bf16']]
+  assert not bad, bad[:3]

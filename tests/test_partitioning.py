@@ -52,8 +52,8 @@ def test_standard_rules_follow_t5x():
   assert dict(partitioning.standard_logical_axis_rules(parameter_partitioning_dims=2))["embed"] == "data"
 
 
-def _model():
-  return models.SlicHFModel(network.Transformer(CFG), VOCAB, VOCAB,
+def _model(cfg=CFG):
+  return models.SlicHFModel(network.Transformer(cfg), VOCAB, VOCAB,
                             optimizers.create_optimizer(learning_rate=1e-2), reg_weight=0.1)
 
 
@@ -80,8 +80,8 @@ def test_params_and_optimizer_state_shardings_from_logical_axes():
   assert ((256,), P("model")) in wi  # v_col: [mlp]
 
 
-def _run_step(partitioner, batch, num_microbatches=None):
-  model = _model()
+def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG):
+  model = _model(cfg)
   tx = model.optimizer_def
   shapes = {k: v.shape for k, v in batch.items()}
   abstract = jax.eval_shape(lambda r: model.get_initial_variables(r, shapes), jax.random.PRNGKey(0))
@@ -132,3 +132,26 @@ def test_microbatches_on_the_mesh_give_the_whole_batch_step():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="microbatches"):
     _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch, num_microbatches=3)
+
+
+def test_bfloat16_step_on_the_mesh_matches_one_device():
+  """bf16 matmuls (slic_jax.matmul, with its CPU layout transposes) under the (4, 2) mesh."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, dtype="bfloat16", logits_dtype="bfloat16")
+  batch = _batch(2)
+  one_state, one_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch,
+                                     cfg=cfg)
+  mesh_state, mesh_metrics = _run_step(partitioning.Partitioner(num_partitions=2), batch, cfg=cfg)
+  f32_state, f32_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch)
+  np.testing.assert_allclose(one_metrics["loss"], mesh_metrics["loss"], rtol=1e-3)
+  np.testing.assert_allclose(one_metrics["loss"], f32_metrics["loss"], rtol=2e-2)
+  np.testing.assert_allclose(one_metrics["grad_norm"], mesh_metrics["grad_norm"], rtol=1e-2)
+  # Adafactor's first step moves each parameter by about ±lr (the sign of its gradient);
+  # bf16 sums taken in a different order on the mesh can flip the sign of a gradient
+  # element that is ~0, so a few parameters may differ by 2·lr. Everything else matches.
+  diff = total = 0
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
+    assert a.dtype == b.dtype == jnp.float32
+    diff += int(np.sum(~np.isclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-3)))
+    total += a.size
+  assert diff <= 0.01 * total, (diff, total)

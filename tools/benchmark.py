@@ -82,14 +82,26 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
 T5X_ENV = "/tmp/t5x_env"
-SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4")
-# side-by-side rows: key -> (reg_target, num_microbatches)
-SLIC_CONFIGS = {"slic_jax": ("reference", 1), "slic_jax_2row": ("chosen", 1),
-                "slic_jax_2row_mb4": ("chosen", 4)}
+SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
+             "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4")
+DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
+                "slic_jax_2row_bf16_mb4")
+# side-by-side rows: key -> (reg_target, num_microbatches, dtype); bfloat16 rows compute
+# every matmul (vocabulary projection included) in bf16 with float32 accumulation.
+SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32"),
+                "slic_jax_2row": ("chosen", 1, "float32"),
+                "slic_jax_2row_mb4": ("chosen", 4, "float32"),
+                "slic_jax_bf16": ("reference", 1, "bfloat16"),
+                "slic_jax_2row_bf16": ("chosen", 1, "bfloat16"),
+                "slic_jax_2row_bf16_mb4": ("chosen", 4, "bfloat16")}
 LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row": "slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL)",
           "slic_jax_2row_mb4": "slic_jax (2 rows, 4 microbatches)",
-          "trl": "TRL CPOTrainer (hinge + NLL on y⁺)"}
+          "slic_jax_bf16": "slic_jax bf16 (3 rows)",
+          "slic_jax_2row_bf16": "slic_jax bf16 (2 rows, as TRL)",
+          "slic_jax_2row_bf16_mb4": "slic_jax bf16 (2 rows, 4 microbatches)",
+          "trl": "TRL CPOTrainer (hinge + NLL on y⁺)",
+          "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)"}
 VOCAB = 32128
 
 # name -> (emb_dim, num_heads, head_dim, layers (enc = dec), mlp_dim, vocab)
@@ -150,9 +162,11 @@ def config_flops(cfg, batch: int, li: int, lt: int, n_targets: int = 3, **kw) ->
 
 
 # ----------------------------------------------------------------------------- slic_jax side
-def make_config(size: str, dtype: str = "float32", remat: str = "none"):
+def make_config(size: str, dtype: str = "float32", remat: str = "none",
+                logits_dtype: str = "float32"):
   from slic_jax import network
-  return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat)
+  return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat,
+                          logits_dtype=logits_dtype)
 
 
 def random_pair_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, n: int = 3):
@@ -222,7 +236,7 @@ def worker_slic(args) -> dict:
   from slic_jax import host_memory, partitioning  # (no SeqIO/TF here: see build_step)
 
   rss_import = _peak_rss_mb()
-  cfg = make_config(args.size, args.dtype, args.remat)
+  cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype)
   np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
@@ -262,7 +276,8 @@ def worker_slic(args) -> dict:
   flops = config_flops(cfg, args.batch, args.li, args.lt, n_targets=n_rows)
   med = statistics.median(times)
   return {
-      "framework": "slic_jax", "size": args.size, "dtype": args.dtype, "remat": args.remat,
+      "framework": "slic_jax", "size": args.size, "dtype": args.dtype,
+      "logits_dtype": args.logits_dtype, "remat": args.remat,
       "reg_target": args.reg_target, "decoded_rows": n_rows, "microbatches": args.microbatches,
       "xla_options": "xla_default" if args.xla_default else "slic_jax",
       "tensorflow_loaded": "tensorflow" in sys.modules,
@@ -297,6 +312,18 @@ def worker_matmul(args) -> dict:
       ts.append(time.perf_counter() - t0)
     out[f"jax_{dt}_flops_per_s"] = flops / min(ts)
     out[f"jax_{dt}_flops_per_s_median"] = flops / statistics.median(ts)
+  # bf16 operands, float32 accumulation and result: what slic_jax.matmul runs for
+  # dtype='bfloat16' (XLA:CPU gives it to YNNPACK, AMX where the CPU has it).
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(jnp.bfloat16)
+  f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+  f(x, x).block_until_ready()
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(x, x).block_until_ready()
+    ts.append(time.perf_counter() - t0)
+  out["jax_bf16f32acc_flops_per_s"] = flops / min(ts)
+  out["jax_bf16f32acc_flops_per_s_median"] = flops / statistics.median(ts)
   a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
   b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
   a @ b
@@ -351,16 +378,17 @@ def _brief(r: dict) -> str:
 
 
 def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
-             reg_target="reference", xla_default=False, microbatches=1) -> list[str]:
+             reg_target="reference", xla_default=False, microbatches=1,
+             logits_dtype=None) -> list[str]:
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target,
-         "--microbatches", str(microbatches)]
+         "--microbatches", str(microbatches), "--logits_dtype", logits_dtype or dtype]
   return cmd + (["--xla_default"] if xla_default else [])
 
 
-def peer_cmd(args, size, li, matmul_only=False) -> list[str] | None:
+def peer_cmd(args, size, li, matmul_only=False, bf16=False) -> list[str] | None:
   py = os.path.join(args.peer_env, "bin", "python")
   if not os.path.exists(py):
     return None
@@ -374,7 +402,7 @@ def peer_cmd(args, size, li, matmul_only=False) -> list[str] | None:
           "--num_layers", str(d["num_encoder_layers"]), "--vocab_size", str(d["vocab_size"]),
           "--batch", str(args.batch), "--li", str(li), "--lt", str(args.lt),
           "--steps", str(args.peer_steps), "--warmup", str(args.peer_warmup),
-          "--seed", str(args.seed), "--size_name", size]
+          "--seed", str(args.seed), "--size_name", size] + (["--bf16"] if bf16 else [])
 
 
 def peer_flops(size, batch, li, lt) -> dict:
@@ -437,10 +465,13 @@ def orchestrate(args) -> dict:
   pc = peer_cmd(args, None, None, matmul_only=True)
   res["matmul"]["torch"] = _run_json(pc, t) if pc else {"error": "peer env missing"}
   peak = res["matmul"]["jax_numpy"].get("jax_float32_flops_per_s")
+  peak_bf16 = res["matmul"]["jax_numpy"].get("jax_bf16f32acc_flops_per_s")
 
   def add_peak(r):
     if peak and "achieved_model_flops_per_s" in r:
       r["fraction_of_jax_f32_matmul_peak"] = r["achieved_model_flops_per_s"] / peak
+    if peak_bf16 and "achieved_model_flops_per_s" in r and r.get("dtype") == "bfloat16":
+      r["fraction_of_jax_bf16_matmul_peak"] = r["achieved_model_flops_per_s"] / peak_bf16
 
   # Side-by-side comparison at the main setting.
   # slic_jax twice: the paper's SLiC-HF-direct (3 decoded rows: y_ref = SFT summary) and
@@ -451,19 +482,21 @@ def orchestrate(args) -> dict:
   for size in sizes:
     row = {"size": size}
     keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
-    runs = {**{k: [] for k in keys}, "trl": []}
+    peers = ["trl"] + ["trl_bf16"] * args.peer_bf16
+    runs = {**{k: [] for k in keys}, **{k: [] for k in peers}}
     for _ in range(max(args.repeats, 1)):
       for key in keys:
-        reg_target, micro = SLIC_CONFIGS[key]
-        runs[key].append(_run_json(slic_cmd(args, size, args.li, reg_target=reg_target,
-                                            microbatches=micro), t))
-      pc = None if args.no_peer else peer_cmd(args, size, args.li)
-      peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
-      if "step_s_median" in peer:
-        pf = peer_flops(size, args.batch, args.li, args.lt)
-        peer["model_flops_per_step"] = pf["train_step"]
-        peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
-      runs["trl"].append(peer)
+        reg_target, micro, dtype = SLIC_CONFIGS[key]
+        runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype,
+                                            reg_target=reg_target, microbatches=micro), t))
+      for pkey in peers:
+        pc = None if args.no_peer else peer_cmd(args, size, args.li, bf16=pkey == "trl_bf16")
+        peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
+        if "step_s_median" in peer:
+          pf = peer_flops(size, args.batch, args.li, args.lt)
+          peer["model_flops_per_step"] = pf["train_step"]
+          peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
+        runs[pkey].append(peer)
     for key, rs in runs.items():
       ok = [r for r in rs if "step_s_median" in r]
       row[key] = dict(min(ok, key=lambda r: r["step_s_median"]) if ok else rs[0])
@@ -475,6 +508,9 @@ def orchestrate(args) -> dict:
       if "pairs_per_s" in row[key] and "pairs_per_s" in peer:
         row[key]["speedup_pairs_per_s"] = row[key]["pairs_per_s"] / peer["pairs_per_s"]
         row[key]["speedup_best"] = peer["step_s_min"] / row[key]["step_s_min"]
+      pb = row.get("trl_bf16", {})
+      if "pairs_per_s" in row[key] and "pairs_per_s" in pb:
+        row[key]["speedup_vs_trl_bf16"] = row[key]["pairs_per_s"] / pb["pairs_per_s"]
     res["comparison"].append(row)
     _write(args, res)
 
@@ -564,37 +600,48 @@ def to_markdown(res: dict) -> str:
       "## Matmul peak (same run, square N×N)", "",
       "| library | dtype | GFLOP/s (best) | GFLOP/s (median) |", "|---|---|---|---|",
   ]
+  dt_names = {"float32": "float32", "bfloat16": "bfloat16", "bf16f32acc":
+              "bfloat16 × bfloat16 → float32 (slic_jax's bf16 matmuls)"}
   for lib, key, src in (("jax", "jax_float32", mm), ("jax", "jax_bfloat16", mm),
+                        ("jax", "jax_bf16f32acc", mm),
                         ("numpy", "numpy_float32", mm), ("torch", "torch_float32", tm),
                         ("torch", "torch_bfloat16", tm)):
     if f"{key}_flops_per_s" in src:
-      lines.append(f"| {lib} | {key.split('_')[-1]} | {_g(src[f'{key}_flops_per_s'], 1e9, '{:.1f}')}"
+      lines.append(f"| {lib} | {dt_names[key.split('_')[-1]]} | "
+                   f"{_g(src[f'{key}_flops_per_s'], 1e9, '{:.1f}')}"
                    f" | {_g(src.get(f'{key}_flops_per_s_median'), 1e9, '{:.1f}')} |")
   lines += ["", "## Side by side", "",
             "| model | framework | s/step (median) | s/step (best) | pairs/s (median) | speed-up "
             "(median / best) | model GFLOP/step | XLA GFLOP/step | model GFLOP/s (median / best) | "
-            "% of jax f32 matmul peak (median / best) | peak RSS MB | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "% of matmul peak of its dtype (median / best) | peak used | peak RSS MB | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
-    for fw in SLIC_ROWS + ("trl",):
+    for fw in SLIC_ROWS + ("trl", "trl_bf16"):
       r = c.get(fw)
       if r is None:
         continue
       if "error" in r:
-        lines.append(f"| {c['size']} | {LABELS[fw]} | error: {r['error']} | | | | | | | | | |")
+        lines.append(f"| {c['size']} | {LABELS[fw]} | error: {r['error']} | | | | | | | | | | |")
         continue
       sp = ""
       if "speedup_pairs_per_s" in r:
         sp = f"{r['speedup_pairs_per_s']:.2f}× / {r['speedup_best']:.2f}×"
       fl = r.get("model_flops_per_step")
+      # Each row against the matmul peak of the precision it computes in.
+      if r.get("dtype") == "bfloat16" and fw == "trl_bf16":
+        pk, pk_name = tm.get("torch_bfloat16_flops_per_s"), "torch bf16"
+      elif r.get("dtype") == "bfloat16":
+        pk, pk_name = mm.get("jax_bf16f32acc_flops_per_s"), "jax bf16→f32"
+      else:
+        pk, pk_name = peak, "jax f32"
       lines.append(
           f"| {c['size']} | {LABELS[fw]} | {r['step_s_median']:.2f} | {r['step_s_min']:.2f} | "
           f"{r['pairs_per_s']:.3f} | {sp} | {_g(fl, 1e9, '{:.0f}')} | "
           f"{_g(r.get('xla_cost_analysis_flops'), 1e9, '{:.0f}')} | "
           f"{_g(r.get('achieved_model_flops_per_s'), 1e9, '{:.1f}')} / "
           f"{_g(fl and fl / r['step_s_min'], 1e9, '{:.1f}')} | "
-          f"{_g(r.get('fraction_of_jax_f32_matmul_peak'), 0.01, '{:.0f}%')} / "
-          f"{_g(fl and peak and fl / r['step_s_min'] / peak, 0.01, '{:.0f}%')} | "
+          f"{_g(fl and pk and fl / r['step_s_median'] / pk, 0.01, '{:.0f}%')} / "
+          f"{_g(fl and pk and fl / r['step_s_min'] / pk, 0.01, '{:.0f}%')} | {pk_name} | "
           f"{r['peak_rss_mb']:.0f} | {_g(r.get('compile_s'), 1, '{:.1f}')} |")
   if res["sweep"]:
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs)", "",
@@ -638,6 +685,16 @@ def to_markdown(res: dict) -> str:
               "Each trainer's own `timing/seqs_per_second` on the same gin experiment "
               "(`tools/bench_trainers.py`; one sequence = one prompt with its target rows).", "",
               bench_trainers.markdown_table(res["t5x"]["result"])]
+  for c in res["comparison"]:
+    vs = [f"{LABELS[k]} {c[k]['speedup_vs_trl_bf16']:.2f}×" for k in SLIC_ROWS
+          if "speedup_vs_trl_bf16" in c.get(k, {})]
+    if vs:
+      lines += ["", f"{c['size']}, pairs/s against TRL with bf16 autocast: " + "; ".join(vs) + "."]
+  lines += ["", "bfloat16 rows (`network.T5Config.dtype = logits_dtype = 'bfloat16'`): every "
+            "matmul rounds its operands to bf16 and accumulates in float32, backward pass "
+            "included (`slic_jax/matmul.py`); log-softmax, losses, norms, softmax and the "
+            "optimizer stay float32; parameters are float32. Speed-ups are against TRL in "
+            "float32 unless stated."]
   lines += ["", "Model FLOPs: matmul FLOPs of forward + backward (= 3 × forward) as defined in "
             "`tools/benchmark.py`'s docstring; slic_jax encodes each prompt once and decodes 3 "
             "rows (chosen, rejected, SFT reference) or 2 (chosen, rejected; the regulariser on "
@@ -666,6 +723,8 @@ def parse_args(argv=None):
   ap.add_argument("--li", type=int, default=512)
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
+                  help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"],
                   help="SlicHFModel.reg_target: 'reference' decodes 3 rows (paper: y_ref = SFT "
@@ -678,7 +737,9 @@ def parse_args(argv=None):
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--peer_steps", type=int, default=3, help="timed TRL steps (they are slow)")
-  ap.add_argument("--rows", default=",".join(SLIC_ROWS),
+  ap.add_argument("--peer_bf16", action="store_true",
+                  help="also run TRL with bf16 autocast (torch's AMX path)")
+  ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                   help="slic_jax rows of the side-by-side (" + ", ".join(SLIC_ROWS) + ")")
   ap.add_argument("--repeats", type=int, default=1,
                   help="side-by-side processes per framework, run in turn; the fastest is shown")

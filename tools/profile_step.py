@@ -165,13 +165,15 @@ def main(argv=None) -> int:
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"])
   ap.add_argument("--xla_default", action="store_true")
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--trace_dir", default=None, help="keep the trace here (default: a temp dir)")
   args = ap.parse_args(argv)
 
   import jax
-  cfg = benchmark.make_config(args.size)
+  cfg = benchmark.make_config(args.size, args.dtype, logits_dtype=args.logits_dtype)
   np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
   shapes = {k: v.shape for k, v in np_batch.items()}
   step, init_state = benchmark.build_step(cfg, shapes, reg_target=args.reg_target,
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
   events = json.load(gzip.open(files[-1]))["traceEvents"]
   comps, insts, hlo_shapes = parse_hlo(compiled.as_text())
   print(f"{args.size}, {args.batch} pairs, Li {args.li}, Lt {args.lt}, reg_target "
-        f"{args.reg_target}, {'XLA defaults' if args.xla_default else 'slic_jax compiler options'}: "
+        f"{args.reg_target}, dtype {args.dtype} (logits {args.logits_dtype}), "
+        f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}: "
         f"profiled step {wall:.2f} s wall; model GFLOP/step "
         f"{benchmark.config_flops(cfg, args.batch, args.li, args.lt, n_targets=2 if args.reg_target == 'chosen' else 3)['train_step'] / 1e9:.0f}")
   print(summarize(events, comps, insts, hlo_shapes, args.top))

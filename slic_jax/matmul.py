@@ -1,0 +1,166 @@
+"""Matmuls in a compute dtype with float32 accumulation, forward and backward.
+
+`einsum(equation, a, b, dtype=..., out_dtype=...)` computes
+
+    y = cast_{out_dtype}( sum_k cast_{dtype}(a) · cast_{dtype}(b) )   (sum in float32)
+
+For ``dtype = float32`` it is plain ``jnp.einsum`` in float32 (the default network runs
+exactly as before). For a lower-precision ``dtype`` (bfloat16, float16) the operands are
+rounded to ``dtype`` and the products are accumulated in float32
+(``preferred_element_type=float32``), which is how TPUs and T5X's bfloat16 models
+compute, and the backward pass does the same: the output cotangent g is rounded to
+``dtype`` and
+
+    da = einsum(out, b -> a)(g, b),   db = einsum(a, out -> b)(a, g)   (sums in float32)
+
+cast to a's and b's dtypes. Without the custom VJP, JAX's transpose of a mixed-precision
+dot multiplies a float32 cotangent with a bfloat16 operand, which XLA computes by
+converting both to float32. On CPUs with AMX-BF16, XLA:CPU runs bfloat16 × bfloat16 →
+float32 dots in YNNPACK at several times its float32 rate (`tools/benchmark.py` measures
+both peaks; `benchmarks/NOTES.md`), while a bfloat16 → bfloat16 dot is converted to
+float32 and is slower than float32 itself. On TPUs/GPUs this is the native bf16 matmul.
+
+Equations use explicit single-letter subscripts for both operands and the output
+(``'nd,df->nf'``, no ``...``); every subscript of an operand must appear in the other
+operand or in the output (no dimension summed within one operand alone), so that both
+gradients are einsums of the same form.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _parse(equation: str) -> tuple[str, str, str]:
+  try:
+    inputs, out = equation.replace(" ", "").split("->")
+    sa, sb = inputs.split(",")
+  except ValueError:
+    raise ValueError(f"matmul.einsum: equation {equation!r} is not of the form 'ab,bc->ac'") from None
+  for name, s in (("first operand", sa), ("second operand", sb), ("output", out)):
+    if not s.isalpha():
+      raise ValueError(f"matmul.einsum: {name} of {equation!r} must be letters only, got {s!r}")
+  for s, other in ((sa, sb), (sb, sa)):
+    lonely = set(s) - set(other) - set(out)
+    if lonely:
+      raise ValueError(f"matmul.einsum: subscripts {sorted(lonely)} of {equation!r} are summed "
+                       f"within one operand; sum them before the matmul")
+  return sa, sb, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixed_einsum(equation, dtype, out_dtype, a, b):
+  return jnp.einsum(equation, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mixed_fwd(equation, dtype, out_dtype, a, b):
+  a_c, b_c = a.astype(dtype), b.astype(dtype)
+  y = jnp.einsum(equation, a_c, b_c, preferred_element_type=jnp.float32).astype(out_dtype)
+  # Residuals in `dtype` (half the memory of float32 ones); zero-size arrays carry the
+  # primal dtypes to the backward pass.
+  return y, (a_c, b_c, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _mixed_bwd(equation, dtype, out_dtype, res, g):
+  del out_dtype
+  a_c, b_c, a_tag, b_tag = res
+  sa, sb, out = _parse(equation)
+  g_c = g.astype(dtype)
+  da = _canonical_einsum(out, sb, sa, g_c, b_c)
+  db = _canonical_einsum(sa, out, sb, a_c, g_c)
+  return da.astype(a_tag.dtype), db.astype(b_tag.dtype)
+
+
+def _canonical_einsum(sx: str, sy: str, so: str, x, y):
+  """einsum(f'{sx},{sy}->{so}', x, y) accumulated in float32, as a canonical matmul.
+
+  XLA:CPU hands a mixed-precision dot to YNNPACK only if its left operand is
+  [batch, M, K] and its right operand [batch, K, N] in memory (contracted dimensions last
+  on the left, first on the right); otherwise it converts both operands to float32 and
+  runs a float32 dot. Gradients of ordinary matmuls are of the other kind (dW = xᵀ g
+  contracts x's first dimension), so on CPU the operands are transposed into that layout
+  here, and the [batch, M, N] result into the requested order
+  (`_materialized_transpose`). Of the two operand orders, the one that moves fewer
+  elements is used. Other backends get the einsum as written.
+  """
+  if jax.default_backend() != "cpu":
+    return jnp.einsum(f"{sx},{sy}->{so}", x, y, preferred_element_type=jnp.float32)
+  sizes = {**dict(zip(sx, x.shape)), **dict(zip(sy, y.shape))}
+  best = None
+  for (s1, v1), (s2, v2) in (((sx, x), (sy, y)), ((sy, y), (sx, x))):
+    batch = [c for c in so if c in s1 and c in s2]
+    contract = [c for c in s1 if c in s2 and c not in so]
+    free1 = [c for c in so if c in s1 and c not in s2]
+    free2 = [c for c in so if c in s2 and c not in s1]
+    l1, l2 = "".join(batch + free1 + contract), "".join(batch + contract + free2)
+    lo = "".join(batch + free1 + free2)
+    cost = ((l1 != s1) * v1.size + (l2 != s2) * v2.size
+            + (lo != so) * math.prod(sizes[c] for c in so))
+    if best is None or cost < best[0]:
+      best = (cost, s1, v1, l1, s2, v2, l2, lo)
+  _, s1, v1, l1, s2, v2, l2, lo = best
+  v1, v2 = _materialized_transpose(v1, s1, l1), _materialized_transpose(v2, s2, l2)
+  out = jnp.einsum(f"{l1},{l2}->{lo}", v1, v2, preferred_element_type=jnp.float32)
+  return _materialized_transpose(out, lo, so)
+
+
+def _materialized_transpose(v, src: str, dst: str):
+  """v with its dimensions reordered from `src` to `dst`, as an array XLA keeps.
+
+  XLA's simplifier folds a plain transpose into the dot that consumes it (and on CPU
+  `optimization_barrier`s are removed before that), which would undo the layout. A
+  transpose computed inside a `lax.cond` is opaque to it. The predicate only reads one
+  element: the other branch runs when v's first element is NaN and returns NaNs, which
+  the clipped, NaN-propagating update would produce anyway.
+  """
+  if src == dst:
+    return v
+  perm = [src.index(c) for c in dst]
+  first = v.reshape(-1)[0]
+  return jax.lax.cond(
+      first == first,
+      lambda a: jnp.transpose(a, perm),
+      lambda a: jnp.full([a.shape[i] for i in perm], jnp.nan, a.dtype),
+      v)
+
+
+_mixed_einsum.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def einsum(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any,
+           out_dtype: Any = None) -> jax.Array:
+  """``einsum(equation, a, b)`` computed in ``dtype``, accumulated in float32.
+
+  Args:
+    equation: two-operand einsum with explicit subscripts, e.g. ``'nd,df->nf'``.
+    a, b: operands of any float dtype (cast to ``dtype``).
+    dtype: compute dtype of the operands (float32, bfloat16, float16).
+    out_dtype: dtype of the result; default ``dtype``. ``float32`` keeps the float32
+      accumulator (e.g. for attention logits or vocabulary logits before a softmax).
+
+  Returns:
+    The einsum result in ``out_dtype``; gradients flow to ``a`` and ``b`` in their own
+    dtypes (see the module docstring for the backward pass).
+  """
+  _parse(equation)
+  dtype = jnp.dtype(dtype)
+  out_dtype = jnp.dtype(out_dtype) if out_dtype is not None else dtype
+  if dtype == jnp.float32:
+    return jnp.einsum(equation, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
+  return _mixed_einsum(equation, dtype, out_dtype, a, b)
+
+
+def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None) -> jax.Array:
+  """y = x @ W for x [..., D], W [D, F] -> y [..., F], via `einsum` ('nd,df->nf')."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)).astype(
+        out_dtype or jnp.float32)
+  lead = x.shape[:-1]
+  y = einsum("nd,df->nf", x.reshape((-1, x.shape[-1])), kernel, dtype=dtype,
+             out_dtype=out_dtype)
+  return y.reshape(lead + (kernel.shape[-1],))

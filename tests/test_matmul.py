@@ -1,0 +1,102 @@
+"""slic_jax.matmul: compute-dtype matmuls with float32 accumulation, forward and backward."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slic_jax import matmul
+
+BF16 = jnp.bfloat16
+
+
+def _round(x):
+  return x.astype(BF16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("equation,sa,sb", [
+    ("nd,df->nf", (6, 8), (8, 5)),
+    ("md,dnf->mnf", (6, 8), (8, 3, 5)),
+    ("bqhd,bkhd->bhqk", (2, 4, 3, 8), (2, 5, 3, 8)),
+    ("bhqk,bkhd->bqhd", (2, 3, 4, 5), (2, 5, 3, 8)),
+])
+def test_bf16_forward_and_gradients_match_float32_on_rounded_operands(equation, sa, sb):
+  """y = Σ round(a)·round(b) in float32; da = round(g)·round(b)ᵀ, db = round(a)ᵀ·round(g)."""
+  ka, kb, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  a = jax.random.normal(ka, sa, jnp.float32)
+  b = jax.random.normal(kb, sb, jnp.float32)
+  out_shape = jnp.einsum(equation, a, b).shape
+  g = jax.random.normal(kg, out_shape, jnp.float32)
+
+  y, vjp = jax.vjp(lambda a, b: matmul.einsum(equation, a, b, dtype=BF16,
+                                               out_dtype=jnp.float32), a, b)
+  da, db = vjp(g)
+  # Reference: float32 einsum of the bf16-rounded operands (bf16 products are exact in f32).
+  y_ref, vjp_ref = jax.vjp(lambda a, b: jnp.einsum(equation, a, b), _round(a), _round(b))
+  da_ref, db_ref = vjp_ref(_round(g))
+  assert y.dtype == jnp.float32 and da.dtype == a.dtype and db.dtype == b.dtype
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(da, da_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(db, db_ref, rtol=1e-5, atol=1e-5)
+  # ... and it is not the float32 product (the operands really are rounded).
+  assert not np.allclose(y, jnp.einsum(equation, a, b), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_output_dtype_and_float32_path_is_plain_einsum():
+  a = jax.random.normal(jax.random.PRNGKey(1), (4, 8))
+  b = jax.random.normal(jax.random.PRNGKey(2), (8, 3))
+  assert matmul.einsum("nd,df->nf", a, b, dtype=BF16).dtype == BF16
+  y32 = matmul.einsum("nd,df->nf", a, b, dtype=jnp.float32)
+  np.testing.assert_array_equal(y32, jnp.einsum("nd,df->nf", a, b))
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 3, 8))
+  np.testing.assert_array_equal(matmul.dense(x, b, dtype=jnp.float32), jnp.dot(x, b))
+  np.testing.assert_allclose(matmul.dense(x, b, dtype=BF16, out_dtype=jnp.float32),
+                             jnp.dot(_round(x), _round(b)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation,message", [
+    ("...d,df->...f", "letters only"),
+    ("nd,df", "not of the form"),
+    ("nd,ef->nf", "summed within one operand"),
+])
+def test_bad_equations_are_named(equation, message):
+  a, b = jnp.ones((2, 3)), jnp.ones((3, 4))
+  with pytest.raises(ValueError, match=message) as e:
+    matmul.einsum(equation, a, b, dtype=BF16)
+  assert re.escape(equation) in re.escape(str(e.value)) or equation in str(e.value)
+
+
+def test_backward_nan_propagates():
+  """The layout helper's other branch (first element NaN) still yields NaN gradients."""
+  a = jnp.ones((4, 8)).at[0, 0].set(jnp.nan)
+  b = jnp.ones((8, 3))
+  da, db = jax.grad(lambda a, b: matmul.einsum("nd,df->nf", a, b, dtype=BF16,
+                                                out_dtype=jnp.float32).sum(),
+                    argnums=(0, 1))(a, b)
+  assert np.isnan(np.asarray(db)).any() and np.isfinite(np.asarray(da)).all()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU lowering check")
+def test_cpu_backward_dots_stay_bfloat16():
+  """All three dots of a dense layer's forward + backward run bf16 × bf16 → f32 on CPU.
+
+  Without the materialised transposes XLA folds the weight-gradient transpose into the
+  dot, cannot give that dot to YNNPACK and converts its operands to float32.
+  """
+  x = jnp.ones((64, 32), jnp.float32)
+  w = jnp.ones((32, 48), jnp.float32)
+
+  def loss(x, w):
+    return jnp.sum(jnp.tanh(matmul.dense(jnp.tanh(x), w, dtype=BF16).astype(jnp.float32)))
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+  dots = re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(([^)]*)\)", hlo)
+  assert len(dots) == 3, dots
+  operand_types = {}
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?(%\S+) = (\w+)\[", line)
+    if m:
+      operand_types[m.group(1)] = m.group(2)
+  for ops in dots:
+    assert [operand_types.get(o.strip()) for o in ops.split(",")] == ["bf16", "bf16"], ops
