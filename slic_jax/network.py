@@ -31,6 +31,7 @@ into `jnp.dtype`s.
 """
 
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -427,7 +428,7 @@ class MultiHeadDotProductAttention(nn.Module):
                            out_dtype=jnp.float32 if self.float32_logits else self.dtype)
     if attention_bias is not None:
       logits = logits + attention_bias.astype(logits.dtype)
-    weights = jax.nn.softmax(logits).astype(self.dtype)
+    weights = attention_softmax(logits, self.dtype)
     # Dropout on attention weights, shared across query positions (as T5X).
     weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         weights, deterministic=deterministic)
@@ -435,6 +436,39 @@ class MultiHeadDotProductAttention(nn.Module):
     x = x.reshape((rows, q_len, heads * depth))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), self.dtype,
                  self.weight_dtype, _attention_init, name='out')(x)
+
+
+def attention_softmax(logits, dtype):
+  """softmax over the last axis of `logits`, computed in float32, returned in `dtype`.
+
+  For a lower-precision `dtype` the custom VJP keeps only the `dtype` probabilities p for
+  the backward pass (half the memory of float32 ones: [B, H, Lq, Lk] per layer) and
+  computes dlogits = p ⊙ (g − Σ_k p g) in float32 from them; float32 is plain
+  `jax.nn.softmax`.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.nn.softmax(logits).astype(dtype)
+  return _low_precision_softmax(logits, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _low_precision_softmax(logits, dtype):
+  return jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+
+
+def _low_precision_softmax_fwd(logits, dtype):
+  p = _low_precision_softmax(logits, dtype)
+  return p, (p, jnp.zeros((0,), logits.dtype))
+
+
+def _low_precision_softmax_bwd(dtype, res, g):
+  del dtype
+  p, tag = res
+  p, g = p.astype(jnp.float32), g.astype(jnp.float32)
+  return ((p * (g - jnp.sum(p * g, axis=-1, keepdims=True))).astype(tag.dtype),)
+
+
+_low_precision_softmax.defvjp(_low_precision_softmax_fwd, _low_precision_softmax_bwd)
 
 
 def _group_queries(x, groups: int):

@@ -230,6 +230,15 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _current_rss_mb() -> float | None:
+  """Resident memory now (Linux /proc/self/statm), to tell compile-time from step-time peaks."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+  except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+    return None
+
+
 def worker_slic(args) -> dict:
   import jax
   import numpy as np
@@ -253,6 +262,7 @@ def worker_slic(args) -> dict:
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     host_memory.trim()  # as slic_jax.train
+    rss_compiled, peak_compiled = _current_rss_mb(), _peak_rss_mb()
     xla_flops = xla_cost_flops(compiled)
     mem = {}
     try:
@@ -288,6 +298,8 @@ def worker_slic(args) -> dict:
       "xla_cost_analysis_flops": xla_flops, "xla_memory_analysis": mem,
       "achieved_model_flops_per_s": flops["train_step"] / med,
       "final_loss": loss, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": rss_import,
+      "peak_rss_through_compile_mb": peak_compiled, "rss_after_compile_mb": rss_compiled,
+      "rss_after_steps_mb": _current_rss_mb(),
       "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
   }
 
