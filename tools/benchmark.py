@@ -312,40 +312,29 @@ def worker_matmul(args) -> dict:
   n, reps = args.matmul_n, args.matmul_reps
   out = {"n": n}
   flops = 2.0 * n ** 3
-  for dt in ("float32", "bfloat16"):
-    x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
-    y = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
-    f = jax.jit(jnp.dot)
-    f(x, y).block_until_ready()
+
+  def rate(key, fn, *xs):
+    """Best and median FLOP/s of ``fn(*xs)`` over ``reps`` calls after one warm-up."""
+    jax.block_until_ready(fn(*xs))
     ts = []
     for _ in range(reps):
       t0 = time.perf_counter()
-      f(x, y).block_until_ready()
+      jax.block_until_ready(fn(*xs))
       ts.append(time.perf_counter() - t0)
-    out[f"jax_{dt}_flops_per_s"] = flops / min(ts)
-    out[f"jax_{dt}_flops_per_s_median"] = flops / statistics.median(ts)
+    out[f"{key}_flops_per_s"] = flops / min(ts)
+    out[f"{key}_flops_per_s_median"] = flops / statistics.median(ts)
+
+  for dt in ("float32", "bfloat16"):
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
+    y = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
+    rate(f"jax_{dt}", jax.jit(jnp.dot), x, y)
   # bf16 operands, float32 accumulation and result: what slic_jax.matmul runs for
   # dtype='bfloat16' (XLA:CPU gives it to YNNPACK, AMX where the CPU has it).
-  x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(jnp.bfloat16)
-  f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
-  f(x, x).block_until_ready()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(x, x).block_until_ready()
-    ts.append(time.perf_counter() - t0)
-  out["jax_bf16f32acc_flops_per_s"] = flops / min(ts)
-  out["jax_bf16f32acc_flops_per_s_median"] = flops / statistics.median(ts)
+  rate("jax_bf16f32acc",
+       jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32)), x, y)
   a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
   b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-  a @ b
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    a @ b
-    ts.append(time.perf_counter() - t0)
-  out["numpy_float32_flops_per_s"] = flops / min(ts)
-  out["numpy_float32_flops_per_s_median"] = flops / statistics.median(ts)
+  rate("numpy_float32", np.matmul, a, b)
   out["peak_rss_mb"] = _peak_rss_mb()
   return out
 
@@ -466,7 +455,8 @@ def orchestrate(args) -> dict:
       "machine": _machine(), "versions": _versions(args),
       "settings": {"batch_pairs": args.batch, "li": args.li, "lt": args.lt,
                    "steps": args.steps, "warmup": args.warmup, "peer_steps": args.peer_steps,
-                   "peer_warmup": args.peer_warmup, "seed": args.seed, "repeats": args.repeats},
+                   "peer_warmup": args.peer_warmup, "seed": args.seed, "repeats": args.repeats,
+                   "sweep_dtype": args.sweep_dtype},
       "matmul": {}, "comparison": [], "sweep": [], "levers": [],
       "t5x": {"status": "not run", "note": "--trainers not given"},
   }
@@ -529,9 +519,10 @@ def orchestrate(args) -> dict:
   # Input-length sweep.
   for li in [int(x) for x in args.sweep.split(",") if x]:
     size = args.sweep_size
-    ours = next((c.get("slic_jax") for c in res["comparison"]
+    reuse = "slic_jax" if args.sweep_dtype == "float32" else "slic_jax_bf16"
+    ours = next((c.get(reuse) for c in res["comparison"]
                  if c["size"] == size and li == args.li), None) or _run_json(
-                     slic_cmd(args, size, li), t)
+                     slic_cmd(args, size, li, dtype=args.sweep_dtype), t)
     add_peak(ours)
     row = {"size": size, "li": li, "slic_jax": ours}
     if args.sweep_peer and not args.no_peer:
@@ -656,7 +647,8 @@ def to_markdown(res: dict) -> str:
           f"{_g(fl and pk and fl / r['step_s_min'] / pk, 0.01, '{:.0f}%')} | {pk_name} | "
           f"{r['peak_rss_mb']:.0f} | {_g(r.get('compile_s'), 1, '{:.1f}')} |")
   if res["sweep"]:
-    lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs)", "",
+    lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
+              f"{s.get('sweep_dtype', 'float32')})", "",
               "| model | Li | framework | s/step (median) | s/step (best) | model GFLOP/step | "
               "s per model TFLOP (median / best) | model GFLOP/s (median) | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -759,6 +751,8 @@ def parse_args(argv=None):
   ap.add_argument("--sweep", default="128,256,512,1024", help="input lengths ('' = none)")
   ap.add_argument("--sweep_size", default="mini")
   ap.add_argument("--sweep_peer", action="store_true", help="also sweep the TRL peer")
+  ap.add_argument("--sweep_dtype", default="float32", choices=["float32", "bfloat16"],
+                  help="slic_jax's compute dtype in the sweep (bfloat16: logits too)")
   ap.add_argument("--levers", action="store_true", help="dtype/remat/batch variants")
   ap.add_argument("--lever_size", default="mini")
   ap.add_argument("--all_levers", action="store_true", help="also bfloat16 and remat 'minimal'")
