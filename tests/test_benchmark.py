@@ -122,6 +122,7 @@ def test_markdown_report_has_all_rows():
                                                    speedup_pairs_per_s=3.0, speedup_best=3.0,
                                                    speedup_vs_trl_bf16=1.25),
                          "slic_jax_2row_bf16_mb4": run(2.1, 4e11, dtype="bfloat16"),
+                         "slic_jax_2row_bf16_remat": run(2.4, 4e11, dtype="bfloat16"),
                          "trl": run(6.0, 7.5e11),
                          "trl_bf16": run(2.5, 7.5e11)}],
          "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}

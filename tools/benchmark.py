@@ -83,23 +83,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
 T5X_ENV = "/tmp/t5x_env"
 SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
-             "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4")
+             "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
-                "slic_jax_2row_bf16_mb4")
-# side-by-side rows: key -> (reg_target, num_microbatches, dtype); bfloat16 rows compute
-# every matmul (vocabulary projection included) in bf16 with float32 accumulation.
-SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32"),
-                "slic_jax_2row": ("chosen", 1, "float32"),
-                "slic_jax_2row_mb4": ("chosen", 4, "float32"),
-                "slic_jax_bf16": ("reference", 1, "bfloat16"),
-                "slic_jax_2row_bf16": ("chosen", 1, "bfloat16"),
-                "slic_jax_2row_bf16_mb4": ("chosen", 4, "bfloat16")}
+                "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat")
+# side-by-side rows: key -> (reg_target, num_microbatches, dtype, remat policy); bfloat16
+# rows compute every matmul (vocabulary projection included) in bf16 with f32 accumulation.
+SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
+                "slic_jax_2row": ("chosen", 1, "float32", "none"),
+                "slic_jax_2row_mb4": ("chosen", 4, "float32", "none"),
+                "slic_jax_bf16": ("reference", 1, "bfloat16", "none"),
+                "slic_jax_2row_bf16": ("chosen", 1, "bfloat16", "none"),
+                "slic_jax_2row_bf16_mb4": ("chosen", 4, "bfloat16", "none"),
+                "slic_jax_2row_bf16_remat": ("chosen", 1, "bfloat16", "full")}
 LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row": "slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL)",
           "slic_jax_2row_mb4": "slic_jax (2 rows, 4 microbatches)",
           "slic_jax_bf16": "slic_jax bf16 (3 rows)",
           "slic_jax_2row_bf16": "slic_jax bf16 (2 rows, as TRL)",
           "slic_jax_2row_bf16_mb4": "slic_jax bf16 (2 rows, 4 microbatches)",
+          "slic_jax_2row_bf16_remat": "slic_jax bf16 (2 rows, remat 'full')",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)"}
 VOCAB = 32128
@@ -488,8 +490,8 @@ def orchestrate(args) -> dict:
     runs = {**{k: [] for k in keys}, **{k: [] for k in peers}}
     for _ in range(max(args.repeats, 1)):
       for key in keys:
-        reg_target, micro, dtype = SLIC_CONFIGS[key]
-        runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype,
+        reg_target, micro, dtype, remat = SLIC_CONFIGS[key]
+        runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype, remat=remat,
                                             reg_target=reg_target, microbatches=micro), t))
       for pkey in peers:
         pc = None if args.no_peer else peer_cmd(args, size, args.li, bf16=pkey == "trl_bf16")
