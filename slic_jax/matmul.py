@@ -156,11 +156,15 @@ def einsum(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any,
 
 
 def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None) -> jax.Array:
-  """y = x @ W for x [..., D], W [D, F] -> y [..., F], via `einsum` ('nd,df->nf')."""
+  """y = x · W over x's last axis: x [..., D], W [D, *F] -> y [..., *F], via `einsum`.
+
+  float32 is a plain ``jnp.tensordot``; otherwise x's leading axes are flattened into
+  one (``'md,dF->mF'``) so the matmul and its gradients are single canonical GEMMs.
+  """
   if jnp.dtype(dtype) == jnp.float32:
-    return jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32)).astype(
+    return jnp.tensordot(x.astype(jnp.float32), kernel.astype(jnp.float32), axes=1).astype(
         out_dtype or jnp.float32)
-  lead = x.shape[:-1]
-  y = einsum("nd,df->nf", x.reshape((-1, x.shape[-1])), kernel, dtype=dtype,
-             out_dtype=out_dtype)
-  return y.reshape(lead + (kernel.shape[-1],))
+  features = "nopqrstu"[:kernel.ndim - 1]
+  y = einsum(f"md,d{features}->m{features}", x.reshape((-1, x.shape[-1])), kernel,
+             dtype=dtype, out_dtype=out_dtype)
+  return y.reshape(x.shape[:-1] + kernel.shape[1:])

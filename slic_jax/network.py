@@ -246,11 +246,7 @@ def fused_projection(x, kernels, dtype):
   float32 accumulation (`matmul.einsum`).
   """
   w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
-  if jnp.dtype(dtype) == jnp.float32:
-    y = jnp.einsum('...d,dnf->...nf', x.astype(dtype), w)
-  else:
-    y = matmul.einsum('md,dnf->mnf', x.reshape((-1, x.shape[-1])), w, dtype=dtype)
-    y = y.reshape(x.shape[:-1] + y.shape[1:])
+  y = matmul.dense(x, w, dtype=dtype)
   return [y[..., i, :] for i in range(len(kernels))]
 
 
