@@ -247,7 +247,33 @@ def fused_projection(x, kernels, dtype):
   """
   w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
   y = matmul.dense(x, w, dtype=dtype)
-  return [y[..., i, :] for i in range(len(kernels))]
+  if jnp.dtype(dtype) == jnp.float32:
+    return [y[..., i, :] for i in range(len(kernels))]
+  return _unstack(y)
+
+
+@jax.custom_vjp
+def _unstack(y):
+  """y [..., n, F] -> n arrays [..., F]; the VJP stacks the n cotangents back (one copy).
+
+  Autodiff of ``y[..., i, :]`` would pad each cotangent to [..., n, F] and add the n
+  pads; in a low-precision step XLA:CPU fuses that chain with the bf16 elementwise ops
+  before it into one slow loop (measured: a bf16 gated-MLP layer's forward and backward
+  at 4 x 1024 tokens took 150 ms with pads, 86 ms with this). In float32 the pads are
+  the faster form and are kept (`fused_projection`).
+  """
+  return [y[..., i, :] for i in range(y.shape[-2])]
+
+
+def _unstack_fwd(y):
+  return _unstack(y), None
+
+
+def _unstack_bwd(_, cotangents):
+  return (jnp.stack(cotangents, axis=-2),)
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)
 
 
 class RMSNorm(nn.Module):
@@ -294,11 +320,74 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets,
   return ret + np.where(n < max_exact, n, val_if_large)
 
 
+def toeplitz(u, qlen: int, klen: int):
+  """u [H, qlen + klen - 1] -> t [H, qlen, klen] with t[h, q, k] = u[h, k - q + qlen - 1].
+
+  The "relative shift" of Transformer-XL, built only from pad, broadcast, reshape and
+  slices: ``tile(pad(u), qlen)`` cut into rows of length n = qlen + klen - 1 from offset
+  qlen - 1 holds u shifted right by q in row q, because the tile period is n + 1. Its
+  transpose sums a [H, qlen, klen] cotangent along its diagonals with contiguous reads
+  (`relative_bias` uses it for its backward pass).
+  """
+  h, n = u.shape
+  if n != qlen + klen - 1:
+    raise ValueError(f"toeplitz: u has {n} columns, expected qlen + klen - 1 = {qlen + klen - 1}")
+  period = n + 1
+  tiled = jnp.broadcast_to(jnp.pad(u, ((0, 0), (0, 1)))[:, None, :], (h, qlen, period))
+  flat = tiled.reshape(h, qlen * period)[:, qlen - 1:qlen - 1 + qlen * n]
+  return flat.reshape(h, qlen, n)[:, :, :klen]
+
+
+def relative_bias(table, qlen: int, klen: int, bidirectional: bool, max_distance: int):
+  """T5 relative position bias: table E [H, NB] -> bias [H, qlen, klen] = E[h, bucket(k - q)].
+
+  The forward pass is a gather (materialised once and read by every layer). The
+  backward pass, dE[h, b] = sum over (q, k) with bucket(k - q) = b of dbias[h, q, k], first
+  sums dbias along its diagonals with `toeplitz`'s transpose (contiguous pads, reshapes
+  and one reduction) and then scatters the qlen + klen - 1 diagonal sums into the NB
+  buckets; the gather's own transpose would scatter all qlen·klen entries, a strided
+  [qlen·klen, H] copy that XLA:CPU runs slowly (measured with `tools/profile_step.py`).
+  """
+  return _relative_bias(table, qlen, klen, bidirectional, max_distance)
+
+
+def _bucket_of(qlen, klen, bidirectional, num_buckets, max_distance, diagonals=False):
+  if diagonals:  # k - q of every diagonal, from -(qlen - 1) to klen - 1
+    rel = np.arange(-(qlen - 1), klen)
+  else:
+    rel = np.arange(klen)[None, :] - np.arange(qlen)[:, None]
+  return relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _relative_bias(table, qlen, klen, bidirectional, max_distance):
+  bucket = _bucket_of(qlen, klen, bidirectional, table.shape[1], max_distance)
+  return jnp.take(table, jnp.asarray(bucket), axis=1)
+
+
+def _relative_bias_fwd(table, qlen, klen, bidirectional, max_distance):
+  return _relative_bias(table, qlen, klen, bidirectional, max_distance), table
+
+
+def _relative_bias_bwd(qlen, klen, bidirectional, max_distance, table, g):
+  num_buckets = table.shape[1]
+  diag_bucket = _bucket_of(qlen, klen, bidirectional, num_buckets, max_distance,
+                           diagonals=True)
+  u = jnp.zeros((g.shape[0], qlen + klen - 1), g.dtype)
+  _, toeplitz_vjp = jax.vjp(lambda u: toeplitz(u, qlen, klen), u)
+  (du,) = toeplitz_vjp(g)  # [H, qlen + klen - 1]: sums along the diagonals
+  dtable = jnp.zeros(table.shape, du.dtype).at[:, jnp.asarray(diag_bucket)].add(du)
+  return (dtable.astype(table.dtype),)
+
+
+_relative_bias.defvjp(_relative_bias_fwd, _relative_bias_bwd)
+
+
 class RelativePositionBiases(nn.Module):
   """T5 relative position attention bias, bias[0, h, q, k] = E[h, bucket(k - q)].
 
   Parameter `rel_embedding` E [H, num_buckets] ('heads', 'relpos_buckets').
-  Returns [1, H, qlen, klen] in `dtype`.
+  Returns [1, H, qlen, klen] in `dtype` (`relative_bias`).
   """
 
   num_buckets: int
@@ -309,13 +398,11 @@ class RelativePositionBiases(nn.Module):
 
   @nn.compact
   def __call__(self, qlen: int, klen: int, bidirectional: bool = True):
-    relative_position = np.arange(klen)[None, :] - np.arange(qlen)[:, None]
-    bucket = relative_position_bucket(relative_position, bidirectional,
-                                      self.num_buckets, self.max_distance)
     table = param_with_axes('rel_embedding', _relpos_init,
                             (self.num_heads, self.num_buckets), self.weight_dtype,
                             axes=('heads', 'relpos_buckets'))
-    return jnp.take(table.astype(self.dtype), jnp.asarray(bucket), axis=1)[None]
+    return relative_bias(table.astype(self.dtype), qlen, klen, bidirectional,
+                         self.max_distance)[None]
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -401,9 +488,10 @@ class MultiHeadDotProductAttention(nn.Module):
         if bias is not None:
           bias = lax.dynamic_slice_in_dim(bias, i, 1, axis=-2)  # [1, H, 1, L]
 
+    logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     attention_bias = None
     if mask is not None:
-      attention_bias = jnp.where(mask > 0, 0.0, _MASK_BIAS).astype(self.dtype)
+      attention_bias = jnp.where(mask > 0, 0.0, _MASK_BIAS).astype(logits_dtype)
     if bias is not None:
       attention_bias = bias if attention_bias is None else attention_bias + bias
 
@@ -421,7 +509,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # float32 logits: the float32 accumulator of the q·k matmul is kept (T5X casts q and
     # k to float32; they hold `dtype` values, so the products are the same).
     logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
-                           out_dtype=jnp.float32 if self.float32_logits else self.dtype)
+                           out_dtype=logits_dtype)
     if attention_bias is not None:
       logits = logits + attention_bias.astype(logits.dtype)
     weights = attention_softmax(logits, self.dtype)
@@ -490,9 +578,14 @@ class MlpBlock(nn.Module):
         Kernel((x.shape[-1], cfg.mlp_dim), ('embed', 'mlp'), cfg.weight_dtype,
                name=f'wi_{i}' if len(acts) > 1 else 'wi')()
         for i in range(len(acts))]
+    # The activations and their product are computed in float32 and rounded to `dtype`
+    # once (XLA:CPU would otherwise round after every elementwise op of GELU and of its
+    # derivative); with a float32 `dtype` this is the plain computation.
     hidden = 1.0
     for act, h in zip(acts, fused_projection(x, kernels, cfg.dtype)):  # one matmul
+      h = h.astype(jnp.float32)
       hidden = hidden * (h if act == 'linear' else getattr(nn, act)(h))
+    hidden = hidden.astype(cfg.dtype)
     hidden = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         hidden, deterministic=deterministic)
     hidden = with_sharding_constraint(hidden, ('batch', 'length', 'mlp'))
@@ -515,8 +608,11 @@ def _relpos(cfg: T5Config) -> RelativePositionBiases:
   return RelativePositionBiases(
       num_buckets=cfg.relative_attention_num_buckets,
       max_distance=cfg.relative_attention_max_distance,
-      num_heads=cfg.num_heads, dtype=cfg.dtype, weight_dtype=cfg.weight_dtype,
-      name='relpos_bias')
+      num_heads=cfg.num_heads,
+      # The bias is added to the attention logits, so it is kept in their dtype: its
+      # gradient (summed over the batch and every layer) then stays in float32 too.
+      dtype=jnp.float32 if cfg.float32_attention_logits else cfg.dtype,
+      weight_dtype=cfg.weight_dtype, name='relpos_bias')
 
 
 def _dropout(cfg: T5Config, x, deterministic: bool, broadcast_dims=(-2,)):

@@ -127,6 +127,34 @@ def test_relative_position_buckets():
   assert np.all(np.diff(uni[:201]) <= 0)  # monotone in distance
 
 
+@pytest.mark.parametrize('qlen,klen', [(1, 1), (1, 6), (5, 5), (3, 9), (9, 3), (40, 40)])
+@pytest.mark.parametrize('bidirectional', [True, False])
+def test_relative_bias_equals_per_position_gather(qlen, klen, bidirectional):
+  """Forward = E[:, bucket(k - q)] exactly; backward = the gather's own transpose (sums)."""
+  table = jax.random.normal(jax.random.PRNGKey(qlen * 31 + klen), (3, 32))
+  rel = np.arange(klen)[None, :] - np.arange(qlen)[:, None]
+  bucket = jnp.asarray(network.relative_position_bucket(rel, bidirectional, 32, 128))
+  ref = lambda t: jnp.take(t, bucket, axis=1)
+  got = lambda t: network.relative_bias(t, qlen, klen, bidirectional, 128)
+  np.testing.assert_array_equal(got(table), ref(table))
+  w = jax.random.normal(jax.random.PRNGKey(7), (3, qlen, klen))
+  g_ref = jax.grad(lambda t: jnp.sum(ref(t) * w))(table)
+  g = jax.jit(jax.grad(lambda t: jnp.sum(got(t) * w)))(table)
+  # Same sums in another order (float32 rounding only).
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+  assert float(jnp.abs(g_ref).sum()) > 0  # the check is not vacuous
+
+
+def test_toeplitz_layout():
+  u = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6)  # qlen 3 + klen 4 - 1 columns
+  t = np.asarray(network.toeplitz(u, 3, 4))
+  for q in range(3):
+    for k in range(4):
+      assert t[1, q, k] == u[1, k - q + 2]
+  with pytest.raises(ValueError, match='qlen \\+ klen - 1 = 6'):
+    network.toeplitz(u[:, :5], 3, 4)
+
+
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_incremental_decode_matches_full_forward(tiny, dtype):
   model, variables = tiny
@@ -325,6 +353,44 @@ def test_fused_projection_equals_separate_matmuls():
   assert len(outs) == 3
   for y, w in zip(outs, ws):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projection_bfloat16_gradients_match_separate_matmuls():
+  """The bf16 split's VJP (one stack of the cotangents) = the gradients of n bf16 matmuls."""
+  from slic_jax import matmul
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  ws = [jax.random.normal(jax.random.PRNGKey(i), (8, 6)) for i in range(1, 4)]
+  c = [jax.random.normal(jax.random.PRNGKey(10 + i), (2, 5, 6)) for i in range(3)]
+
+  def loss(fn, x, ws):
+    return sum(jnp.sum(y.astype(jnp.float32) * ci) for y, ci in zip(fn(x, ws), c))
+
+  fused = lambda x, ws: network.fused_projection(x, ws, jnp.bfloat16)
+  separate = lambda x, ws: [matmul.dense(x, w, dtype=jnp.bfloat16) for w in ws]
+  g_fused = jax.grad(functools.partial(loss, fused), argnums=(0, 1))(x, ws)
+  g_sep = jax.grad(functools.partial(loss, separate), argnums=(0, 1))(x, ws)
+  for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_sep)):
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+  hlo = jax.jit(jax.grad(functools.partial(loss, fused))).lower(x, ws).as_text()
+  assert ' pad(' not in hlo and 'stablehlo.pad' not in hlo  # no pad-and-add of cotangents
+
+
+def test_mlp_block_bfloat16_activation_in_float32():
+  """bf16: the GELU and the gating product are computed in float32, rounded to bf16 once."""
+  from slic_jax import matmul
+  cfg = network.make_config('tiny', emb_dim=8, mlp_dim=12, dtype='bfloat16')
+  block = network.MlpBlock(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8)).astype(jnp.bfloat16)
+  variables = block.init(jax.random.PRNGKey(1), x)
+  p = variables['params']
+  h0 = matmul.dense(x, p['wi_0']['kernel'], dtype=jnp.bfloat16).astype(jnp.float32)
+  h1 = matmul.dense(x, p['wi_1']['kernel'], dtype=jnp.bfloat16).astype(jnp.float32)
+  hidden = (jax.nn.gelu(h0) * h1).astype(jnp.bfloat16)
+  expected = matmul.dense(hidden, p['wo']['kernel'], dtype=jnp.bfloat16)
+  got = block.apply(variables, x)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                             rtol=1e-2, atol=1e-2)
 
 
 def test_mlp_block_is_gated_gelu_of_its_two_kernels():

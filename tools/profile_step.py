@@ -125,6 +125,35 @@ def coarse(source: str) -> str:
   return "optimizer / other"
 
 
+def op_kind(name: str, insts) -> str:
+  """'<opcode> <result shape>' of an instruction, e.g. 'fusion f32[8,1024,1024]' (kind=...)."""
+  line = insts[name][1]
+  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) ([a-z\-]+)\(", line)
+  kind = re.search(r"kind=(k\w+)", line)
+  calls = re.search(r"calls=%(\S+?)[,\s]", line)
+  desc = f"{m.group(2)} {m.group(1)}" if m else line.strip()[:60]
+  if kind:
+    desc += f" {kind.group(1)}"
+  if calls:
+    desc += f" calls={calls.group(1)}"
+  return desc
+
+
+def top_ops(trace_events, comps, insts, shapes, n: int) -> str:
+  """The n longest single non-matmul ops (summed over their calls): ms, calls, opcode, source."""
+  acc = collections.defaultdict(lambda: [0.0, 0])
+  for e in trace_events:
+    if (e.get("ph") == "X" and e.get("name") in insts
+        and not op_flops(e["name"], comps, insts, shapes)):
+      acc[e["name"]][0] += e["dur"] / 1e3
+      acc[e["name"]][1] += 1
+  out = ["     ms calls  op: opcode, shape; source"]
+  for name, (ms, calls) in sorted(acc.items(), key=lambda x: -x[1][0])[:n]:
+    out.append(f"{ms:7.1f} {calls:5d}  {name}: {op_kind(name, insts)[:90]}; "
+               f"{fold(op_source(name, insts))[-80:]}")
+  return "\n".join(out)
+
+
 def summarize(trace_events, comps, insts, shapes, top: int) -> str:
   rows = [(e["dur"] / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts))
           for e in trace_events if e.get("ph") == "X" and e.get("name") in insts]
@@ -169,6 +198,10 @@ def main(argv=None) -> int:
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--top", type=int, default=30)
+  ap.add_argument("--top_ops", type=int, default=0,
+                  help="also list the N longest single ops that are not matmuls "
+                       "(layout copies, reductions, elementwise fusions)")
+  ap.add_argument("--dump_hlo", default=None, help="write the compiled step's HLO text here")
   ap.add_argument("--trace_dir", default=None, help="keep the trace here (default: a temp dir)")
   args = ap.parse_args(argv)
 
@@ -197,12 +230,18 @@ def main(argv=None) -> int:
     return 1
   events = json.load(gzip.open(files[-1]))["traceEvents"]
   comps, insts, hlo_shapes = parse_hlo(compiled.as_text())
+  if args.dump_hlo:
+    with open(args.dump_hlo, "w") as f:
+      f.write(compiled.as_text())
   print(f"{args.size}, {args.batch} pairs, Li {args.li}, Lt {args.lt}, reg_target "
         f"{args.reg_target}, dtype {args.dtype} (logits {args.logits_dtype}), "
         f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}: "
         f"profiled step {wall:.2f} s wall; model GFLOP/step "
         f"{benchmark.config_flops(cfg, args.batch, args.li, args.lt, n_targets=2 if args.reg_target == 'chosen' else 3)['train_step'] / 1e9:.0f}")
   print(summarize(events, comps, insts, hlo_shapes, args.top))
+  if args.top_ops:
+    print("\nlongest non-matmul ops:")
+    print(top_ops(events, comps, insts, hlo_shapes, args.top_ops))
   return 0
 
 
