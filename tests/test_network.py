@@ -145,6 +145,17 @@ def test_relative_bias_equals_per_position_gather(qlen, klen, bidirectional):
   assert float(jnp.abs(g_ref).sum()) > 0  # the check is not vacuous
 
 
+def test_relative_bias_bfloat16_gradient_accumulates_in_float32():
+  qlen = klen = 256
+  table = jax.random.normal(jax.random.PRNGKey(0), (2, 32))
+  w = jax.random.normal(jax.random.PRNGKey(1), (2, qlen, klen))
+  grad = lambda dt: jax.jit(jax.grad(lambda t: jnp.sum(network.relative_bias(
+      t.astype(dt), qlen, klen, True, 128).astype(jnp.float32) * w)))(table)
+  exact, low = grad(jnp.float32), grad(jnp.bfloat16)
+  # Sums of up to ~qlen·klen/2 terms: bf16 accumulation would be off by tens of percent.
+  assert float(jnp.abs(low - exact).max()) < 0.01 * float(jnp.abs(exact).max())
+
+
 def test_toeplitz_layout():
   u = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6)  # qlen 3 + klen 4 - 1 columns
   t = np.asarray(network.toeplitz(u, 3, 4))
@@ -373,6 +384,25 @@ def test_fused_projection_bfloat16_gradients_match_separate_matmuls():
     np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
   hlo = jax.jit(jax.grad(functools.partial(loss, fused))).lower(x, ws).as_text()
   assert ' pad(' not in hlo and 'stablehlo.pad' not in hlo  # no pad-and-add of cotangents
+
+
+@pytest.mark.parametrize('acts', [('gelu', 'linear'), ('relu',), ('gelu', 'linear', 'gelu')])
+def test_gated_activation_low_precision_vjp(acts):
+  """bf16: value and stacked gradient [..., n, F] match float32 autodiff of the product."""
+  y = jax.random.normal(jax.random.PRNGKey(0), (2, 3, len(acts), 16)).astype(jnp.bfloat16)
+  g = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 16))
+  yf = y.astype(jnp.float32)
+  ref, vjp_ref = jax.vjp(lambda v: network.gated_activation(v, acts, jnp.float32), yf)
+  out, vjp = jax.vjp(lambda v: network.gated_activation(v, acts, jnp.bfloat16), y)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-2)
+  (d_ref,) = vjp_ref(g.astype(jnp.bfloat16).astype(jnp.float32))
+  (d,) = vjp(g.astype(jnp.bfloat16))
+  assert d.dtype == jnp.bfloat16 and d.shape == y.shape
+  np.testing.assert_allclose(np.asarray(d, np.float32), d_ref, rtol=2e-2, atol=2e-2)
+  assert float(jnp.abs(d_ref).max()) > 0.1
+  with pytest.raises(ValueError, match='2 activations for 3 stacked'):
+    network.gated_activation(jnp.zeros((4, 3, 8)), ('gelu', 'linear'), jnp.bfloat16)
 
 
 def test_mlp_block_bfloat16_activation_in_float32():

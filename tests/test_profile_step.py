@@ -36,3 +36,27 @@ def test_grouping_folds_layers_and_splits_parts():
   assert profile_step.coarse("jit(train_step)/jvp(_target_log_softmax)/reduce_max") == (
       "logits / loss / embeddings")
   assert profile_step.coarse("(no source: optimizer / runtime)") == "optimizer / other"
+
+
+def test_top_ops_lists_longest_non_matmul_ops():
+  f = lambda a, b: jnp.tanh(a @ b) * 2.0
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  text = jax.jit(f).lower(a, b).compile().as_text()
+  comps, insts, shapes = profile_step.parse_hlo(text)
+  entry = re.search(r"ENTRY %(\S+)", text).group(1)
+  ops = [n for n, (comp, _) in insts.items() if comp == entry
+         and not re.search(r" = \S+ (parameter|constant|tuple|get-tuple-element)\(", insts[n][1])]
+  dots = [n for n in ops if profile_step.op_flops(n, comps, insts, shapes)]
+  others = [n for n in ops if n not in dots]
+  assert dots and others
+  # A fake trace: every op twice, the matmul the longest; it must not be listed.
+  events = [{"ph": "X", "name": n, "dur": 9000.0 if n in dots else 1000.0 * (i + 1)}
+            for i, n in enumerate(ops) for _ in range(2)]
+  table = profile_step.top_ops(events, comps, insts, shapes, 10).split("\n")
+  assert len(table) == 1 + len(others)
+  assert not any(d + ":" in line for d in dots for line in table)
+  longest = max(others, key=lambda n: ops.index(n))
+  ms, calls = table[1].split()[:2]
+  assert table[1].split()[2] == longest + ":"
+  assert float(ms) == 2 * (ops.index(longest) + 1) and int(calls) == 2
+  assert profile_step.op_kind(longest, insts).split()[0] in text.split(f"%{longest} = ")[1]
