@@ -320,9 +320,9 @@ def _unstack(y):
 
   Autodiff of ``y[..., i, :]`` would pad each cotangent to [..., n, F] and add the n
   pads; in a low-precision step XLA:CPU fuses that chain with the bf16 elementwise ops
-  before it into one slow loop (measured: a bf16 gated-MLP layer's forward and backward
-  at 4 x 1024 tokens took 150 ms with pads, 86 ms with this). In float32 the pads are
-  the faster form and are kept (`fused_projection`).
+  before it into one slow loop (`tools/profile_step.py --dtype bfloat16 --top_ops`
+  showed these fusions among the longest ops; benchmarks/NOTES.md, session 4). In
+  float32 the pads were the faster form and are kept (`fused_projection`).
   """
   return [y[..., i, :] for i in range(y.shape[-2])]
 
