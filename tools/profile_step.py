@@ -126,7 +126,7 @@ def coarse(source: str) -> str:
 
 
 def op_kind(name: str, insts) -> str:
-  """'<opcode> <result shape>' of an instruction, e.g. 'fusion f32[8,1024,1024]' (kind=...)."""
+  """'<opcode> <result shape> [fusion kind] [calls=<computation>]' of an HLO instruction."""
   line = insts[name][1]
   m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) ([a-z\-]+)\(", line)
   kind = re.search(r"kind=(k\w+)", line)
@@ -229,10 +229,11 @@ def main(argv=None) -> int:
     print(f"no trace written under {trace_dir}", file=sys.stderr)
     return 1
   events = json.load(gzip.open(files[-1]))["traceEvents"]
-  comps, insts, hlo_shapes = parse_hlo(compiled.as_text())
+  hlo_text = compiled.as_text()
+  comps, insts, hlo_shapes = parse_hlo(hlo_text)
   if args.dump_hlo:
     with open(args.dump_hlo, "w") as f:
-      f.write(compiled.as_text())
+      f.write(hlo_text)
   print(f"{args.size}, {args.batch} pairs, Li {args.li}, Lt {args.lt}, reg_target "
         f"{args.reg_target}, dtype {args.dtype} (logits {args.logits_dtype}), "
         f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}: "
