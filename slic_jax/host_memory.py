@@ -1,18 +1,49 @@
-"""Returning freed host memory to the operating system between the trainer's phases.
+"""Host (glibc) memory of the CPU-hosted step: reuse it within the loop, trim between phases.
 
-XLA:CPU's compiler and the parameter-init step free hundreds of MB when they finish, but
-glibc's malloc keeps freed heap pages resident, so they add to the process's peak RSS
-during training. ``malloc_trim(0)`` gives them back. The trainer calls `trim` after
-initialising the state and after compiling the update step (ahead of the loop);
-`tools/benchmark.py`'s workers do the same. Peak RSS of the 2-row SLiC-HF step (T5 1.1
-small, 4 pairs, Li 512 / Lt 64): 2844 MB before (`benchmarks/results_full_run.md`), 2477 MB
-after (`benchmarks/results.md`).
+**Reuse** (`reuse_freed_memory`). XLA:CPU allocates each executable's temporaries as one
+block per call (777 MB for the bf16 2-row SLiC-HF step on T5 1.1 small at Li 512; 1474 MB
+in float32). glibc serves a block that large with ``mmap`` and gives it back with
+``munmap`` when it is freed (it does so for any block above its mmap threshold, at most
+32 MB, and for any block a worker thread's arena cannot hold), so every step faults the
+whole block in again, page by page. `benchmarks/results.md` (session 5; T5 1.1 small,
+2 rows, 4 pairs, Li 512): with glibc's defaults, 202,065 minor page faults and 0.38 s of
+kernel time per bf16 step (1.55 s), 412,576 and 0.69 s per float32 step (3.12 s); with
+the settings below, 0 faults and 0.01-0.02 s, at 1.36 s and 2.84 s per step.
+
+`reuse_freed_memory` sets glibc's ``mallopt`` so that freed blocks stay in one heap and
+the next step reuses them: no ``mmap`` (``M_MMAP_MAX = 0``), one arena for all threads
+(``M_ARENA_MAX = 1``; a thread arena would still ``mmap`` what it cannot hold) and no
+automatic trim below 2 GB of free heap top (``M_TRIM_THRESHOLD``). It must run before jax
+starts its backend (threads that have already allocated keep their arenas);
+`slic_jax.train` calls it first (gin: ``host_memory.reuse_freed_memory.enabled``). The
+same settings for any process, e.g. ``python -m t5x.train``: the environment variable
+``GLIBC_TUNABLES`` = `GLIBC_TUNABLES`. ``tools/benchmark.py`` reports page faults and
+kernel time per step (``--host_malloc default``: glibc's defaults).
+
+**Trim** (`trim`). XLA:CPU's compiler and the parameter-init step free hundreds of MB when
+they finish, but glibc's malloc keeps freed heap pages resident, so they add to the
+process's peak RSS during training. ``malloc_trim(0)`` gives them back. The trainer calls
+`trim` after initialising the state and after compiling the update step (ahead of the
+loop); `tools/benchmark.py`'s workers do the same. Peak RSS of the 2-row SLiC-HF step (T5
+1.1 small, 4 pairs, Li 512 / Lt 64): 2844 MB before (`benchmarks/results_full_run.md`),
+2477 MB after (`benchmarks/results_session2_final.md`).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+
+import gin
+
+# glibc <malloc.h> mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+# mallopt takes an int: the largest trim threshold it can set.
+TRIM_THRESHOLD = 2 ** 31 - 1
+GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
+                  f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,3 +64,24 @@ def trim() -> bool:
   """
   lib = _libc()
   return bool(lib is not None and lib.malloc_trim(0) >= 0)
+
+
+@gin.configurable(module="host_memory")
+def reuse_freed_memory(enabled: bool = True) -> bool:
+  """Keeps freed blocks in the heap for reuse instead of unmapping them (see module doc).
+
+  ``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_ARENA_MAX, 1)``,
+  ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``. Call it before jax initialises its backend.
+  Memory that is freed stays resident up to the trim threshold (`trim` still gives it
+  back on request); the peak is unchanged, since each step allocates the same blocks.
+
+  Returns whether the settings were applied: False when ``enabled`` is False or the C
+  library has no ``mallopt`` (not glibc), or refused a setting.
+  """
+  lib = _libc()
+  if not enabled or lib is None or not hasattr(lib, "mallopt"):
+    return False
+  ok = True
+  for param, value in ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    ok = bool(lib.mallopt(param, value)) and ok
+  return ok

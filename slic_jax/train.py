@@ -282,6 +282,8 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   parse_gin(f.gin_file, f.gin_bindings, f.gin_search_paths)
+  # Before jax starts its backend: keep the step's freed host buffers for reuse.
+  logging.info("host_memory.reuse_freed_memory: %s", host_memory.reuse_freed_memory())
   train_fn = sys.modules["__main__"].__dict__.get("train", train)
   gin.get_configurable(train_fn)()  # gin supplies every argument
 

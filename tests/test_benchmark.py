@@ -123,8 +123,15 @@ def test_markdown_report_has_all_rows():
                                                    speedup_vs_trl_bf16=1.25),
                          "slic_jax_2row_bf16_mb4": run(2.1, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_bf16_remat": run(2.4, 4e11, dtype="bfloat16"),
+                         "slic_jax_2row_glibc": run(3.3, 4e11, minor_faults_per_step=412000,
+                                                    kernel_s_per_step=0.9),
+                         "slic_jax_2row_bf16_glibc": run(2.3, 4e11, dtype="bfloat16",
+                                                         minor_faults_per_step=201834,
+                                                         kernel_s_per_step=0.697),
                          "trl": run(6.0, 7.5e11),
-                         "trl_bf16": run(2.5, 7.5e11)}],
+                         "trl_bf16": run(2.5, 7.5e11),
+                         "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
+                                          kernel_s_per_step=0.01)}],
          "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
   md = benchmark.to_markdown(res)
   for label in benchmark.LABELS.values():
@@ -132,3 +139,5 @@ def test_markdown_report_has_all_rows():
   assert "2.00× / 2.00×" in md and "1.50× / 1.50×" in md
   assert "3.00× / 3.00×" in md and "| 17% / 19% | jax bf16→f32 |" in md
   assert "against TRL with bf16 autocast: slic_jax bf16 (2 rows, as TRL) 1.25×" in md
+  # page faults and kernel time per step, where the worker measured them
+  assert "| 201834 | 0.70 |" in md and "| 0 | 0.01 |" in md and "| – | – |" in md

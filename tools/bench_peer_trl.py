@@ -138,12 +138,17 @@ def run_cpo(args) -> dict:
   class Timer(TrainerCallback):
     def __init__(self):
       self.begin, self.compute, self.loop, self.last_end = None, [], [], None
+      self.faults, self.kernel_s, self.usage = [], [], None
 
     def on_step_begin(self, *a, **k):
       self.begin = time.perf_counter()
+      self.usage = resource.getrusage(resource.RUSAGE_SELF)
 
     def on_step_end(self, *a, **k):
       now = time.perf_counter()
+      u = resource.getrusage(resource.RUSAGE_SELF)
+      self.faults.append(u.ru_minflt - self.usage.ru_minflt)
+      self.kernel_s.append(u.ru_stime - self.usage.ru_stime)
       self.compute.append(now - self.begin)
       if self.last_end is not None:
         self.loop.append(now - self.last_end)
@@ -171,6 +176,9 @@ def run_cpo(args) -> dict:
       "setup_s": setup_s, "train_s": train_s, "step_times_s": comp, "step_s_median": med,
       "step_s_min": min(comp), "loop_step_s_median": statistics.median(loop) if loop else None,
       "pairs_per_s": args.batch / med, "final_train_loss": out.training_loss,
+      "minor_faults_per_step": statistics.median(timer.faults[args.warmup:]),
+      "kernel_s_per_step": statistics.median(timer.kernel_s[args.warmup:]),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
       "model_call_shapes": shapes,
       "encoder_passes_per_pair": shapes["encoder_input_ids"][0] // args.batch,
       "decoder_rows_per_pair": shapes["concatenated_labels"][0] // args.batch,

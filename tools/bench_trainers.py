@@ -64,7 +64,7 @@ import struct
 import subprocess
 import sys
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT_GIN = "gin/slic_hf.gin"
@@ -233,9 +233,9 @@ def trainer_command(python: str, module: str, *, model_gin: str, model_dir: str,
           f"--gin.MODEL_DIR={model_dir!r}", *[f"--gin.{b}" for b in bindings]]
 
 
-def subprocess_env() -> dict[str, str]:
-  """This process's environment plus ``PYTHONPATH`` = repo root and quiet TensorFlow."""
-  env = dict(os.environ)
+def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+  """This process's environment plus ``PYTHONPATH`` = repo root, quiet TensorFlow, ``extra``."""
+  env = {**os.environ, **(extra or {})}
   env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   return env
@@ -268,7 +268,8 @@ def prepare_data(python: str) -> None:
                        f"{tail(proc.stderr)}")
 
 
-def run_trainer(name: str, cmd: list[str], log_dir: str, timeout: float) -> dict:
+def run_trainer(name: str, cmd: list[str], log_dir: str, timeout: float,
+                env: Mapping[str, str] | None = None) -> dict:
   """Runs one trainer to completion; stdout/stderr go to ``log_dir/<name>.{out,err}``.
   Returns command, return code, wall seconds and the captured stderr."""
   os.makedirs(log_dir, exist_ok=True)
@@ -276,7 +277,7 @@ def run_trainer(name: str, cmd: list[str], log_dir: str, timeout: float) -> dict
   t0 = time.perf_counter()
   try:
     with open(out_path, "w") as out, open(err_path, "w") as err:
-      proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), stdout=out, stderr=err,
+      proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(env), stdout=out, stderr=err,
                             timeout=timeout)
     rc = proc.returncode
   except subprocess.TimeoutExpired:
@@ -290,7 +291,7 @@ def run_trainer(name: str, cmd: list[str], log_dir: str, timeout: float) -> dict
                        f"--- last {STDERR_TAIL_CHARS} chars of stderr ({err_path}) ---\n"
                        f"{tail(stderr)}")
   return {"command": cmd, "returncode": rc, "wall_seconds": wall, "stderr": stderr,
-          "stderr_path": err_path}
+          "stderr_path": err_path, "env": dict(env or {})}
 
 
 def _result(run: dict, windows: list[tuple[int, float]], name: str, num_params, **extra) -> dict:
@@ -311,12 +312,15 @@ def _result(run: dict, windows: list[tuple[int, float]], name: str, num_params, 
 def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int,
                      targets_len: int, model_gin: str, stats_period: int, workdir: str,
                      gin_overrides: Sequence[str] = (), slic_python: str = sys.executable,
-                     timeout: float = 3600) -> dict:
+                     timeout: float = 3600, t5x_reuse_malloc: bool = False) -> dict:
   """Runs slic_jax.train, then t5x.train, on gin/slic_hf.gin with the same settings and
   returns their ``timing/seqs_per_second`` (JSON-serialisable; see the module docstring).
 
   ``gin_overrides``: extra ``NAME=VALUE`` bindings for both trainers, after
-  `common_bindings` (later bindings win). Raises `TrainerError` (with the tail of the
+  `common_bindings` (later bindings win). ``t5x_reuse_malloc``: also run t5x.train with
+  slic_jax.train's glibc malloc settings (``GLIBC_TUNABLES`` =
+  `slic_jax.host_memory.GLIBC_TUNABLES`; slic_jax.train sets them itself with
+  ``mallopt``), reported as ``t5x_reuse``. Raises `TrainerError` (with the tail of the
   failing process's stderr) if T5X is unusable, a trainer fails or writes no timing.
   """
   if steps % stats_period or steps < 2 * stats_period:
@@ -331,7 +335,7 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
                              targets_len=targets_len, stats_period=stats_period)
   bindings += list(gin_overrides)
   workdir = os.path.abspath(workdir)
-  dirs = {n: os.path.join(workdir, n) for n in ("slic_jax", "t5x")}
+  dirs = {n: os.path.join(workdir, n) for n in ("slic_jax", "t5x", "t5x_reuse")}
   for d in dirs.values():  # a fresh MODEL_DIR each: no resuming from an older run
     shutil.rmtree(d, ignore_errors=True)
   logs = os.path.join(workdir, "logs")
@@ -342,13 +346,24 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
   ours = _result(run, read_jsonl_metric(os.path.join(dirs["slic_jax"], "metrics.jsonl")),
                  "slic_jax", slic_jax_num_params(run["stderr"]), model_dir=dirs["slic_jax"])
 
-  run = run_trainer("t5x", trainer_command(
-      t5x_python, "t5x.train", model_gin=model_gin, model_dir=dirs["t5x"],
-      bindings=bindings), logs, timeout)
-  tb = read_tb_scalars(os.path.join(dirs["t5x"], "train"))
-  theirs = _result(run, tb.get(METRIC, []), "t5x", t5x_num_params(dirs["t5x"]),
-                   model_dir=dirs["t5x"],
+  def run_t5x(name, env=None):
+    run = run_trainer(name, trainer_command(
+        t5x_python, "t5x.train", model_gin=model_gin, model_dir=dirs[name],
+        bindings=bindings), logs, timeout, env=env)
+    tb = read_tb_scalars(os.path.join(dirs[name], "train"))
+    return _result(run, tb.get(METRIC, []), name, t5x_num_params(dirs[name]),
+                   model_dir=dirs[name],
                    t5x_timing={k: tb[k][-1][1] for k in T5X_ONE_OFF_TIMINGS if k in tb})
+
+  theirs = run_t5x("t5x")
+  extra = {}
+  if t5x_reuse_malloc:
+    if REPO not in sys.path:
+      sys.path.insert(0, REPO)
+    from slic_jax import host_memory  # pylint: disable=g-import-not-at-top
+    extra["t5x_reuse"] = run_t5x("t5x_reuse", {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES})
+    extra["ratio_slic_jax_over_t5x_reuse"] = ratio(
+        ours["median_seqs_per_second"], extra["t5x_reuse"]["median_seqs_per_second"])
 
   warnings = []
   if ours["num_params"] and theirs["num_params"] and ours["num_params"] != theirs["num_params"]:
@@ -365,6 +380,7 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
       "slic_jax": ours, "t5x": theirs,
       "ratio_slic_jax_over_t5x": ratio(ours["median_seqs_per_second"],
                                        theirs["median_seqs_per_second"]),
+      **extra,
       "warnings": warnings,
   }
 
@@ -381,13 +397,18 @@ def markdown_table(result: dict) -> str:
       "| wall s | params |",
       "|---|---|---|---|---|",
   ]
-  for name in ("slic_jax", "t5x"):
+  for name in ("slic_jax", "t5x", "t5x_reuse"):
+    if name not in result:
+      continue
     r = result[name]
     per = ", ".join(f"{w['seqs_per_second']:.1f}" for w in r["windows"])
     lines.append(f"| {name} | {per} | {r['median_seqs_per_second']:.2f} | "
                  f"{r['wall_seconds']:.1f} | {r['num_params'] or '?'} |")
   lines += ["", f"ratio slic_jax / t5x (median seqs/s): "
                 f"{result['ratio_slic_jax_over_t5x']:.2f}x"]
+  if "ratio_slic_jax_over_t5x_reuse" in result:
+    lines += [f"ratio slic_jax / t5x with slic_jax's malloc settings (t5x_reuse: "
+              f"GLIBC_TUNABLES): {result['ratio_slic_jax_over_t5x_reuse']:.2f}x"]
   lines += [f"WARNING: {w}" for w in result["warnings"]]
   return "\n".join(lines)
 
@@ -408,6 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="extra gin binding for both trainers (repeatable)")
   ap.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
   ap.add_argument("--out", default=None, help="write the JSON result here")
+  ap.add_argument("--t5x_reuse_malloc", action="store_true",
+                  help="also run t5x.train with slic_jax.train's glibc malloc settings")
   return ap.parse_args(argv)
 
 
@@ -418,7 +441,8 @@ def main(argv=None) -> int:
         t5x_python=args.t5x_python, steps=args.steps, batch=args.batch,
         inputs_len=args.inputs, targets_len=args.targets, model_gin=args.model,
         stats_period=args.stats_period, workdir=args.workdir, gin_overrides=args.gin,
-        slic_python=args.slic_python, timeout=args.timeout)
+        slic_python=args.slic_python, timeout=args.timeout,
+        t5x_reuse_malloc=args.t5x_reuse_malloc)
   except (TrainerError, ValueError) as e:
     print(f"bench_trainers: {e}", file=sys.stderr)
     return 1

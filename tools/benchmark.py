@@ -83,9 +83,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
 T5X_ENV = "/tmp/t5x_env"
 SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
-             "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat")
+             "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat",
+             "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
-                "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat")
+                "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
+                "slic_jax_2row_bf16_glibc")
 # side-by-side rows: key -> (reg_target, num_microbatches, dtype, remat policy); bfloat16
 # rows compute every matmul (vocabulary projection included) in bf16 with f32 accumulation.
 SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
@@ -94,7 +96,12 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_bf16": ("reference", 1, "bfloat16", "none"),
                 "slic_jax_2row_bf16": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_bf16_mb4": ("chosen", 4, "bfloat16", "none"),
-                "slic_jax_2row_bf16_remat": ("chosen", 1, "bfloat16", "full")}
+                "slic_jax_2row_bf16_remat": ("chosen", 1, "bfloat16", "full"),
+                "slic_jax_2row_glibc": ("chosen", 1, "float32", "none"),
+                "slic_jax_2row_bf16_glibc": ("chosen", 1, "bfloat16", "none")}
+# rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
+# others call `host_memory.reuse_freed_memory()` first, as slic_jax.train does.
+GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
 LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row": "slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL)",
           "slic_jax_2row_mb4": "slic_jax (2 rows, 4 microbatches)",
@@ -102,8 +109,11 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_bf16": "slic_jax bf16 (2 rows, as TRL)",
           "slic_jax_2row_bf16_mb4": "slic_jax bf16 (2 rows, 4 microbatches)",
           "slic_jax_2row_bf16_remat": "slic_jax bf16 (2 rows, remat 'full')",
+          "slic_jax_2row_glibc": "slic_jax (2 rows), glibc's default malloc",
+          "slic_jax_2row_bf16_glibc": "slic_jax bf16 (2 rows), glibc's default malloc",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺)",
-          "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)"}
+          "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
+          "trl_reuse": "TRL CPOTrainer, slic_jax's malloc settings (`--peer_reuse_malloc`)"}
 VOCAB = 32128
 
 # name -> (emb_dim, num_heads, head_dim, layers (enc = dec), mlp_dim, vocab)
@@ -242,9 +252,12 @@ def _current_rss_mb() -> float | None:
 
 
 def worker_slic(args) -> dict:
+  from slic_jax import host_memory
+  # First, before jax starts its backend: as slic_jax.train (host_memory's doc).
+  reuse = host_memory.reuse_freed_memory(enabled=args.host_malloc == "reuse")
   import jax
   import numpy as np
-  from slic_jax import host_memory, partitioning  # (no SeqIO/TF here: see build_step)
+  from slic_jax import partitioning  # (no SeqIO/TF here: see build_step)
 
   rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype)
@@ -275,13 +288,16 @@ def worker_slic(args) -> dict:
           mem[k.replace("_in_bytes", "_mb")] = getattr(ma, k) / 2 ** 20
     except Exception:  # pragma: no cover
       pass
-    times = []
+    times, faults, kernel_s = [], [], []
     for i in range(args.warmup + args.steps):
-      t0 = time.perf_counter()
+      u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
+      t1, u1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
       if i >= args.warmup:
-        times.append(time.perf_counter() - t0)
+        times.append(t1 - t0)
+        faults.append(u1.ru_minflt - u0.ru_minflt)
+        kernel_s.append(u1.ru_stime - u0.ru_stime)
     loss = float(np.asarray(metrics["loss"].compute()))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   n_rows = 2 if args.reg_target == "chosen" else 3
@@ -296,6 +312,9 @@ def worker_slic(args) -> dict:
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
       "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
+      "host_malloc": "reuse" if reuse else "glibc default",
+      "minor_faults_per_step": statistics.median(faults),
+      "kernel_s_per_step": statistics.median(kernel_s),
       "model_flops_per_step": flops["train_step"], "flops_breakdown": flops,
       "xla_cost_analysis_flops": xla_flops, "xla_memory_analysis": mem,
       "achieved_model_flops_per_s": flops["train_step"] / med,
@@ -382,12 +401,13 @@ def _brief(r: dict) -> str:
 
 def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
              reg_target="reference", xla_default=False, microbatches=1,
-             logits_dtype=None) -> list[str]:
+             logits_dtype=None, host_malloc="reuse") -> list[str]:
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target,
-         "--microbatches", str(microbatches), "--logits_dtype", logits_dtype or dtype]
+         "--microbatches", str(microbatches), "--logits_dtype", logits_dtype or dtype,
+         "--host_malloc", host_malloc]
   return cmd + (["--xla_default"] if xla_default else [])
 
 
@@ -450,6 +470,7 @@ def _machine() -> dict:
 
 
 def orchestrate(args) -> dict:
+  from slic_jax import host_memory
   sizes = [s for s in args.sizes.split(",") if s]
   res = {
       "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
@@ -486,16 +507,19 @@ def orchestrate(args) -> dict:
   for size in sizes:
     row = {"size": size}
     keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
-    peers = ["trl"] + ["trl_bf16"] * args.peer_bf16
+    peers = ["trl"] + ["trl_bf16"] * args.peer_bf16 + ["trl_reuse"] * args.peer_reuse_malloc
     runs = {**{k: [] for k in keys}, **{k: [] for k in peers}}
     for _ in range(max(args.repeats, 1)):
       for key in keys:
         reg_target, micro, dtype, remat = SLIC_CONFIGS[key]
+        malloc = "default" if key in GLIBC_DEFAULT_ROWS else "reuse"
         runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype, remat=remat,
-                                            reg_target=reg_target, microbatches=micro), t))
+                                            reg_target=reg_target, microbatches=micro,
+                                            host_malloc=malloc), t))
       for pkey in peers:
         pc = None if args.no_peer else peer_cmd(args, size, args.li, bf16=pkey == "trl_bf16")
-        peer = _run_json(pc, t) if pc else {"error": "peer skipped or env missing"}
+        env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if pkey == "trl_reuse" else None
+        peer = _run_json(pc, t, env) if pc else {"error": "peer skipped or env missing"}
         if "step_s_median" in peer:
           pf = peer_flops(size, args.batch, args.li, args.lt)
           peer["model_flops_per_step"] = pf["train_step"]
@@ -618,15 +642,16 @@ def to_markdown(res: dict) -> str:
   lines += ["", "## Side by side", "",
             "| model | framework | s/step (median) | s/step (best) | pairs/s (median) | speed-up "
             "(median / best) | model GFLOP/step | XLA GFLOP/step | model GFLOP/s (median / best) | "
-            "% of matmul peak of its dtype (median / best) | peak used | peak RSS MB | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "% of matmul peak of its dtype (median / best) | peak used | peak RSS MB | compile s | "
+            "page faults / step | kernel s / step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
-    for fw in SLIC_ROWS + ("trl", "trl_bf16"):
+    for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse"):
       r = c.get(fw)
       if r is None:
         continue
       if "error" in r:
-        lines.append(f"| {c['size']} | {LABELS[fw]} | error: {r['error']} | | | | | | | | | | |")
+        lines.append(f"| {c['size']} | {LABELS[fw]} | error: {r['error']} | | | | | | | | | | | | |")
         continue
       sp = ""
       if "speedup_pairs_per_s" in r:
@@ -647,7 +672,9 @@ def to_markdown(res: dict) -> str:
           f"{_g(fl and fl / r['step_s_min'], 1e9, '{:.1f}')} | "
           f"{_g(fl and pk and fl / r['step_s_median'] / pk, 0.01, '{:.0f}%')} / "
           f"{_g(fl and pk and fl / r['step_s_min'] / pk, 0.01, '{:.0f}%')} | {pk_name} | "
-          f"{r['peak_rss_mb']:.0f} | {_g(r.get('compile_s'), 1, '{:.1f}')} |")
+          f"{r['peak_rss_mb']:.0f} | {_g(r.get('compile_s'), 1, '{:.1f}')} | "
+          f"{_g(r.get('minor_faults_per_step'), 1, '{:.0f}')} | "
+          f"{_g(r.get('kernel_s_per_step'), 1, '{:.2f}')} |")
   if res["sweep"]:
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
               f"{s.get('sweep_dtype', 'float32')})", "",
@@ -750,6 +777,12 @@ def parse_args(argv=None):
   ap.add_argument("--repeats", type=int, default=1,
                   help="side-by-side processes per framework, run in turn; the fastest is shown")
   ap.add_argument("--peer_warmup", type=int, default=1)
+  ap.add_argument("--peer_reuse_malloc", action="store_true",
+                  help="also run TRL (float32) with slic_jax's glibc malloc settings "
+                       "(GLIBC_TUNABLES = host_memory.GLIBC_TUNABLES)")
+  ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "default"],
+                  help="step worker: host_memory.reuse_freed_memory() first (as "
+                       "slic_jax.train), or glibc's default malloc")
   ap.add_argument("--sweep", default="128,256,512,1024", help="input lengths ('' = none)")
   ap.add_argument("--sweep_size", default="mini")
   ap.add_argument("--sweep_peer", action="store_true", help="also sweep the TRL peer")
@@ -782,8 +815,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  sys.path.insert(0, REPO)
   if args._worker:
-    sys.path.insert(0, REPO)
     fn = {"slic": worker_slic, "matmul": worker_matmul}[args._worker]
     print(json.dumps(fn(args)), flush=True)
     return
