@@ -36,6 +36,9 @@ def test_grouping_folds_layers_and_splits_parts():
   assert profile_step.coarse("jit(train_step)/jvp(_target_log_softmax)/reduce_max") == (
       "logits / loss / embeddings")
   assert profile_step.coarse("(no source: optimizer / runtime)") == "optimizer / other"
+  assert profile_step.op_family("wrapped_reduce-window.90") == "wrapped_reduce-window"
+  assert profile_step.op_family("copy.1.2") == "copy"
+  assert profile_step.op_family("fusion") == "fusion"
 
 
 def test_top_ops_lists_longest_non_matmul_ops():
@@ -60,3 +63,21 @@ def test_top_ops_lists_longest_non_matmul_ops():
   assert table[1].split()[2] == longest + ":"
   assert float(ms) == 2 * (ops.index(longest) + 1) and int(calls) == 2
   assert profile_step.op_kind(longest, insts).split()[0] in text.split(f"%{longest} = ")[1]
+
+
+def test_summarize_groups_ops_without_source_by_family():
+  f = lambda a, b: jnp.tanh(a @ b) * 2.0
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  text = jax.jit(f).lower(a, b).compile().as_text()
+  comps, insts, shapes = profile_step.parse_hlo(text)
+  names = list(insts)
+  # Strip the source of one op, as XLA's own rewrites have none.
+  victim = next(n for n in names if 'op_name="' in insts[n][1]
+                and not profile_step.op_flops(n, comps, insts, shapes))
+  comp, line = insts[victim]
+  insts[victim] = (comp, re.sub(r'op_name="[^"]*"', "", line))
+  events = [{"ph": "X", "name": n, "dur": 1000.0} for n in names]
+  out = profile_step.summarize(events, comps, insts, shapes, 50)
+  assert out.startswith(f"ops: {len(names)}, summed op time {len(names)} ms")
+  assert f"(no source: optimizer / runtime) {profile_step.op_family(victim)}" in out
+  assert "DOT " in out

@@ -14,11 +14,14 @@ options, Adafactor + clipping), runs ``--warmup`` steps, then traces one step wi
   ``transpose(jvp(Transformer.encode))/encoder/layers_3/mlp/...``), with layer numbers
   folded so the 8 layers of one kind add up.
 
-It prints the top ``--top`` groups by time and a coarse split (encoder / decoder,
+It prints the top ``--top`` groups by time (ops without a JAX source grouped by their HLO
+op family, e.g. XLA's ``wrapped_reduce-window`` rewrites of reductions) and a coarse split (encoder / decoder,
 forward / backward, attention projections / attention core / MLP, logits + loss,
 optimizer). Op times are as the trace reports them: XLA:CPU runs independent ops
 concurrently, so per-op times of overlapping ops include contention and their sum
-exceeds the step's wall time (both are printed).
+exceeds the step's wall time (both are printed). Like ``slic_jax.train``, it first calls
+`slic_jax.host_memory.reuse_freed_memory` (``--host_malloc default``: glibc's defaults, under
+which ops that first touch the step's temporaries also pay for their page faults).
 """
 from __future__ import annotations
 
@@ -96,9 +99,19 @@ def op_flops(name: str, comps, insts, shapes) -> int:
              if " dot(" in l)
 
 
+NO_SOURCE = "(no source: optimizer / runtime)"
+
+
 def op_source(name: str, insts) -> str:
   m = re.search(r'op_name="([^"]*)"', insts[name][1])
-  return m.group(1) if m else "(no source: optimizer / runtime)"
+  return m.group(1) if m else NO_SOURCE
+
+
+def op_family(name: str) -> str:
+  """An HLO op's name without its numeric suffix ('wrapped_reduce-window.90' ->
+  'wrapped_reduce-window'): ops without a JAX source (XLA's own reduction rewrites, copies,
+  parameter casts) are grouped by it."""
+  return re.sub(r"[.\d]+$", "", name) or name
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -155,8 +168,10 @@ def top_ops(trace_events, comps, insts, shapes, n: int) -> str:
 
 
 def summarize(trace_events, comps, insts, shapes, top: int) -> str:
+  ops = [e for e in trace_events if e.get("ph") == "X" and e.get("name") in insts]
   rows = [(e["dur"] / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts))
-          for e in trace_events if e.get("ph") == "X" and e.get("name") in insts]
+          for e in ops]
+  names = [e["name"] for e in ops]
   if not rows:
     return "no XLA ops found in the trace"
   total_ms = sum(r[0] for r in rows)
@@ -167,8 +182,9 @@ def summarize(trace_events, comps, insts, shapes, top: int) -> str:
          f"other ops {total_ms - dot_ms:.0f} ms", "", "top groups (layers folded):",
          "     ms  ops   GFLOP/s  source"]
   groups = collections.defaultdict(lambda: [0.0, 0, 0])
-  for ms, fl, src in rows:
-    g = groups[("DOT " if fl else "    ") + fold(src)]
+  for (ms, fl, src), name in zip(rows, names):
+    key = fold(src) if src != NO_SOURCE else f"{NO_SOURCE} {op_family(name)}"
+    g = groups[("DOT " if fl else "    ") + key]
     g[0] += ms
     g[1] += fl
     g[2] += 1
@@ -203,8 +219,12 @@ def main(argv=None) -> int:
                        "(layout copies, reductions, elementwise fusions)")
   ap.add_argument("--dump_hlo", default=None, help="write the compiled step's HLO text here")
   ap.add_argument("--trace_dir", default=None, help="keep the trace here (default: a temp dir)")
+  ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "default"],
+                  help="host_memory.reuse_freed_memory() first (as slic_jax.train), or not")
   args = ap.parse_args(argv)
 
+  from slic_jax import host_memory
+  host_memory.reuse_freed_memory(enabled=args.host_malloc == "reuse")  # before jax starts
   import jax
   cfg = benchmark.make_config(args.size, args.dtype, logits_dtype=args.logits_dtype)
   np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
