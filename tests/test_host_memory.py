@@ -88,4 +88,20 @@ def test_reuse_freed_memory_gin_switch():
     assert host_memory.reuse_freed_memory() is False  # the gin binding turns it off
   finally:
     with gin.unlock_config():
-      gin.bind_parameter(name, True)
+      gin.bind_parameter(name, None)  # the default: auto (step_runs_on_cpu)
+
+
+def test_step_runs_on_cpu_reads_jax_platforms_and_accelerator_plugins(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert host_memory.step_runs_on_cpu() is True
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  assert host_memory.step_runs_on_cpu() is False
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert host_memory.step_runs_on_cpu() is False
+  # Unset: an installed libtpu means the step runs on a TPU; the default then does nothing.
+  monkeypatch.delenv("JAX_PLATFORMS")
+  real_find_spec = host_memory.importlib.util.find_spec
+  monkeypatch.setattr(host_memory.importlib.util, "find_spec",
+                      lambda name, *a: object() if name == "libtpu" else real_find_spec(name, *a))
+  assert host_memory.step_runs_on_cpu() is False
+  assert host_memory.reuse_freed_memory() is False
