@@ -19,12 +19,16 @@ compile caches / allocator state do not leak into the next:
   chosen`` (y_ref = y⁺, 2 decoded rows: exactly TRL CPO's hinge + NLL-on-chosen loss,
   the same work as the peer). The step process never imports SeqIO/TensorFlow.
   Steady-state time = median of ``--steps`` timed steps after ``--warmup``
-  steps (each ``block_until_ready``); compile time is reported separately.
+  steps (each ``block_until_ready``); compile time is reported separately. Like the
+  trainer, the worker first calls ``host_memory.reuse_freed_memory()`` (``--host_malloc
+  default``: glibc's defaults; the side-by-side's "glibc default" rows), and it records
+  minor page faults and kernel time per step (``getrusage``), as the peer script does.
 * ``matmul`` : peak matmul rate of this machine in the same run: a square float32
   (and bfloat16) ``jnp.dot`` of ``--matmul_n`` (2048) repeated, plus numpy's.
   torch's is measured by the peer script (``--matmul_only``).
 * ``peer``   : ``tools/bench_peer_trl.py`` in the peer venv (TRL CPOTrainer,
   hinge + cpo_alpha, same dims/batch/lengths); see that file for what it times.
+  ``--peer_reuse_malloc`` also runs it with the same glibc settings (``GLIBC_TUNABLES``).
 * ``--trainers``: ``python -m slic_jax.train`` vs ``python -m t5x.train`` on the same
   gin experiment, each trainer's own ``timing/seqs_per_second``
   (``tools/bench_trainers.py``; needs the throw-away T5X env, ``--t5x_python``).
