@@ -89,7 +89,7 @@ def step_runs_on_cpu() -> bool:
     import jax_plugins  # pylint: disable=g-import-not-at-top
   except ImportError:
     return True
-  return not any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+  return next(pkgutil.iter_modules(jax_plugins.__path__), None) is None
 
 
 @gin.configurable(module="host_memory")

@@ -437,9 +437,9 @@ def _relative_bias_bwd(qlen, klen, bidirectional, max_distance, table, g):
                            diagonals=True)
   # Sums of up to qlen·klen terms: accumulated in float32 whatever the bias dtype.
   g = g.astype(jnp.float32)
-  u = jnp.zeros((g.shape[0], qlen + klen - 1), g.dtype)
-  _, toeplitz_vjp = jax.vjp(lambda u: toeplitz(u, qlen, klen), u)
-  (du,) = toeplitz_vjp(g)  # [H, qlen + klen - 1]: sums along the diagonals
+  toeplitz_t = jax.linear_transpose(lambda u: toeplitz(u, qlen, klen),
+                                    jax.ShapeDtypeStruct((g.shape[0], qlen + klen - 1), g.dtype))
+  (du,) = toeplitz_t(g)  # [H, qlen + klen - 1]: sums along the diagonals
   dtable = jnp.zeros(table.shape, du.dtype).at[:, jnp.asarray(diag_bucket)].add(du)
   return (dtable.astype(table.dtype),)
 

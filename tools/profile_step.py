@@ -14,12 +14,12 @@ options, Adafactor + clipping), runs ``--warmup`` steps, then traces one step wi
   ``transpose(jvp(Transformer.encode))/encoder/layers_3/mlp/...``), with layer numbers
   folded so the 8 layers of one kind add up.
 
-It prints the top ``--top`` groups by time (ops without a JAX source grouped by their HLO
-op family, e.g. XLA's ``wrapped_reduce-window`` rewrites of reductions) and a coarse split (encoder / decoder,
-forward / backward, attention projections / attention core / MLP, logits + loss,
-optimizer). Op times are as the trace reports them: XLA:CPU runs independent ops
-concurrently, so per-op times of overlapping ops include contention and their sum
-exceeds the step's wall time (both are printed). Like ``slic_jax.train``, it first calls
+It prints the top ``--top`` groups by time (ops without a JAX source grouped by their
+HLO op family, e.g. XLA's ``wrapped_reduce-window`` rewrites of reductions) and a coarse
+split (encoder / decoder, forward / backward, attention projections / attention core /
+MLP, logits + loss, optimizer). Op times are as the trace reports them: XLA:CPU runs
+independent ops concurrently, so per-op times of overlapping ops include contention and
+their sum exceeds the step's wall time (both are printed). Like ``slic_jax.train``, it first calls
 `slic_jax.host_memory.reuse_freed_memory` (``--host_malloc default``: glibc's defaults, under
 which ops that first touch the step's temporaries also pay for their page faults).
 """
