@@ -155,6 +155,22 @@ def einsum(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any,
   return _mixed_einsum(equation, dtype, out_dtype, a, b)
 
 
+def contract(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any) -> jax.Array:
+  """``einsum(equation, a, b)`` in float32 as `einsum`'s own backward pass computes it.
+
+  For custom VJPs elsewhere that need the same gradient matmuls: operands cast to
+  ``dtype``, products summed in float32 and returned in float32; for a lower-precision
+  ``dtype`` on CPU the operands and result are moved into the [batch, M, K] × [batch,
+  K, N] layout that keeps the dot in ``dtype`` (`_canonical_einsum`).
+  """
+  sa, sb, out = _parse(equation)
+  dtype = jnp.dtype(dtype)
+  a, b = a.astype(dtype), b.astype(dtype)
+  if dtype == jnp.float32:
+    return jnp.einsum(equation, a, b)
+  return _canonical_einsum(sa, sb, out, a, b)
+
+
 def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None) -> jax.Array:
   """y = x · W over x's last axis: x [..., D], W [D, *F] -> y [..., *F], via `einsum`.
 

@@ -382,35 +382,39 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets,
   return ret + np.where(n < max_exact, n, val_if_large)
 
 
-def toeplitz(u, qlen: int, klen: int):
-  """u [H, qlen + klen - 1] -> t [H, qlen, klen] with t[h, q, k] = u[h, k - q + qlen - 1].
-
-  The "relative shift" of Transformer-XL, built only from pad, broadcast, reshape and
-  slices: ``tile(pad(u), qlen)`` cut into rows of length n = qlen + klen - 1 from offset
-  qlen - 1 holds u shifted right by q in row q, because the tile period is n + 1. Its
-  transpose sums a [H, qlen, klen] cotangent along its diagonals with contiguous reads
-  (`relative_bias` uses it for its backward pass).
-  """
-  h, n = u.shape
-  if n != qlen + klen - 1:
-    raise ValueError(f"toeplitz: u has {n} columns, expected qlen + klen - 1 = {qlen + klen - 1}")
-  period = n + 1
-  tiled = jnp.broadcast_to(jnp.pad(u, ((0, 0), (0, 1)))[:, None, :], (h, qlen, period))
-  flat = tiled.reshape(h, qlen * period)[:, qlen - 1:qlen - 1 + qlen * n]
-  return flat.reshape(h, qlen, n)[:, :, :klen]
-
-
 def relative_bias(table, qlen: int, klen: int, bidirectional: bool, max_distance: int):
   """T5 relative position bias: table E [H, NB] -> bias [H, qlen, klen] = E[h, bucket(k - q)].
 
   The forward pass is a gather (materialised once and read by every layer). The
-  backward pass, dE[h, b] = sum over (q, k) with bucket(k - q) = b of dbias[h, q, k], first
-  sums dbias along its diagonals with `toeplitz`'s transpose (contiguous pads, reshapes
-  and one reduction) and then scatters the qlen + klen - 1 diagonal sums into the NB
-  buckets; the gather's own transpose would scatter all qlen·klen entries, a strided
-  [qlen·klen, H] copy that XLA:CPU runs slowly (measured with `tools/profile_step.py`).
+  backward pass is dE[h, b] = sum over (q, k) with bucket(k - q) = b of dbias[h, q, k].
+  Every diagonal d = k - q at or beyond the last log-spaced distance (and, causally,
+  every future one) shares its direction's end bucket, so dbias splits into three
+  regions of the diagonals: the two ends, each one masked sum (`jnp.where` on
+  k - q, fused into the reduction), and the band between them (|d| < max_distance),
+  cut out of dbias as [H, qlen, band] with `band_of_diagonals` and summed over q into
+  per-diagonal sums that are scattered into their buckets. The gather's own transpose
+  would scatter all qlen·klen entries (a strided [qlen·klen, H] copy), and the sum over
+  all qlen + klen - 1 diagonals pads dbias to [H, qlen, qlen + klen]; both are slow on
+  XLA:CPU at long inputs (measured with `tools/profile_step.py --li 1024`).
   """
   return _relative_bias(table, qlen, klen, bidirectional, max_distance)
+
+
+def band_of_diagonals(x, first: int, width: int):
+  """x [H, Q, K] -> band [H, Q, width], band[h, q, i] = x[h, q, q + first + i] (0 outside).
+
+  The "relative shift" trick (Transformer-XL) read backwards: rows padded to a width r
+  that no band entry crosses, flattened, and re-cut into rows of r + 1, so that row q
+  starts q entries further on. Only pads, reshapes and slices (no gather), and XLA
+  computes just the band's entries.
+  """
+  h, q, k = x.shape
+  left = max(0, -first)
+  start = first + left  # where row 0's band begins in its padded row
+  r = max(k + left, q - 1 + start + width)
+  flat = jnp.pad(x, ((0, 0), (0, 0), (left, r - k - left))).reshape(h, q * r)
+  flat = jnp.pad(flat, ((0, 0), (0, q + start)))[:, start:start + q * (r + 1)]
+  return flat.reshape(h, q, r + 1)[:, :, :width]
 
 
 def _bucket_of(qlen, klen, bidirectional, num_buckets, max_distance, diagonals=False):
@@ -419,6 +423,21 @@ def _bucket_of(qlen, klen, bidirectional, num_buckets, max_distance, diagonals=F
   else:
     rel = np.arange(klen)[None, :] - np.arange(qlen)[:, None]
   return relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+
+
+def _diagonal_regions(diag_bucket):
+  """Split the diagonals' buckets into [0, lo) | [lo, hi) | [hi, n): the two ends are
+  the longest runs of one bucket at each end (the far past and the far future)."""
+  n = len(diag_bucket)
+  lo = 1
+  while lo < n and diag_bucket[lo] == diag_bucket[0]:
+    lo += 1
+  if lo == n:  # one bucket for every diagonal
+    return n, n
+  hi = n - 1
+  while hi > lo and diag_bucket[hi - 1] == diag_bucket[n - 1]:
+    hi -= 1
+  return lo, hi
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
@@ -435,12 +454,20 @@ def _relative_bias_bwd(qlen, klen, bidirectional, max_distance, table, g):
   num_buckets = table.shape[1]
   diag_bucket = _bucket_of(qlen, klen, bidirectional, num_buckets, max_distance,
                            diagonals=True)
+  lo, hi = _diagonal_regions(diag_bucket)
+  d_lo, d_hi = lo - (qlen - 1), hi - (qlen - 1)  # k - q where the band and right end start
   # Sums of up to qlen·klen terms: accumulated in float32 whatever the bias dtype.
   g = g.astype(jnp.float32)
-  toeplitz_t = jax.linear_transpose(lambda u: toeplitz(u, qlen, klen),
-                                    jax.ShapeDtypeStruct((g.shape[0], qlen + klen - 1), g.dtype))
-  (du,) = toeplitz_t(g)  # [H, qlen + klen - 1]: sums along the diagonals
-  dtable = jnp.zeros(table.shape, du.dtype).at[:, jnp.asarray(diag_bucket)].add(du)
+  rel = lax.broadcasted_iota(jnp.int32, (qlen, klen), 1) - lax.broadcasted_iota(
+      jnp.int32, (qlen, klen), 0)
+  dtable = jnp.zeros(table.shape, jnp.float32)
+  dtable = dtable.at[:, diag_bucket[0]].add(jnp.sum(jnp.where(rel < d_lo, g, 0.), axis=(1, 2)))
+  if hi < len(diag_bucket):
+    dtable = dtable.at[:, diag_bucket[-1]].add(
+        jnp.sum(jnp.where(rel >= d_hi, g, 0.), axis=(1, 2)))
+  if hi > lo:
+    band = band_of_diagonals(g, d_lo, hi - lo).sum(axis=1)  # [H, hi - lo]
+    dtable = dtable.at[:, jnp.asarray(diag_bucket[lo:hi])].add(band)
   return (dtable.astype(table.dtype),)
 
 
@@ -576,11 +603,14 @@ class MultiHeadDotProductAttention(nn.Module):
                            out_dtype=logits_dtype)
     if attention_bias is not None:
       logits = logits + attention_bias.astype(logits.dtype)
-    weights = attention_softmax(logits, self.dtype)
-    # Dropout on attention weights, shared across query positions (as T5X).
-    weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
-        weights, deterministic=deterministic)
-    x = matmul.einsum('bhqk,bkhd->bqhd', weights, value, dtype=self.dtype)
+    if deterministic or self.dropout_rate == 0.0:
+      x = softmax_weighted_values(logits, value, self.dtype)
+    else:
+      weights = attention_softmax(logits, self.dtype)
+      # Dropout on attention weights, shared across query positions (as T5X).
+      weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
+          weights, deterministic=deterministic)
+      x = matmul.einsum('bhqk,bkhd->bqhd', weights, value, dtype=self.dtype)
     x = x.reshape((rows, q_len, heads * depth))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), self.dtype,
                  self.weight_dtype, _attention_init, name='out')(x)
@@ -617,6 +647,56 @@ def _low_precision_softmax_bwd(dtype, res, g):
 
 
 _low_precision_softmax.defvjp(_low_precision_softmax_fwd, _low_precision_softmax_bwd)
+
+
+def softmax_weighted_values(logits, value, dtype):
+  """o = softmax(logits) · v: logits [B, H, Lq, Lk] (float32 softmax), v [B, Lk, H, K].
+
+  Returns o [B, Lq, H, K] in `dtype`; p = softmax(logits) is rounded to `dtype` for
+  the matmul (as `attention_softmax` then `matmul.einsum`, which float32 runs as is).
+  For a lower-precision `dtype` the custom VJP takes the row term of the softmax
+  gradient from the output, as FlashAttention's backward does:
+
+      dp = do · vᵀ (float32),  Σ_k p_k dp_k = Σ_d do_d o_d,
+      dlogits = p ⊙ (dp − Σ_d do ⊙ o),  dv = pᵀ · do,
+
+  so the backward reads the [B, H, Lq, Lk] arrays twice fewer than softmax's own VJP
+  (no float32 p ⊙ dp product and its reduction over Lk) and keeps dp in float32 (the
+  unfused path rounds it to `dtype` between the two VJPs). The row term uses o as
+  returned (in `dtype`, as FlashAttention keeps O); the output projection holds that
+  array for its own gradient anyway.
+  """
+  if jnp.dtype(dtype) == jnp.float32:  # plain jax.nn.softmax and einsum (and their VJPs)
+    return matmul.einsum('bhqk,bkhd->bqhd', attention_softmax(logits, dtype), value,
+                         dtype=dtype)
+  return _softmax_weighted_values(logits, value, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax_weighted_values(logits, value, dtype):
+  return _softmax_weighted_values_fwd(logits, value, dtype)[0]
+
+
+def _softmax_weighted_values_fwd(logits, value, dtype):
+  p = jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+  v = value.astype(dtype)
+  o = jnp.einsum('bhqk,bkhd->bqhd', p, v, preferred_element_type=jnp.float32).astype(dtype)
+  # o itself is the residual: the output projection keeps the same array for its own
+  # backward pass, so the row term costs no memory.
+  return o, (p, v, o, jnp.zeros((0,), logits.dtype), jnp.zeros((0,), value.dtype))
+
+
+def _softmax_weighted_values_bwd(dtype, res, g):
+  p, v, o, logits_tag, value_tag = res
+  g = g.astype(dtype)
+  dv = matmul.contract('bhqk,bqhd->bkhd', p, g, dtype=dtype)
+  dp = matmul.contract('bqhd,bkhd->bhqk', g, v, dtype=dtype)
+  row = jnp.einsum('bqhd,bqhd->bhq', g.astype(jnp.float32), o.astype(jnp.float32))[..., None]
+  dlogits = p.astype(jnp.float32) * (dp - row)
+  return dlogits.astype(logits_tag.dtype), dv.astype(value_tag.dtype)
+
+
+_softmax_weighted_values.defvjp(_softmax_weighted_values_fwd, _softmax_weighted_values_bwd)
 
 
 def _group_queries(x, groups: int):

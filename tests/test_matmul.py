@@ -100,3 +100,17 @@ def test_cpu_backward_dots_stay_bfloat16():
       operand_types[m.group(1)] = m.group(2)
   for ops in dots:
     assert [operand_types.get(o.strip()) for o in ops.split(",")] == ["bf16", "bf16"], ops
+
+
+def test_contract_is_einsum_backward_matmul():
+  """float32: jnp.einsum; bf16: bf16-rounded operands summed in float32, float32 result."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4))
+  b = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 3, 4))
+  eq = 'bqhd,bkhd->bhqk'
+  np.testing.assert_array_equal(matmul.contract(eq, a, b, dtype=jnp.float32),
+                                jnp.einsum(eq, a, b))
+  got = matmul.contract(eq, a, b, dtype=jnp.bfloat16)
+  rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  want = jnp.einsum(eq, rounded(a), rounded(b), precision='highest')
+  assert got.dtype == jnp.float32 and got.shape == (2, 3, 5, 7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from slic_jax import matmul
 from slic_jax import network
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin' / 'models'
@@ -127,7 +128,8 @@ def test_relative_position_buckets():
   assert np.all(np.diff(uni[:201]) <= 0)  # monotone in distance
 
 
-@pytest.mark.parametrize('qlen,klen', [(1, 1), (1, 6), (5, 5), (3, 9), (9, 3), (40, 40)])
+@pytest.mark.parametrize('qlen,klen', [(1, 1), (1, 6), (5, 5), (3, 9), (9, 3), (40, 40),
+                                       (300, 300), (20, 300), (300, 20)])
 @pytest.mark.parametrize('bidirectional', [True, False])
 def test_relative_bias_equals_per_position_gather(qlen, klen, bidirectional):
   """Forward = E[:, bucket(k - q)] exactly; backward = the gather's own transpose (sums)."""
@@ -156,14 +158,15 @@ def test_relative_bias_bfloat16_gradient_accumulates_in_float32():
   assert float(jnp.abs(low - exact).max()) < 0.01 * float(jnp.abs(exact).max())
 
 
-def test_toeplitz_layout():
-  u = jnp.arange(2 * 6, dtype=jnp.float32).reshape(2, 6)  # qlen 3 + klen 4 - 1 columns
-  t = np.asarray(network.toeplitz(u, 3, 4))
-  for q in range(3):
-    for k in range(4):
-      assert t[1, q, k] == u[1, k - q + 2]
-  with pytest.raises(ValueError, match='qlen \\+ klen - 1 = 6'):
-    network.toeplitz(u[:, :5], 3, 4)
+@pytest.mark.parametrize('first,width', [(-2, 3), (-4, 9), (0, 2), (2, 3), (-7, 1)])
+def test_band_of_diagonals(first, width):
+  x = jnp.arange(2 * 4 * 5, dtype=jnp.float32).reshape(2, 4, 5) + 1
+  band = np.asarray(network.band_of_diagonals(x, first, width))
+  assert band.shape == (2, 4, width)
+  for q in range(4):
+    for i in range(width):
+      k = q + first + i
+      assert band[1, q, i] == (x[1, q, k] if 0 <= k < 5 else 0), (q, i)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
@@ -484,6 +487,37 @@ def test_attention_softmax_low_precision_vjp():
   assert np.abs(np.asarray(d).sum(-1)).max() < 1e-2  # softmax gradients sum to ~0 per row
   # float32 is jax.nn.softmax exactly.
   np.testing.assert_array_equal(network.attention_softmax(logits, jnp.float32), p_ref)
+
+
+def test_softmax_weighted_values():
+  """o = softmax(logits) v; the bf16 VJP (row term from o) ~ float32's, float32 is plain."""
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  logits = jax.random.normal(k[0], (2, 3, 5, 7)) * 3
+  value = jax.random.normal(k[1], (2, 7, 3, 4)).astype(jnp.bfloat16).astype(jnp.float32)
+  g = jax.random.normal(k[2], (2, 5, 3, 4)).astype(jnp.bfloat16)
+
+  def unfused(dtype):
+    return lambda l, v: matmul.einsum('bhqk,bkhd->bqhd', network.attention_softmax(l, dtype),
+                                      v, dtype=dtype)
+
+  fused = lambda dtype: lambda l, v: network.softmax_weighted_values(l, v, dtype)
+  o32, vjp32 = jax.vjp(unfused(jnp.float32), logits, value)
+  o, vjp = jax.vjp(fused(jnp.float32), logits, value)
+  np.testing.assert_array_equal(o, o32)
+  for a, b in zip(vjp(g.astype(jnp.float32)), vjp32(g.astype(jnp.float32))):
+    np.testing.assert_array_equal(a, b)
+
+  o16, vjp16 = jax.vjp(fused(jnp.bfloat16), logits, value)
+  np.testing.assert_array_equal(o16, unfused(jnp.bfloat16)(logits, value))  # same forward
+  dl, dv = vjp16(g)
+  dl32, dv32 = vjp32(g.astype(jnp.float32))
+  assert dl.dtype == dv.dtype == jnp.float32
+  scale = float(jnp.abs(dl32).max())
+  assert float(jnp.abs(dl - dl32).max()) < 2e-2 * scale  # bf16 rounding of p, o only
+  np.testing.assert_allclose(dv, dv32, atol=2e-2 * float(jnp.abs(dv32).max()))
+  # The row term is large next to that tolerance: dropping it would fail the check.
+  row = jnp.einsum('bqhd,bqhd->bhq', g.astype(jnp.float32), o32)[..., None]
+  assert float(jnp.abs(row).max()) > 20 * float(jnp.abs(dl - dl32).max())
 
 
 @pytest.mark.parametrize('policy', ['full', 'minimal'])
