@@ -5,21 +5,32 @@ block per call (777 MB for the bf16 2-row SLiC-HF step on T5 1.1 small at Li 512
 in float32). glibc serves a block that large with ``mmap`` and gives it back with
 ``munmap`` when it is freed (it does so for any block above its mmap threshold, at most
 32 MB, and for any block a worker thread's arena cannot hold), so every step faults the
-whole block in again, page by page. `benchmarks/results.md` (session 5; T5 1.1 small,
-2 rows, 4 pairs, Li 512): with glibc's defaults, 202,065 minor page faults and 0.38 s of
+whole block in again, page by page. `benchmarks/results_session5_final.md` (session 5; T5
+1.1 small, 2 rows, 4 pairs, Li 512): with glibc's defaults, 202,065 minor page faults and 0.38 s of
 kernel time per bf16 step (1.55 s), 412,576 and 0.69 s per float32 step (3.12 s); with
 the settings below, 0 faults and 0.01-0.02 s, at 1.36 s and 2.84 s per step.
 
 `reuse_freed_memory` sets glibc's ``mallopt`` so that freed blocks stay in one heap and
 the next step reuses them: no ``mmap`` (``M_MMAP_MAX = 0``), one arena for all threads
 (``M_ARENA_MAX = 1``; a thread arena would still ``mmap`` what it cannot hold) and no
-automatic trim below 2 GB of free heap top (``M_TRIM_THRESHOLD``). It must run before jax
-starts its backend (threads that have already allocated keep their arenas);
+automatic trim below 2 GB of free heap top (``M_TRIM_THRESHOLD``). It also makes XLA:CPU
+run each step inline in the calling thread (``jax_cpu_enable_async_dispatch = False``):
+with asynchronous dispatch, a queued step starts on XLA's thread as soon as its inputs
+are ready and allocates its temporaries before the previous step's are freed, so 2-4
+blocks are live at once; glibc's default unmaps them again, but under the settings above
+they would stay resident. ``python -m slic_jax.train``, whose loop dispatches ahead,
+peaked at 4319 and 6122 MB without the inline mode and at 2585 and 2586 MB with it, and ran
+1.60 instead of 2.33 seqs/s (T5 1.1 small in bf16, 4 pairs, Li 512 / Lt 64;
+`benchmarks/NOTES.md`, session 7); inline, a step frees its block before it returns.
+Both must be set before jax starts its backend (threads that have already allocated keep
+their arenas; the CPU client reads the dispatch flag when it is created);
 `slic_jax.train` calls it first, where the step runs on the CPU (gin:
 ``host_memory.reuse_freed_memory.enabled``, default None: `step_runs_on_cpu`). The
-same settings for any process, e.g. ``python -m t5x.train``: the environment variable
-``GLIBC_TUNABLES`` = `GLIBC_TUNABLES`. ``tools/benchmark.py`` reports page faults and
-kernel time per step (``--host_malloc default``: glibc's defaults).
+same settings for ``python -m t5x.train``: the environment variable ``GLIBC_TUNABLES`` =
+`GLIBC_TUNABLES` and the command-line flag `INLINE_DISPATCH_ARG` (jax reads its flags
+from the command line there, not from the environment). ``tools/benchmark.py`` reports
+page faults and kernel time per step (``--host_malloc default``: glibc's defaults and
+asynchronous dispatch).
 
 **Trim** (`trim`). XLA:CPU's compiler and the parameter-init step free hundreds of MB when
 they finish, but glibc's malloc keeps freed heap pages resident, so they add to the
@@ -40,6 +51,7 @@ import os
 import pkgutil
 
 import gin
+from absl import logging
 
 # glibc <malloc.h> mallopt parameters.
 _M_TRIM_THRESHOLD = -1
@@ -49,6 +61,10 @@ _M_ARENA_MAX = -8
 TRIM_THRESHOLD = 2 ** 31 - 1
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
                   f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
+# jax's flag for XLA:CPU's asynchronous dispatch; False: each call runs inline.
+ASYNC_DISPATCH_FLAG = "jax_cpu_enable_async_dispatch"
+# The same for a process that parses jax's absl flags (python -m t5x.train does).
+INLINE_DISPATCH_ARG = f"--{ASYNC_DISPATCH_FLAG}=false"
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,24 +113,40 @@ def reuse_freed_memory(enabled: bool | None = None) -> bool:
   """Keeps freed blocks in the heap for reuse instead of unmapping them (see module doc).
 
   ``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_ARENA_MAX, 1)``,
-  ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``. Call it before jax initialises its backend.
-  Memory that is freed stays resident up to the trim threshold (`trim` still gives it
-  back on request); each step reuses the same blocks, and peak RSS was lower with the
-  settings than without in `benchmarks/results.md`.
+  ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``, and ``jax_cpu_enable_async_dispatch = False``
+  so that one step's temporaries are freed before the next step allocates its own. Call
+  it before jax initialises its backend. Memory that is freed stays resident up to the
+  trim threshold (`trim` still gives it back on request); each step reuses the same
+  blocks, and peak RSS was lower with the settings than without in
+  `benchmarks/results.md`.
 
   enabled: True / False; None (default): only where the step runs on the CPU
     (`step_runs_on_cpu`). On a TPU or GPU host the step's temporaries live on the device,
     and one arena for all threads could slow a many-threaded input pipeline instead.
 
-  Returns whether the settings were applied: False when disabled, or where the C
-  library has no ``mallopt`` (not glibc) or refused a setting.
+  Returns whether the settings were applied: False when disabled, where the C library
+  has no ``mallopt`` (not glibc) or refused a setting, or (with a logged warning) where
+  the dispatch mode cannot be set -- jax's backend already running, or a jax without the
+  flag: without it the malloc settings could keep several steps' temporaries resident,
+  so glibc's defaults stay.
   """
   if enabled is None:
     enabled = step_runs_on_cpu()
   lib = _libc()
   if not enabled or lib is None or not hasattr(lib, "mallopt"):
     return False
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (no public API)
+  if ASYNC_DISPATCH_FLAG not in jax.config.values or xla_bridge.backends_are_initialized():
+    logging.warning(
+        "host_memory.reuse_freed_memory: cannot make XLA:CPU run steps inline (%s); "
+        "glibc's malloc defaults are left as they are. Call it before the first "
+        "jax.devices() or computation.",
+        "jax's backend is already initialised" if ASYNC_DISPATCH_FLAG in jax.config.values
+        else f"this jax has no {ASYNC_DISPATCH_FLAG}")
+    return False
   ok = True
   for param, value in ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
     ok = bool(lib.mallopt(param, value)) and ok
+  jax.config.update(ASYNC_DISPATCH_FLAG, False)
   return ok

@@ -74,6 +74,77 @@ def test_reuse_freed_memory_stops_refaulting_large_blocks():
   assert faults < 100, faults
 
 
+_DISPATCH_PROBE = r"""
+import ctypes, functools, sys
+from slic_jax import host_memory
+arm = sys.argv[1]
+if arm != "t5x_flags":  # "t5x_flags": GLIBC_TUNABLES and the jax flag, as t5x.train gets them
+  host_memory.reuse_freed_memory(enabled=True)
+import jax, jax.numpy as jnp
+if arm == "t5x_flags":
+  jax.config.parse_flags_with_absl()  # what t5x.train's config_utils does with sys.argv
+if arm == "async":  # the malloc settings without inline execution: why both go together
+  jax.config.update(host_memory.ASYNC_DISPATCH_FLAG, True)
+
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena ordblks smblks hblks hblkhd usmblks "
+                                             "fsmblks uordblks fordblks keepcost").split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+n = 1 << 23
+
+@functools.partial(jax.jit, donate_argnums=0)
+def step(x):  # like a training step: donated state, a large temporary block per call
+  return x + jnp.cumsum(jnp.sort(x * 1.0001 + 1.0)) * 1e-9
+
+compiled = step.lower(jnp.zeros(n, jnp.float32)).compile()
+temp = compiled.memory_analysis().temp_size_in_bytes
+x = jax.block_until_ready(compiled(jnp.arange(n, dtype=jnp.float32)))
+before = libc.mallinfo2().arena
+for _ in range(8):  # dispatched ahead, as slic_jax.train's loop does
+  x = compiled(x)
+jax.block_until_ready(x)
+print(temp, libc.mallinfo2().arena - before)
+"""
+
+
+def _dispatch_probe(arm: str) -> tuple[int, int]:
+  env, argv = dict(os.environ), [arm]
+  if arm == "t5x_flags":
+    env["GLIBC_TUNABLES"] = host_memory.GLIBC_TUNABLES
+    argv.append(host_memory.INLINE_DISPATCH_ARG)
+  out = subprocess.run([sys.executable, "-c", _DISPATCH_PROBE, *argv], capture_output=True,
+                       text=True, check=True, timeout=300, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  temp, growth = out.stdout.split()[-2:]
+  return int(temp), int(growth)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or host_memory._libc() is None,
+                    reason="glibc's mallopt and mallinfo2: Linux only")
+def test_reuse_freed_memory_keeps_the_heap_flat_when_steps_are_dispatched_ahead():
+  # Inline execution: each call frees its temporaries before the next allocates, so
+  # the heap does not grow over 8 queued steps.
+  temp, growth = _dispatch_probe("inline")
+  assert temp >= 32 * 2 ** 20, temp  # above glibc's mmap threshold: the case at hand
+  assert growth < temp // 4, (temp, growth)
+  # The same for python -m t5x.train: GLIBC_TUNABLES and jax's command-line flag.
+  temp, growth = _dispatch_probe("t5x_flags")
+  assert growth < temp // 4, (temp, growth)
+  # With asynchronous dispatch a queued step starts (and allocates) before the previous
+  # step's block is freed; with no mmap and no trim the heap keeps the extra blocks.
+  temp, growth = _dispatch_probe("async")
+  assert growth >= temp, (temp, growth)
+
+
+def test_reuse_freed_memory_after_jax_started_leaves_the_defaults():
+  import jax
+  jax.devices()  # the backend is up: too late for the dispatch mode
+  assert host_memory.reuse_freed_memory(enabled=True) is False
+  assert host_memory.INLINE_DISPATCH_ARG == "--jax_cpu_enable_async_dispatch=false"
+
+
 def test_reuse_freed_memory_disabled_is_a_no_op():
   assert host_memory.reuse_freed_memory(enabled=False) is False
   assert "mmap_max=0" in host_memory.GLIBC_TUNABLES

@@ -318,10 +318,12 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
 
   ``gin_overrides``: extra ``NAME=VALUE`` bindings for both trainers, after
   `common_bindings` (later bindings win). ``t5x_reuse_malloc``: also run t5x.train with
-  slic_jax.train's glibc malloc settings (``GLIBC_TUNABLES`` =
-  `slic_jax.host_memory.GLIBC_TUNABLES`; slic_jax.train sets them itself with
-  ``mallopt``), reported as ``t5x_reuse``. Raises `TrainerError` (with the tail of the
-  failing process's stderr) if T5X is unusable, a trainer fails or writes no timing.
+  slic_jax.train's host-memory settings (``GLIBC_TUNABLES`` =
+  `slic_jax.host_memory.GLIBC_TUNABLES` and `slic_jax.host_memory.INLINE_DISPATCH_ARG` on
+  its command line; slic_jax.train sets them itself with ``mallopt`` and ``jax.config``),
+  reported as ``t5x_reuse``. Raises
+  `TrainerError` (with the tail of the failing process's stderr) if T5X is unusable, a
+  trainer fails or writes no timing.
   """
   if steps % stats_period or steps < 2 * stats_period:
     raise ValueError(f"steps ({steps}) must be a multiple of stats_period ({stats_period}) "
@@ -346,10 +348,10 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
   ours = _result(run, read_jsonl_metric(os.path.join(dirs["slic_jax"], "metrics.jsonl")),
                  "slic_jax", slic_jax_num_params(run["stderr"]), model_dir=dirs["slic_jax"])
 
-  def run_t5x(name, env=None):
+  def run_t5x(name, env=None, args=()):
     run = run_trainer(name, trainer_command(
         t5x_python, "t5x.train", model_gin=model_gin, model_dir=dirs[name],
-        bindings=bindings), logs, timeout, env=env)
+        bindings=bindings) + list(args), logs, timeout, env=env)
     tb = read_tb_scalars(os.path.join(dirs[name], "train"))
     return _result(run, tb.get(METRIC, []), name, t5x_num_params(dirs[name]),
                    model_dir=dirs[name],
@@ -361,7 +363,8 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
     if REPO not in sys.path:
       sys.path.insert(0, REPO)
     from slic_jax import host_memory  # pylint: disable=g-import-not-at-top
-    extra["t5x_reuse"] = run_t5x("t5x_reuse", {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES})
+    extra["t5x_reuse"] = run_t5x("t5x_reuse", {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES},
+                                 [host_memory.INLINE_DISPATCH_ARG])
     extra["ratio_slic_jax_over_t5x_reuse"] = ratio(
         ours["median_seqs_per_second"], extra["t5x_reuse"]["median_seqs_per_second"])
 
@@ -407,8 +410,9 @@ def markdown_table(result: dict) -> str:
   lines += ["", f"ratio slic_jax / t5x (median seqs/s): "
                 f"{result['ratio_slic_jax_over_t5x']:.2f}x"]
   if "ratio_slic_jax_over_t5x_reuse" in result:
-    lines += [f"ratio slic_jax / t5x with slic_jax's malloc settings (t5x_reuse: "
-              f"GLIBC_TUNABLES): {result['ratio_slic_jax_over_t5x_reuse']:.2f}x"]
+    lines += [f"ratio slic_jax / t5x with slic_jax's host-memory settings (t5x_reuse: "
+              f"GLIBC_TUNABLES, --jax_cpu_enable_async_dispatch=false): "
+              f"{result['ratio_slic_jax_over_t5x_reuse']:.2f}x"]
   lines += [f"WARNING: {w}" for w in result["warnings"]]
   return "\n".join(lines)
 
@@ -430,7 +434,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--timeout", type=float, default=3600, help="seconds per trainer")
   ap.add_argument("--out", default=None, help="write the JSON result here")
   ap.add_argument("--t5x_reuse_malloc", action="store_true",
-                  help="also run t5x.train with slic_jax.train's glibc malloc settings")
+                  help="also run t5x.train with slic_jax.train's host-memory settings "
+                       "(GLIBC_TUNABLES and --jax_cpu_enable_async_dispatch=false)")
   return ap.parse_args(argv)
 
 
