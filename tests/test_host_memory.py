@@ -125,17 +125,19 @@ def _dispatch_probe(arm: str) -> tuple[int, int]:
                     reason="glibc's mallopt and mallinfo2: Linux only")
 def test_reuse_freed_memory_keeps_the_heap_flat_when_steps_are_dispatched_ahead():
   # Inline execution: each call frees its temporaries before the next allocates, so
-  # the heap does not grow over 8 queued steps.
+  # over 8 queued steps the heap grows by at most one block (usually by nothing; in
+  # about one run in ten fragmentation leaves one block: 10-run counts in NOTES.md).
   temp, growth = _dispatch_probe("inline")
   assert temp >= 32 * 2 ** 20, temp  # above glibc's mmap threshold: the case at hand
-  assert growth < temp // 4, (temp, growth)
+  assert growth <= temp, (temp, growth)
   # The same for python -m t5x.train: GLIBC_TUNABLES and jax's command-line flag.
   temp, growth = _dispatch_probe("t5x_flags")
-  assert growth < temp // 4, (temp, growth)
+  assert growth <= temp, (temp, growth)
   # With asynchronous dispatch a queued step starts (and allocates) before the previous
-  # step's block is freed; with no mmap and no trim the heap keeps the extra blocks.
+  # step's block is freed; with no mmap and no trim the heap keeps the extra blocks
+  # (2 to 7 blocks in 10 runs, never fewer than 2).
   temp, growth = _dispatch_probe("async")
-  assert growth >= temp, (temp, growth)
+  assert growth >= 2 * temp, (temp, growth)
 
 
 def test_reuse_freed_memory_after_jax_started_leaves_the_defaults():
