@@ -126,7 +126,7 @@ def _dispatch_probe(arm: str) -> tuple[int, int]:
 def test_reuse_freed_memory_keeps_the_heap_flat_when_steps_are_dispatched_ahead():
   # Inline execution: each call frees its temporaries before the next allocates, so
   # over 8 queued steps the heap grows by at most one block (usually by nothing; in
-  # about one run in ten fragmentation leaves one block: 10-run counts in NOTES.md).
+  # one to two runs in ten fragmentation leaves one block: 10-run counts in NOTES.md).
   temp, growth = _dispatch_probe("inline")
   assert temp >= 32 * 2 ** 20, temp  # above glibc's mmap threshold: the case at hand
   assert growth <= temp, (temp, growth)
