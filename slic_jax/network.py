@@ -308,10 +308,7 @@ def fused_projection(x, kernels, dtype):
   along F, so no resharding is needed under model parallelism. Computed in `dtype` with
   float32 accumulation (`matmul.einsum`).
   """
-  y = stacked_projection(x, kernels, dtype)
-  if jnp.dtype(dtype) == jnp.float32:
-    return [y[..., i, :] for i in range(len(kernels))]
-  return _unstack(y)
+  return _unstack(stacked_projection(x, kernels, dtype))
 
 
 @jax.custom_vjp
@@ -322,7 +319,8 @@ def _unstack(y):
   pads; in a low-precision step XLA:CPU fuses that chain with the bf16 elementwise ops
   before it into one slow loop (`tools/profile_step.py --dtype bfloat16 --top_ops`
   showed these fusions among the longest ops; benchmarks/NOTES.md, session 4). In
-  float32 the pads were the faster form and are kept (`fused_projection`).
+  float32 the pads cost ~0.2 s of a 3.4 s T5 1.1 small step (session 9's profile); the
+  stack is faster there too (benchmarks/NOTES.md, session 10).
   """
   return [y[..., i, :] for i in range(y.shape[-2])]
 
