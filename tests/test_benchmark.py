@@ -141,3 +141,13 @@ def test_markdown_report_has_all_rows():
   assert "against TRL with bf16 autocast: slic_jax bf16 (2 rows, as TRL) 1.25×" in md
   # page faults and kernel time per step, where the worker measured them
   assert "| 201834 | 0.70 |" in md and "| 0 | 0.01 |" in md and "| – | – |" in md
+
+
+def test_parse_xla_options():
+  """--xla_option KEY=VALUE items become step_compiler_options overrides ('' kept: XLA's default)."""
+  assert benchmark.parse_xla_options([]) is None
+  assert benchmark.parse_xla_options(
+      ["xla_cpu_experimental_ynn_fusion_type=A,B", "xla_cpu_scheduler_type="]) == {
+          "xla_cpu_experimental_ynn_fusion_type": "A,B", "xla_cpu_scheduler_type": ""}
+  with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+    benchmark.parse_xla_options(["no_equals_sign"])

@@ -78,6 +78,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -204,11 +205,12 @@ class _EosOnlyVocabulary:
 
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
                reg_target: str = "reference", xla_default: bool = False,
-               num_microbatches: int | None = None):
+               num_microbatches: int | None = None, xla_options: dict | None = None):
   """(jitted train_step, init_state_fn) exactly as slic_jax.train builds them.
 
   Same model class, optimizer, update step (`slic_jax.update_step`) and compiler
-  options (`slic_jax.compiler_options`; ``xla_default=True``: none, XLA's defaults).
+  options (`slic_jax.compiler_options`; ``xla_default=True``: none, XLA's defaults;
+  ``xla_options``: merged over them as gin's ``step_compiler_options.overrides``).
   Nothing here imports SeqIO/TensorFlow; the peak-RSS figure is the step's.
   """
   import jax
@@ -223,11 +225,30 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
     params = model.get_initial_variables(rng, batch_shapes)["params"]
     return update_step.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-  options = None if xla_default else compiler_options.step_compiler_options()
+  options = (None if xla_default
+             else compiler_options.step_compiler_options(overrides=xla_options))
   step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=seed + 1,
                                              num_microbatches=num_microbatches),
                  donate_argnums=(0,), compiler_options=options)
   return step, init_state
+
+
+def add_xla_option_flag(ap) -> None:
+  ap.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE",
+                  help="step worker: an XLA compiler option merged over slic_jax's "
+                       "(compiler_options.step_compiler_options overrides; VALUE '' "
+                       "leaves XLA's default); repeatable")
+
+
+def parse_xla_options(items) -> dict | None:
+  """['key=value', ...] -> {key: value} (None when empty); a clear error otherwise."""
+  out = {}
+  for item in items or ():
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--xla_option {item!r}: expected KEY=VALUE")
+    out[key] = value
+  return out or None
 
 
 def xla_cost_flops(compiled) -> float | None:
@@ -271,7 +292,8 @@ def worker_slic(args) -> dict:
   with p.activation_rules():
     step, init_state = build_step(cfg, shapes, args.seed, reg_target=args.reg_target,
                                   xla_default=args.xla_default,
-                                  num_microbatches=args.microbatches)
+                                  num_microbatches=args.microbatches,
+                                  xla_options=parse_xla_options(args.xla_option))
     state = jax.jit(init_state)(jax.random.PRNGKey(args.seed))
     del init_state  # as slic_jax.train: free the init executable before compiling the step
     gc.collect()
@@ -311,7 +333,8 @@ def worker_slic(args) -> dict:
       "framework": "slic_jax", "size": args.size, "dtype": args.dtype,
       "logits_dtype": args.logits_dtype, "remat": args.remat,
       "reg_target": args.reg_target, "decoded_rows": n_rows, "microbatches": args.microbatches,
-      "xla_options": "xla_default" if args.xla_default else "slic_jax",
+      "xla_options": ("xla_default" if args.xla_default else
+                      "slic_jax" + "".join(f" {o}" for o in args.xla_option)),
       "tensorflow_loaded": "tensorflow" in sys.modules,
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
       "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
@@ -477,7 +500,7 @@ def orchestrate(args) -> dict:
   from slic_jax import host_memory
   sizes = [s for s in args.sizes.split(",") if s]
   res = {
-      "command": " ".join([os.path.relpath(sys.executable, REPO)] + sys.argv),
+      "command": shlex.join([os.path.relpath(sys.executable, REPO)] + sys.argv),
       "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
       "machine": _machine(), "versions": _versions(args),
       "settings": {"batch_pairs": args.batch, "li": args.li, "lt": args.lt,
@@ -770,6 +793,7 @@ def parse_args(argv=None):
                   help="update_step num_microbatches (gradient accumulation)")
   ap.add_argument("--xla_default", action="store_true",
                   help="compile without slic_jax.compiler_options (XLA's defaults)")
+  add_xla_option_flag(ap)
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)

@@ -210,6 +210,7 @@ def main(argv=None) -> int:
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"])
   ap.add_argument("--xla_default", action="store_true")
+  benchmark.add_xla_option_flag(ap)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--warmup", type=int, default=2)
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
   np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
   shapes = {k: v.shape for k, v in np_batch.items()}
   step, init_state = benchmark.build_step(cfg, shapes, reg_target=args.reg_target,
-                                          xla_default=args.xla_default)
+                                          xla_default=args.xla_default,
+                                          xla_options=benchmark.parse_xla_options(args.xla_option))
   state = jax.jit(init_state)(jax.random.PRNGKey(0))
   batch = jax.device_put(np_batch)
   compiled = step.lower(state, batch).compile()
