@@ -81,3 +81,31 @@ def test_summarize_groups_ops_without_source_by_family():
   assert out.startswith(f"ops: {len(names)}, summed op time {len(names)} ms")
   assert f"(no source: optimizer / runtime) {profile_step.op_family(victim)}" in out
   assert "DOT " in out
+
+
+def test_median_call_threads_donated_state_and_constants():
+  calls = []
+
+  def fn(x, y, c):
+    calls.append(c)
+    return x + 1, y * 2
+
+  median, state = profile_step._median_call_s(fn, (0, 1), 5, "c")
+  assert state == (5, 32) and calls == ["c"] * 5 and median >= 0.0
+
+
+def test_optimizer_only_profiles_the_update_beside_a_bandwidth_pass(capsys):
+  assert profile_step.main(["--size", "tiny", "--optimizer_only", "--repeats", "2",
+                            "--warmup", "0", "--top", "3"]) == 0
+  out = capsys.readouterr().out
+  from slic_jax import network
+  import benchmark
+  cfg = benchmark.make_config("tiny", "float32")
+  params = jax.eval_shape(lambda: network.Transformer(cfg).init(
+      jax.random.PRNGKey(0), *[jnp.ones((1, 4), jnp.int32)] * 3))["params"]
+  leaves = jax.tree.leaves(params)
+  n = sum(x.size for x in leaves)
+  assert f"optimizer update alone ({len(leaves)} parameter arrays, {n / 1e6:.1f}M float32)" in out
+  ratio = float(re.search(r"ratio ([0-9.]+)", out).group(1))
+  assert ratio > 0.0
+  assert "(no source: optimizer / runtime)" in out or "jit(update)" in out

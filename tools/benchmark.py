@@ -203,6 +203,12 @@ class _EosOnlyVocabulary:
   eos_id = 1
 
 
+def make_optimizer(name: str = "adafactor"):
+  """The benchmark's optimizer: `optimizers.create_optimizer` (clip 1.0, lr 1e-4)."""
+  from slic_jax import optimizers
+  return optimizers.create_optimizer(name=name, learning_rate=1e-4, clip_norm=1.0)
+
+
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
                reg_target: str = "reference", xla_default: bool = False,
                num_microbatches: int | None = None, xla_options: dict | None = None):
@@ -215,10 +221,10 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
   """
   import jax
   import jax.numpy as jnp
-  from slic_jax import compiler_options, models, network, optimizers, update_step
+  from slic_jax import compiler_options, models, network, update_step
 
   vocab = _EosOnlyVocabulary()
-  tx = optimizers.create_optimizer(name=optimizer, learning_rate=1e-4, clip_norm=1.0)
+  tx = make_optimizer(optimizer)
   model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx, reg_target=reg_target)
 
   def init_state(rng):

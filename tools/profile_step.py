@@ -202,6 +202,75 @@ def summarize(trace_events, comps, insts, shapes, top: int) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+def _trace_events(trace_dir: str):
+  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+  return json.load(gzip.open(files[-1]))["traceEvents"] if files else None
+
+
+def _median_call_s(fn, state: tuple, repeats: int, *consts) -> tuple[float, tuple]:
+  """Median wall time of ``state = fn(*state, *consts)`` over `repeats` calls, and the last
+  state (donated: each call's outputs feed the next)."""
+  import jax
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state = fn(*state, *consts)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  return sorted(times)[len(times) // 2], state
+
+
+def profile_optimizer(params, args) -> int:
+  """The update ``params' = params + tx(g)`` alone (`benchmark.make_optimizer`: clipping by
+  global norm + Adafactor; the step's compiler options), with g = 1e-3 · params (op times do
+  not depend on the values). Beside it, in the same process, one elementwise pass
+  ``x' = 1.0001 · x`` over a flat float32 array of the parameters' total size: that pass
+  reads and writes the bytes once, so its time is a memory-bandwidth yardstick for the
+  update (which must read g and params and write params at least once).
+  """
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from slic_jax import compiler_options
+  options = (None if args.xla_default else compiler_options.step_compiler_options(
+      overrides=benchmark.parse_xla_options(args.xla_option)))
+  tx = benchmark.make_optimizer()
+  grads = jax.tree.map(lambda p: 1e-3 * p, params)
+
+  def update(params, opt_state, grads):  # grads an argument: no constant folding
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
+      params, opt_state, grads).compile(options)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  scale = jax.jit(lambda x: (x * 1.0001,), donate_argnums=(0,)).lower(
+      jax.ShapeDtypeStruct((n,), jnp.float32)).compile(options)
+  _, state = _median_call_s(compiled, (params, opt_state), args.warmup + 1, grads)
+  update_s, state = _median_call_s(compiled, state, args.repeats, grads)
+  _, flat = _median_call_s(scale, (jnp.ones((n,), jnp.float32),), args.warmup + 1)
+  pass_s, _ = _median_call_s(scale, flat, args.repeats)
+  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="slic_jax_profile_")
+  jax.profiler.start_trace(trace_dir)
+  jax.block_until_ready(compiled(*state, grads))
+  jax.profiler.stop_trace()
+  events = _trace_events(trace_dir)
+  if events is None:
+    print(f"no trace written under {trace_dir}", file=sys.stderr)
+    return 1
+  comps, insts, hlo_shapes = parse_hlo(compiled.as_text())
+  print(f"{args.size}: optimizer update alone ({len(jax.tree.leaves(params))} parameter arrays, "
+        f"{n / 1e6:.1f}M float32): median {update_s * 1e3:.0f} ms of {args.repeats}; one "
+        f"elementwise pass over {n * 4 / 2**20:.0f} MB (read + write): {pass_s * 1e3:.1f} ms "
+        f"({2 * n * 4 / pass_s / 1e9:.0f} GB/s); ratio {update_s / pass_s:.1f}")
+  print(summarize(events, comps, insts, hlo_shapes, args.top))
+  if args.top_ops:
+    print("\nlongest ops:")
+    print(top_ops(events, comps, insts, hlo_shapes, args.top_ops))
+  return 0
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--size", default="small", choices=sorted(benchmark.SIZES))
@@ -222,6 +291,11 @@ def main(argv=None) -> int:
   ap.add_argument("--trace_dir", default=None, help="keep the trace here (default: a temp dir)")
   ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "default"],
                   help="host_memory.reuse_freed_memory() first (as slic_jax.train), or not")
+  ap.add_argument("--optimizer_only", action="store_true",
+                  help="profile the optimizer update alone (clipping + Adafactor + apply) on "
+                       "the model's parameters, beside one elementwise pass over as many bytes")
+  ap.add_argument("--repeats", type=int, default=9,
+                  help="--optimizer_only: timed calls (median) besides the traced one")
   args = ap.parse_args(argv)
 
   from slic_jax import host_memory
@@ -235,6 +309,8 @@ def main(argv=None) -> int:
                                           xla_options=benchmark.parse_xla_options(args.xla_option))
   state = jax.jit(init_state)(jax.random.PRNGKey(0))
   batch = jax.device_put(np_batch)
+  if args.optimizer_only:
+    return profile_optimizer(state.params, args)
   compiled = step.lower(state, batch).compile()
   for _ in range(args.warmup):
     state, _ = compiled(state, batch)
