@@ -121,17 +121,29 @@ def _dispatch_probe(arm: str) -> tuple[int, int]:
   return int(temp), int(growth)
 
 
+def _inline_probe(arm: str, tries: int = 2) -> tuple[int, int]:
+  """`_dispatch_probe(arm)` until the heap grew by at most one block, at most `tries` runs;
+  the last (temp, growth)."""
+  for _ in range(tries):
+    temp, growth = _dispatch_probe(arm)
+    if growth <= temp:
+      break
+  return temp, growth
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or host_memory._libc() is None,
                     reason="glibc's mallopt and mallinfo2: Linux only")
 def test_reuse_freed_memory_keeps_the_heap_flat_when_steps_are_dispatched_ahead():
   # Inline execution: each call frees its temporaries before the next allocates, so
   # over 8 queued steps the heap grows by at most one block (usually by nothing; in
-  # one to two runs in ten fragmentation leaves one block: 10-run counts in NOTES.md).
-  temp, growth = _dispatch_probe("inline")
+  # one to two runs in ten fragmentation leaves one block, and now and then two:
+  # counts in NOTES.md). So an inline arm gets a second probe when the first kept more
+  # than one block; without inline dispatch every probe keeps two or more.
+  temp, growth = _inline_probe("inline")
   assert temp >= 32 * 2 ** 20, temp  # above glibc's mmap threshold: the case at hand
   assert growth <= temp, (temp, growth)
   # The same for python -m t5x.train: GLIBC_TUNABLES and jax's command-line flag.
-  temp, growth = _dispatch_probe("t5x_flags")
+  temp, growth = _inline_probe("t5x_flags")
   assert growth <= temp, (temp, growth)
   # With asynchronous dispatch a queued step starts (and allocates) before the previous
   # step's block is freed; with no mmap and no trim the heap keeps the extra blocks
