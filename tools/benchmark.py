@@ -209,6 +209,13 @@ def make_optimizer(name: str = "adafactor"):
   return optimizers.create_optimizer(name=name, learning_rate=1e-4, clip_norm=1.0)
 
 
+def step_options(xla_default: bool = False, xla_options: dict | None = None):
+  """The step's compiler options: slic_jax's (`slic_jax.compiler_options`) with
+  ``xla_options`` merged over them, or None (XLA's defaults) when ``xla_default``."""
+  from slic_jax import compiler_options
+  return None if xla_default else compiler_options.step_compiler_options(overrides=xla_options)
+
+
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
                reg_target: str = "reference", xla_default: bool = False,
                num_microbatches: int | None = None, xla_options: dict | None = None):
@@ -221,7 +228,7 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
   """
   import jax
   import jax.numpy as jnp
-  from slic_jax import compiler_options, models, network, update_step
+  from slic_jax import models, network, update_step
 
   vocab = _EosOnlyVocabulary()
   tx = make_optimizer(optimizer)
@@ -231,8 +238,7 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
     params = model.get_initial_variables(rng, batch_shapes)["params"]
     return update_step.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
 
-  options = (None if xla_default
-             else compiler_options.step_compiler_options(overrides=xla_options))
+  options = step_options(xla_default, xla_options)
   step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=seed + 1,
                                              num_microbatches=num_microbatches),
                  donate_argnums=(0,), compiler_options=options)

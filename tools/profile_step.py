@@ -203,8 +203,19 @@ def summarize(trace_events, comps, insts, shapes, top: int) -> str:
 
 # ----------------------------------------------------------------------------- main
 def _trace_events(trace_dir: str):
+  """The events of the last trace under `trace_dir` (None, with a message, if none)."""
   files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
-  return json.load(gzip.open(files[-1]))["traceEvents"] if files else None
+  if not files:
+    print(f"no trace written under {trace_dir}", file=sys.stderr)
+    return None
+  return json.load(gzip.open(files[-1]))["traceEvents"]
+
+
+def _report(events, comps, insts, hlo_shapes, args, top_ops_title: str) -> None:
+  print(summarize(events, comps, insts, hlo_shapes, args.top))
+  if args.top_ops:
+    print(f"\n{top_ops_title}:")
+    print(top_ops(events, comps, insts, hlo_shapes, args.top_ops))
 
 
 def _median_call_s(fn, state: tuple, repeats: int, *consts) -> tuple[float, tuple]:
@@ -231,9 +242,7 @@ def profile_optimizer(params, args) -> int:
   import jax
   import jax.numpy as jnp
   import optax
-  from slic_jax import compiler_options
-  options = (None if args.xla_default else compiler_options.step_compiler_options(
-      overrides=benchmark.parse_xla_options(args.xla_option)))
+  options = benchmark.step_options(args.xla_default, benchmark.parse_xla_options(args.xla_option))
   tx = benchmark.make_optimizer()
   grads = jax.tree.map(lambda p: 1e-3 * p, params)
 
@@ -257,17 +266,13 @@ def profile_optimizer(params, args) -> int:
   jax.profiler.stop_trace()
   events = _trace_events(trace_dir)
   if events is None:
-    print(f"no trace written under {trace_dir}", file=sys.stderr)
     return 1
   comps, insts, hlo_shapes = parse_hlo(compiled.as_text())
   print(f"{args.size}: optimizer update alone ({len(jax.tree.leaves(params))} parameter arrays, "
         f"{n / 1e6:.1f}M float32): median {update_s * 1e3:.0f} ms of {args.repeats}; one "
         f"elementwise pass over {n * 4 / 2**20:.0f} MB (read + write): {pass_s * 1e3:.1f} ms "
         f"({2 * n * 4 / pass_s / 1e9:.0f} GB/s); ratio {update_s / pass_s:.1f}")
-  print(summarize(events, comps, insts, hlo_shapes, args.top))
-  if args.top_ops:
-    print("\nlongest ops:")
-    print(top_ops(events, comps, insts, hlo_shapes, args.top_ops))
+  _report(events, comps, insts, hlo_shapes, args, "longest ops")
   return 0
 
 
@@ -322,11 +327,9 @@ def main(argv=None) -> int:
   jax.block_until_ready(state)
   wall = time.perf_counter() - t0
   jax.profiler.stop_trace()
-  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
-  if not files:
-    print(f"no trace written under {trace_dir}", file=sys.stderr)
+  events = _trace_events(trace_dir)
+  if events is None:
     return 1
-  events = json.load(gzip.open(files[-1]))["traceEvents"]
   hlo_text = compiled.as_text()
   comps, insts, hlo_shapes = parse_hlo(hlo_text)
   if args.dump_hlo:
@@ -337,10 +340,7 @@ def main(argv=None) -> int:
         f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}: "
         f"profiled step {wall:.2f} s wall; model GFLOP/step "
         f"{benchmark.config_flops(cfg, args.batch, args.li, args.lt, n_targets=2 if args.reg_target == 'chosen' else 3)['train_step'] / 1e9:.0f}")
-  print(summarize(events, comps, insts, hlo_shapes, args.top))
-  if args.top_ops:
-    print("\nlongest non-matmul ops:")
-    print(top_ops(events, comps, insts, hlo_shapes, args.top_ops))
+  _report(events, comps, insts, hlo_shapes, args, "longest non-matmul ops")
   return 0
 
 
