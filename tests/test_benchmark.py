@@ -151,3 +151,68 @@ def test_parse_xla_options():
           "xla_cpu_experimental_ynn_fusion_type": "A,B", "xla_cpu_scheduler_type": ""}
   with pytest.raises(SystemExit, match="expected KEY=VALUE"):
     benchmark.parse_xla_options(["no_equals_sign"])
+
+
+def test_step_worker_applies_the_glibc_settings_only_where_the_step_runs_on_the_cpu(
+    monkeypatch):
+  """As slic_jax.train: on a GPU/TPU host (no CPU step) mallopt is never called."""
+  from slic_jax import host_memory
+  calls = []
+
+  class FakeLibc:
+    malloc_trim = None
+
+    def mallopt(self, param, value):
+      calls.append((param, value))
+      return 1
+
+  from jax._src import xla_bridge
+  monkeypatch.setattr(host_memory, "_libc", lambda: FakeLibc())
+  monkeypatch.setattr(host_memory, "step_runs_on_cpu", lambda: False)
+  # as if jax had not started yet (forcing the settings would then call mallopt)
+  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
+  assert benchmark.apply_host_malloc("reuse") is False
+  assert benchmark.apply_host_malloc("default") is False
+  assert calls == []
+
+
+def test_peer_command_on_a_gpu():
+  """--peer_python / --peer_device / --peer_tf32 reach bench_peer_trl.py's command line."""
+  args = benchmark.parse_args(["--peer_python", "/usr/bin/env", "--peer_device", "cuda",
+                               "--peer_tf32", "--batch", "32"])
+  cmd = benchmark.peer_cmd(args, "small", 512)
+  assert cmd[0] == "/usr/bin/env" and cmd[1].endswith("tools/bench_peer_trl.py")
+  assert cmd[-3:] == ["--device", "cuda", "--tf32"]
+  assert cmd[cmd.index("--batch") + 1] == "32"
+  mm = benchmark.peer_cmd(args, None, None, matmul_only=True)
+  assert "--matmul_only" in mm and mm[-3:] == ["--device", "cuda", "--tf32"]
+  cpu = benchmark.peer_cmd(benchmark.parse_args(["--peer_python", "/usr/bin/env"]), "small", 512)
+  assert cpu[-2:] == ["--device", "cpu"]
+  missing = benchmark.parse_args(["--peer_python", "/nonexistent/python"])
+  assert benchmark.peer_cmd(missing, "small", 512) is None
+
+
+def test_markdown_report_on_a_gpu_shows_the_accelerator_and_device_memory():
+  run = lambda s, **kw: {"step_s_median": s, "step_s_min": s, "pairs_per_s": 32 / s,
+                         "model_flops_per_step": 1e13, "achieved_model_flops_per_s": 1e13 / s,
+                         "peak_rss_mb": 3000.0, **kw}
+  res = {"command": "x", "date": "d", "machine": {}, "versions": {},
+         "settings": {"batch_pairs": 32, "li": 512, "lt": 64, "steps": 10, "warmup": 3},
+         "matmul": {"jax_numpy": {"jax_float32_flops_per_s": 3.6e14,
+                                  "jax_float32highest_flops_per_s": 5e13,
+                                  "jax_bf16f32acc_flops_per_s": 6.6e14,
+                                  "jax_backend": "gpu", "device_kind": "NVIDIA H200"},
+                    "torch": {"torch_bfloat16_flops_per_s": 7.8e14, "device": "cuda",
+                              "tf32": True}},
+         "comparison": [{"size": "small",
+                         "slic_jax_2row": run(0.05, peak_device_memory_mb=4321.0),
+                         "trl": run(0.1, peak_device_memory_mb=8765.4)}],
+         "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
+  md = benchmark.to_markdown(res)
+  assert ("- accelerator: NVIDIA H200 (jax backend 'gpu'; slic_jax runs there, TRL on "
+          "'cuda', TF32 allowed)") in md
+  assert "| jax | float32, precision HIGHEST | 50000.0 |" in md
+  assert "| 3000 | 4321 |" in md and "| 3000 | 8765 |" in md
+  # 1e13 FLOP in 0.05 s = 2e14 FLOP/s: 56% of jax's (TF32) float32 peak
+  assert "| 56% / 56% | jax f32 |" in md

@@ -31,6 +31,12 @@ prompt is encoded twice, once per response) and the decoder on 2·B sequences.
 slic_jax encodes each prompt once and decodes 3 rows (chosen, rejected, y_ref).
 
 ``--matmul_only`` instead measures torch's square matmul peak (float32, bfloat16).
+
+``--device cuda`` runs both on the GPU (``use_cpu=False``): the step timer then calls
+``torch.cuda.synchronize()`` at each step's begin and end, so a step's time is its
+GPU work, and ``peak_device_memory_mb`` is ``torch.cuda.max_memory_allocated()``.
+``--tf32`` lets float32 matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32``;
+PyTorch's default is off, XLA:GPU's default precision for float32 dots uses it).
 """
 from __future__ import annotations
 
@@ -54,22 +60,41 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def matmul_peak(n: int, reps: int) -> dict:
+def _sync(device: str) -> None:
+  if device == "cuda":
+    import torch
+    torch.cuda.synchronize()
+
+
+def _device_info(device: str) -> dict:
+  import torch
+  if device != "cuda":
+    return {"device": "cpu"}
+  return {"device": "cuda", "device_name": torch.cuda.get_device_name(0),
+          "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+          "peak_device_memory_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
+          "peak_device_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20}
+
+
+def matmul_peak(n: int, reps: int, device: str = "cpu") -> dict:
   import torch
   out = {"n": n, "torch_num_threads": torch.get_num_threads()}
   for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dt)
-    b = torch.randn(n, n, generator=g).to(dt)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
     a @ b
+    _sync(device)
     ts = []
     for _ in range(reps):
       t0 = time.perf_counter()
       a @ b
+      _sync(device)
       ts.append(time.perf_counter() - t0)
     out[f"torch_{name}_flops_per_s"] = 2.0 * n ** 3 / min(ts)
     out[f"torch_{name}_flops_per_s_median"] = 2.0 * n ** 3 / statistics.median(ts)
   out["peak_rss_mb"] = _peak_rss_mb()
+  out.update(_device_info(device))
   return out
 
 
@@ -133,7 +158,7 @@ def run_cpo(args) -> dict:
       max_grad_norm=1.0, weight_decay=0.0, disable_dropout=True,
       logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
       dataloader_num_workers=0, remove_unused_columns=False, seed=args.seed,
-      bf16=args.bf16, use_cpu=True, dataset_num_proc=None)
+      bf16=args.bf16, use_cpu=args.device == "cpu", dataset_num_proc=None)
 
   class Timer(TrainerCallback):
     def __init__(self):
@@ -141,10 +166,12 @@ def run_cpo(args) -> dict:
       self.faults, self.kernel_s, self.usage = [], [], None
 
     def on_step_begin(self, *a, **k):
+      _sync(args.device)
       self.begin = time.perf_counter()
       self.usage = resource.getrusage(resource.RUSAGE_SELF)
 
     def on_step_end(self, *a, **k):
+      _sync(args.device)
       now = time.perf_counter()
       u = resource.getrusage(resource.RUSAGE_SELF)
       self.faults.append(u.ru_minflt - self.usage.ru_minflt)
@@ -188,6 +215,7 @@ def run_cpo(args) -> dict:
       "torch_num_threads": torch.get_num_threads(),
       "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                    "trl": trl.__version__},
+      **_device_info(args.device),
   }
 
 
@@ -213,10 +241,17 @@ def main(argv=None):
   ap.add_argument("--cpo_alpha", type=float, default=0.5, help="NLL weight (SLiC-HF's lambda)")
   ap.add_argument("--bf16", action="store_true")
   ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+  ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+  ap.add_argument("--tf32", action="store_true", help="float32 matmuls may use TF32 (cuda)")
   ap.add_argument("--output_dir", default="/tmp/slic_jax_peer_trl_out")
   ap.add_argument("--out", default=None, help="also write the JSON here")
   args = ap.parse_args(argv)
-  res = matmul_peak(args.matmul_n, args.matmul_reps) if args.matmul_only else run_cpo(args)
+  if args.tf32:
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+  res = (matmul_peak(args.matmul_n, args.matmul_reps, args.device) if args.matmul_only
+         else run_cpo(args))
   line = json.dumps(res)
   if args.out:
     with open(args.out, "w") as f:

@@ -20,15 +20,22 @@ compile caches / allocator state do not leak into the next:
   the same work as the peer). The step process never imports SeqIO/TensorFlow.
   Steady-state time = median of ``--steps`` timed steps after ``--warmup``
   steps (each ``block_until_ready``); compile time is reported separately. Like the
-  trainer, the worker first calls ``host_memory.reuse_freed_memory()`` (``--host_malloc
-  default``: glibc's defaults; the side-by-side's "glibc default" rows), and it records
-  minor page faults and kernel time per step (``getrusage``), as the peer script does.
+  trainer, the worker first calls ``host_memory.reuse_freed_memory()``, which applies its
+  glibc settings only where the step runs on the CPU (``--host_malloc default``: never;
+  the side-by-side's "glibc default" rows), and it records minor page faults and kernel
+  time per step (``getrusage``), as the peer script does. It logs each phase (init,
+  compile, every step) on stderr; a worker that times out returns that log's tail.
 * ``matmul`` : peak matmul rate of this machine in the same run: a square float32
   (and bfloat16) ``jnp.dot`` of ``--matmul_n`` (2048) repeated, plus numpy's.
   torch's is measured by the peer script (``--matmul_only``).
 * ``peer``   : ``tools/bench_peer_trl.py`` in the peer venv (TRL CPOTrainer,
   hinge + cpo_alpha, same dims/batch/lengths); see that file for what it times.
   ``--peer_reuse_malloc`` also runs it with the same glibc settings (``GLIBC_TUNABLES``).
+* on a GPU (``tools/benchmark_gpu.sh``): slic_jax's workers run on jax's default backend
+  (the accelerator), the peer with ``--peer_device cuda`` (``--peer_python``: one
+  interpreter that has both stacks), the matmul peaks are the accelerator's, and the
+  report adds peak device memory (jax's ``peak_bytes_in_use``,
+  ``torch.cuda.max_memory_allocated``).
 * ``--trainers``: ``python -m slic_jax.train`` vs ``python -m t5x.train`` on the same
   gin experiment, each trainer's own ``timing/seqs_per_second``
   (``tools/bench_trainers.py``; needs the throw-away T5X env, ``--t5x_python``).
@@ -288,10 +295,26 @@ def _current_rss_mb() -> float | None:
     return None
 
 
-def worker_slic(args) -> dict:
+def _progress(t_start: float, msg: str) -> None:
+  """One line on stderr per phase, so a worker that times out says where it was."""
+  print(f"[worker +{time.perf_counter() - t_start:.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def apply_host_malloc(host_malloc: str) -> bool:
+  """``host_memory.reuse_freed_memory`` as slic_jax.train calls it; whether it applied.
+
+  'reuse': the glibc settings only where the step runs on the CPU
+  (`host_memory.step_runs_on_cpu`; on a GPU or TPU host the step's temporaries are the
+  device's); 'default': never. Call it before jax starts its backend.
+  """
   from slic_jax import host_memory
-  # First, before jax starts its backend: as slic_jax.train (host_memory's doc).
-  reuse = host_memory.reuse_freed_memory(enabled=args.host_malloc == "reuse")
+  return host_memory.reuse_freed_memory(enabled=None if host_malloc == "reuse" else False)
+
+
+def worker_slic(args) -> dict:
+  t_start = time.perf_counter()
+  from slic_jax import host_memory
+  reuse = apply_host_malloc(args.host_malloc)  # first, before jax starts its backend
   import jax
   import numpy as np
   from slic_jax import partitioning  # (no SeqIO/TF here: see build_step)
@@ -301,12 +324,15 @@ def worker_slic(args) -> dict:
   np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
+  _progress(t_start, f"backend {jax.default_backend()}, glibc reuse settings {reuse}")
   with p.activation_rules():
     step, init_state = build_step(cfg, shapes, args.seed, reg_target=args.reg_target,
                                   xla_default=args.xla_default,
                                   num_microbatches=args.microbatches,
                                   xla_options=parse_xla_options(args.xla_option))
     state = jax.jit(init_state)(jax.random.PRNGKey(args.seed))
+    jax.block_until_ready(state)
+    _progress(t_start, "state initialised; compiling the step")
     del init_state  # as slic_jax.train: free the init executable before compiling the step
     gc.collect()
     host_memory.trim()
@@ -314,6 +340,7 @@ def worker_slic(args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    _progress(t_start, f"step compiled in {compile_s:.1f} s")
     host_memory.trim()  # as slic_jax.train
     rss_compiled, peak_compiled = _current_rss_mb(), _peak_rss_mb()
     xla_flops = xla_cost_flops(compiled)
@@ -332,6 +359,7 @@ def worker_slic(args) -> dict:
       state, metrics = compiled(state, batch)
       jax.block_until_ready((state, metrics))
       t1, u1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+      _progress(t_start, f"step {i}: {t1 - t0:.3f} s")
       if i >= args.warmup:
         times.append(t1 - t0)
         faults.append(u1.ru_minflt - u0.ru_minflt)
@@ -361,7 +389,22 @@ def worker_slic(args) -> dict:
       "peak_rss_through_compile_mb": peak_compiled, "rss_after_compile_mb": rss_compiled,
       "rss_after_steps_mb": _current_rss_mb(),
       "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
+      **_jax_device_info(),
   }
+
+
+def _jax_device_info() -> dict:
+  """The accelerator's name and, where its runtime keeps them (GPU, TPU), peak bytes in use."""
+  import jax
+  d = jax.devices()[0]
+  out = {"device_kind": d.device_kind}
+  try:
+    stats = d.memory_stats() or {}
+  except Exception:  # pragma: no cover - backend without memory stats
+    stats = {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_device_memory_mb"] = stats["peak_bytes_in_use"] / 2 ** 20
+  return out
 
 
 def worker_matmul(args) -> dict:
@@ -392,10 +435,17 @@ def worker_matmul(args) -> dict:
   # dtype='bfloat16' (XLA:CPU gives it to YNNPACK, AMX where the CPU has it).
   rate("jax_bf16f32acc",
        jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32)), x, y)
-  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-  b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
-  rate("numpy_float32", np.matmul, a, b)
+  # float32 with every bit of precision (XLA:GPU's default precision for float32 dots
+  # may use TF32 on the tensor cores; on CPU the two are the same).
+  rate("jax_float32highest",
+       jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)),
+       x.astype(jnp.float32), y.astype(jnp.float32))
+  if jax.default_backend() == "cpu":
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    rate("numpy_float32", np.matmul, a, b)
   out["peak_rss_mb"] = _peak_rss_mb()
+  out.update(jax_backend=jax.default_backend(), **_jax_device_info())
   return out
 
 
@@ -411,8 +461,12 @@ def _run_json(cmd: list[str], timeout: float, env=None) -> dict:
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=REPO)
-  except subprocess.TimeoutExpired:
-    return {"error": f"timeout after {timeout}s", "cmd": cmd}
+  except subprocess.TimeoutExpired as e:
+    tail = e.stderr or b""
+    tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+    print(f"[benchmark]   -> TIMEOUT after {timeout}s; stderr tail:\n{tail[-1500:]}",
+          file=sys.stderr, flush=True)
+    return {"error": f"timeout after {timeout}s", "stderr_tail": tail[-3000:], "cmd": cmd}
   wall = time.perf_counter() - t0
   after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
@@ -450,21 +504,27 @@ def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
   return cmd + (["--xla_default"] if xla_default else [])
 
 
+def peer_python(args) -> str:
+  """The peer's interpreter: ``--peer_python``, else the peer venv's (``--peer_env``)."""
+  return args.peer_python or os.path.join(args.peer_env, "bin", "python")
+
+
 def peer_cmd(args, size, li, matmul_only=False, bf16=False) -> list[str] | None:
-  py = os.path.join(args.peer_env, "bin", "python")
+  py = peer_python(args)
   if not os.path.exists(py):
     return None
   script = os.path.join(REPO, "tools", "bench_peer_trl.py")
+  device = ["--device", args.peer_device] + ["--tf32"] * args.peer_tf32
   if matmul_only:
     return [py, script, "--matmul_only", "--matmul_n", str(args.matmul_n),
-            "--matmul_reps", str(args.matmul_reps)]
+            "--matmul_reps", str(args.matmul_reps)] + device
   d = size_dims(size)
   return [py, script, "--d_model", str(d["emb_dim"]), "--num_heads", str(d["num_heads"]),
           "--d_kv", str(d["head_dim"]), "--d_ff", str(d["mlp_dim"]),
           "--num_layers", str(d["num_encoder_layers"]), "--vocab_size", str(d["vocab_size"]),
           "--batch", str(args.batch), "--li", str(li), "--lt", str(args.lt),
           "--steps", str(args.peer_steps), "--warmup", str(args.peer_warmup),
-          "--seed", str(args.seed), "--size_name", size] + (["--bf16"] if bf16 else [])
+          "--seed", str(args.seed), "--size_name", size] + (["--bf16"] if bf16 else []) + device
 
 
 def peer_flops(size, batch, li, lt) -> dict:
@@ -480,7 +540,7 @@ def _versions(args) -> dict:
       v[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       pass
-  py = os.path.join(args.peer_env, "bin", "python")
+  py = peer_python(args)
   if os.path.exists(py):
     try:
       out = subprocess.run([py, "-c", "import importlib.metadata as m, json; print(json.dumps("
@@ -528,6 +588,7 @@ def orchestrate(args) -> dict:
        "--matmul_n", str(args.matmul_n), "--matmul_reps", str(args.matmul_reps)], t)
   pc = peer_cmd(args, None, None, matmul_only=True)
   res["matmul"]["torch"] = _run_json(pc, t) if pc else {"error": "peer env missing"}
+  _write(args, res)
   peak = res["matmul"]["jax_numpy"].get("jax_float32_flops_per_s")
   peak_bf16 = res["matmul"]["jax_numpy"].get("jax_bf16f32acc_flops_per_s")
 
@@ -659,6 +720,10 @@ def to_markdown(res: dict) -> str:
       f"- date: {res['date']}",
       f"- machine: {m.get('cpu_count')} CPU cores ({m.get('cpu_model', '?')}), "
       f"{m.get('mem_total_gb', '?')} GB RAM, load average at start {m.get('loadavg_at_start')}",
+      *([f"- accelerator: {mm['device_kind']} (jax backend '{mm.get('jax_backend')}'; "
+         f"slic_jax runs there, TRL on '{tm.get('device', 'cpu')}'"
+         f"{', TF32 allowed' if tm.get('tf32') else ''})"]
+        if mm.get("jax_backend", "cpu") != "cpu" else []),
       f"- versions: {json.dumps(res['versions'])}",
       f"- setting: {s['batch_pairs']} pairs/step, prompt Li={s['li']}, target Lt={s['lt']}, "
       f"median of {s['steps']} steps after {s['warmup']} warm-up steps (TRL: {s.get('peer_steps')} "
@@ -669,9 +734,10 @@ def to_markdown(res: dict) -> str:
       "| library | dtype | GFLOP/s (best) | GFLOP/s (median) |", "|---|---|---|---|",
   ]
   dt_names = {"float32": "float32", "bfloat16": "bfloat16", "bf16f32acc":
-              "bfloat16 × bfloat16 → float32 (slic_jax's bf16 matmuls)"}
-  for lib, key, src in (("jax", "jax_float32", mm), ("jax", "jax_bfloat16", mm),
-                        ("jax", "jax_bf16f32acc", mm),
+              "bfloat16 × bfloat16 → float32 (slic_jax's bf16 matmuls)",
+              "float32highest": "float32, precision HIGHEST"}
+  for lib, key, src in (("jax", "jax_float32", mm), ("jax", "jax_float32highest", mm),
+                        ("jax", "jax_bfloat16", mm), ("jax", "jax_bf16f32acc", mm),
                         ("numpy", "numpy_float32", mm), ("torch", "torch_float32", tm),
                         ("torch", "torch_bfloat16", tm)):
     if f"{key}_flops_per_s" in src:
@@ -681,16 +747,16 @@ def to_markdown(res: dict) -> str:
   lines += ["", "## Side by side", "",
             "| model | framework | s/step (median) | s/step (best) | pairs/s (median) | speed-up "
             "(median / best) | model GFLOP/step | XLA GFLOP/step | model GFLOP/s (median / best) | "
-            "% of matmul peak of its dtype (median / best) | peak used | peak RSS MB | compile s | "
-            "page faults / step | kernel s / step |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "% of matmul peak of its dtype (median / best) | peak used | peak RSS MB | "
+            "peak device MB | compile s | page faults / step | kernel s / step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
     for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse"):
       r = c.get(fw)
       if r is None:
         continue
       if "error" in r:
-        lines.append(f"| {c['size']} | {LABELS[fw]} | error: {r['error']} | | | | | | | | | | | | |")
+        lines.append(f"| {c['size']} | {LABELS[fw]} | error: {r['error']} | | | | | | | | | | | | | |")
         continue
       sp = ""
       if "speedup_pairs_per_s" in r:
@@ -711,7 +777,8 @@ def to_markdown(res: dict) -> str:
           f"{_g(fl and fl / r['step_s_min'], 1e9, '{:.1f}')} | "
           f"{_g(fl and pk and fl / r['step_s_median'] / pk, 0.01, '{:.0f}%')} / "
           f"{_g(fl and pk and fl / r['step_s_min'] / pk, 0.01, '{:.0f}%')} | {pk_name} | "
-          f"{r['peak_rss_mb']:.0f} | {_g(r.get('compile_s'), 1, '{:.1f}')} | "
+          f"{r['peak_rss_mb']:.0f} | {_g(r.get('peak_device_memory_mb'), 1, '{:.0f}')} | "
+          f"{_g(r.get('compile_s'), 1, '{:.1f}')} | "
           f"{_g(r.get('minor_faults_per_step'), 1, '{:.0f}')} | "
           f"{_g(r.get('kernel_s_per_step'), 1, '{:.2f}')} |")
   if res["sweep"]:
@@ -836,6 +903,13 @@ def parse_args(argv=None):
   ap.add_argument("--matmul_n", type=int, default=2048)
   ap.add_argument("--matmul_reps", type=int, default=10)
   ap.add_argument("--peer_env", default=DEFAULT_PEER_ENV)
+  ap.add_argument("--peer_python", default=None,
+                  help="the peer's python (torch, transformers, trl); default: --peer_env's")
+  ap.add_argument("--peer_device", default="cpu", choices=["cpu", "cuda"],
+                  help="where TRL runs (bench_peer_trl.py --device); slic_jax runs on jax's "
+                       "default backend")
+  ap.add_argument("--peer_tf32", action="store_true",
+                  help="TRL's float32 matmuls may use TF32 (cuda; XLA:GPU's default does)")
   ap.add_argument("--no_peer", action="store_true")
   ap.add_argument("--timeout", type=float, default=1800)
   ap.add_argument("--trainers", action="store_true",
