@@ -109,7 +109,7 @@ def step_runs_on_cpu() -> bool:
 
 
 @gin.configurable(module="host_memory")
-def reuse_freed_memory(enabled: bool | None = None) -> bool:
+def reuse_freed_memory(enabled: bool | None = None, single_arena: bool = True) -> bool:
   """Keeps freed blocks in the heap for reuse instead of unmapping them (see module doc).
 
   ``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_ARENA_MAX, 1)``,
@@ -123,6 +123,15 @@ def reuse_freed_memory(enabled: bool | None = None) -> bool:
   enabled: True / False; None (default): only where the step runs on the CPU
     (`step_runs_on_cpu`). On a TPU or GPU host the step's temporaries live on the device,
     and one arena for all threads could slow a many-threaded input pipeline instead.
+  single_arena: also ``M_ARENA_MAX = 1`` (default). False leaves glibc's arenas per
+    thread: the step's block is still allocated by the calling thread (inline dispatch),
+    i.e. from the main heap, but XLA's worker threads no longer share one malloc lock.
+    T5 1.1 small, bf16, 2 rows, 4 pairs, Li 512, two alternated pairs of
+    ``tools/benchmark.py --_worker slic --host_malloc reuse|reuse_arenas``
+    (`benchmarks/NOTES.md`, session 11): compilation 22.3 / 24.1 s → 18.0 / 19.4 s, step
+    time the same within noise, page faults per step 0 → 2-3, peak RSS 1688 / 1687 →
+    1761 / 1747 MB. The default keeps the lower peak; where many threads compile (many
+    cores) the single lock may cost more.
 
   Returns whether the settings were applied: False when disabled, where the C library
   has no ``mallopt`` (not glibc) or refused a setting, or (with a logged warning) where
@@ -146,7 +155,9 @@ def reuse_freed_memory(enabled: bool | None = None) -> bool:
         else f"this jax has no {ASYNC_DISPATCH_FLAG}")
     return False
   ok = True
-  for param, value in ((_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+  settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+  settings += [(_M_ARENA_MAX, 1)] if single_arena else []
+  for param, value in settings:
     ok = bool(lib.mallopt(param, value)) and ok
   jax.config.update(ASYNC_DISPATCH_FLAG, False)
   return ok

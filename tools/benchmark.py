@@ -305,10 +305,13 @@ def apply_host_malloc(host_malloc: str) -> bool:
 
   'reuse': the glibc settings only where the step runs on the CPU
   (`host_memory.step_runs_on_cpu`; on a GPU or TPU host the step's temporaries are the
-  device's); 'default': never. Call it before jax starts its backend.
+  device's); 'reuse_arenas': the same without one arena for all threads
+  (``single_arena=False``); 'default': never. Call it before jax starts its backend.
   """
   from slic_jax import host_memory
-  return host_memory.reuse_freed_memory(enabled=None if host_malloc == "reuse" else False)
+  if host_malloc == "default":
+    return host_memory.reuse_freed_memory(enabled=False)
+  return host_memory.reuse_freed_memory(enabled=None, single_arena=host_malloc == "reuse")
 
 
 def worker_slic(args) -> dict:
@@ -379,7 +382,7 @@ def worker_slic(args) -> dict:
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
       "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
-      "host_malloc": "reuse" if reuse else "glibc default",
+      "host_malloc": args.host_malloc if reuse else "glibc default",
       "minor_faults_per_step": statistics.median(faults),
       "kernel_s_per_step": statistics.median(kernel_s),
       "model_flops_per_step": flops["train_step"], "flops_breakdown": flops,
@@ -887,9 +890,10 @@ def parse_args(argv=None):
   ap.add_argument("--peer_reuse_malloc", action="store_true",
                   help="also run TRL (float32) with slic_jax's glibc malloc settings "
                        "(GLIBC_TUNABLES = host_memory.GLIBC_TUNABLES)")
-  ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "default"],
+  ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "reuse_arenas", "default"],
                   help="step worker: host_memory.reuse_freed_memory() first (as "
-                       "slic_jax.train), or glibc's default malloc")
+                       "slic_jax.train), the same with single_arena=False, or glibc's "
+                       "default malloc")
   ap.add_argument("--sweep", default="128,256,512,1024", help="input lengths ('' = none)")
   ap.add_argument("--sweep_size", default="mini")
   ap.add_argument("--sweep_peer", action="store_true", help="also sweep the TRL peer")
