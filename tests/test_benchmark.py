@@ -154,27 +154,19 @@ def test_parse_xla_options():
 
 
 def test_step_worker_applies_the_glibc_settings_only_where_the_step_runs_on_the_cpu(
-    monkeypatch):
-  """As slic_jax.train: on a GPU/TPU host (no CPU step) mallopt is never called."""
+    monkeypatch, recorded_mallopt):
+  """As slic_jax.train: on a GPU/TPU host (no CPU step) mallopt is never called, although
+  jax has not started (`recorded_mallopt`), where forcing the settings would call it."""
   from slic_jax import host_memory
-  calls = []
-
-  class FakeLibc:
-    malloc_trim = None
-
-    def mallopt(self, param, value):
-      calls.append((param, value))
-      return 1
-
-  from jax._src import xla_bridge
-  monkeypatch.setattr(host_memory, "_libc", lambda: FakeLibc())
   monkeypatch.setattr(host_memory, "step_runs_on_cpu", lambda: False)
-  # as if jax had not started yet (forcing the settings would then call mallopt)
-  monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
-  monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
   assert benchmark.apply_host_malloc("reuse") is False
+  assert benchmark.apply_host_malloc("reuse_arenas") is False
   assert benchmark.apply_host_malloc("default") is False
-  assert calls == []
+  assert recorded_mallopt == []
+  monkeypatch.setattr(host_memory, "step_runs_on_cpu", lambda: True)
+  assert benchmark.apply_host_malloc("reuse_arenas") is True
+  assert (host_memory._M_ARENA_MAX, 1) not in recorded_mallopt
+  assert (host_memory._M_MMAP_MAX, 0) in recorded_mallopt
 
 
 def test_peer_command_on_a_gpu():
