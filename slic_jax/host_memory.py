@@ -13,7 +13,14 @@ the settings below, 0 faults and 0.01-0.02 s, at 1.36 s and 2.84 s per step.
 `reuse_freed_memory` sets glibc's ``mallopt`` so that freed blocks stay in one heap and
 the next step reuses them: no ``mmap`` (``M_MMAP_MAX = 0``), one arena for all threads
 (``M_ARENA_MAX = 1``; a thread arena would still ``mmap`` what it cannot hold) and no
-automatic trim below 2 GB of free heap top (``M_TRIM_THRESHOLD``). It also makes XLA:CPU
+automatic trim of the free heap top (``M_TRIM_THRESHOLD = -1``, which glibc documents as
+"disables trimming completely"). Until session 11 the threshold was 2 GB (``2**31 - 1``,
+the largest positive int): a step whose temporaries exceed it was trimmed and faulted in
+again every step. T5 1.1 small at 16 pairs, Li 512, 2 rows (`benchmarks/results_b16*.md`):
+bf16 (2807 MB of temporaries) 748,600 page faults and 2.70 s of kernel time per 7.63 s
+step before, 21 faults, 0.03 s and 5.64 s with trimming off; float32 1,619,468 faults,
+6.01 s and 16.41 s before, 5,268 faults, 0.08 s and 13.28 s after; the same peak RSS
+(3746 / 3742 and 6871 / 6884 MB). It also makes XLA:CPU
 run each step inline in the calling thread (``jax_cpu_enable_async_dispatch = False``):
 with asynchronous dispatch, a queued step starts on XLA's thread as soon as its inputs
 are ready and allocates its temporaries before the previous step's are freed, so 2-4
@@ -57,10 +64,13 @@ from absl import logging
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-# mallopt takes an int: the largest trim threshold it can set.
-TRIM_THRESHOLD = 2 ** 31 - 1
+# mallopt(M_TRIM_THRESHOLD, -1): never trim the heap top automatically (glibc's
+# documented value; mallopt takes an int, and -1 becomes SIZE_MAX inside).
+NO_TRIM = -1
+# The same as environment settings, for a process that does not call this module
+# (python -m t5x.train): the tunable takes a size_t, so "never" is SIZE_MAX.
 GLIBC_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
-                  f"glibc.malloc.trim_threshold={TRIM_THRESHOLD}")
+                  f"glibc.malloc.trim_threshold={2 ** 64 - 1}")
 # jax's flag for XLA:CPU's asynchronous dispatch; False: each call runs inline.
 ASYNC_DISPATCH_FLAG = "jax_cpu_enable_async_dispatch"
 # The same for a process that parses jax's absl flags (python -m t5x.train does).
@@ -113,12 +123,12 @@ def reuse_freed_memory(enabled: bool | None = None, single_arena: bool = True) -
   """Keeps freed blocks in the heap for reuse instead of unmapping them (see module doc).
 
   ``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_ARENA_MAX, 1)``,
-  ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``, and ``jax_cpu_enable_async_dispatch = False``
+  ``mallopt(M_TRIM_THRESHOLD, -1)``, and ``jax_cpu_enable_async_dispatch = False``
   so that one step's temporaries are freed before the next step allocates its own. Call
-  it before jax initialises its backend. Memory that is freed stays resident up to the
-  trim threshold (`trim` still gives it back on request); each step reuses the same
-  blocks, and peak RSS was lower with the settings than without in
-  `benchmarks/results.md`.
+  it before jax initialises its backend. Memory that is freed stays resident (`trim`
+  still gives it back on request, as the trainer does after init and after compiling);
+  each step reuses the same blocks, and peak RSS was lower with the settings than
+  without in `benchmarks/results.md`.
 
   enabled: True / False; None (default): only where the step runs on the CPU
     (`step_runs_on_cpu`). On a TPU or GPU host the step's temporaries live on the device,
@@ -155,7 +165,7 @@ def reuse_freed_memory(enabled: bool | None = None, single_arena: bool = True) -
         else f"this jax has no {ASYNC_DISPATCH_FLAG}")
     return False
   ok = True
-  settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+  settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, NO_TRIM)]
   settings += [(_M_ARENA_MAX, 1)] if single_arena else []
   for param, value in settings:
     ok = bool(lib.mallopt(param, value)) and ok
