@@ -245,20 +245,20 @@ def stacked_projection(x, kernels, dtype):
 def gated_activation(y, activations: Sequence[str], dtype):
   """y [..., n, F] -> prod_i act_i(y[..., i, :]) [..., F] in `dtype`, computed in float32.
 
-  T5 1.1: ``gelu(y_0) * y_1``. For a float32 `dtype` this is plain autodiff. For a
-  lower precision the custom VJP keeps only y (already stored for the projection's own
-  gradient), recomputes the activations in float32 and returns the n cotangents stacked
-  as [..., n, F] in y's dtype: the layout the stacked projection's backward reads, made
-  in one pass (XLA:CPU would otherwise round after every elementwise op of GELU and its
-  derivative, and pad and add the n slices' cotangents).
+  T5 1.1: ``gelu(y_0) * y_1``. The custom VJP keeps only y (already stored for the
+  projection's own gradient), recomputes the activations in float32 and returns the n
+  cotangents stacked as [..., n, F] in y's dtype: the layout the stacked projection's
+  backward reads, made in one pass (XLA:CPU would otherwise round after every
+  elementwise op of GELU and its derivative, and pad and add the n slices' cotangents).
+  The backward reads y through an `optimization_barrier`, so that XLA does not merge the
+  recomputation with the forward's GELU and keep its intermediates (tanh, products:
+  +90 MB for T5 1.1 small, 4 pairs, float32) alive until the backward pass.
   """
   activations = tuple(activations)
   if len(activations) != y.shape[-2]:
     raise ValueError(f"gated_activation: {len(activations)} activations for "
                      f"{y.shape[-2]} stacked projections")
-  if jnp.dtype(dtype) == jnp.float32:
-    return _gated_f32(y.astype(jnp.float32), activations)
-  return _gated_low_precision(y, activations, jnp.dtype(dtype))
+  return _gated_recomputed(y, activations, jnp.dtype(dtype))
 
 
 def _activation(name: str):
@@ -273,16 +273,17 @@ def _gated_f32(y, activations):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _gated_low_precision(y, activations, dtype):
+def _gated_recomputed(y, activations, dtype):
   return _gated_f32(y.astype(jnp.float32), activations).astype(dtype)
 
 
-def _gated_low_precision_fwd(y, activations, dtype):
-  return _gated_low_precision(y, activations, dtype), y
+def _gated_recomputed_fwd(y, activations, dtype):
+  return _gated_recomputed(y, activations, dtype), y
 
 
-def _gated_low_precision_bwd(activations, dtype, y, g):
+def _gated_recomputed_bwd(activations, dtype, y, g):
   del dtype
+  y = jax.lax.optimization_barrier(y)
   g = g.astype(jnp.float32)
   vals, derivs = [], []
   for i, name in enumerate(activations):
@@ -296,7 +297,7 @@ def _gated_low_precision_bwd(activations, dtype, y, g):
   return (jnp.stack(grads, axis=-2).astype(y.dtype),)
 
 
-_gated_low_precision.defvjp(_gated_low_precision_fwd, _gated_low_precision_bwd)
+_gated_recomputed.defvjp(_gated_recomputed_fwd, _gated_recomputed_bwd)
 
 
 def fused_projection(x, kernels, dtype):
@@ -650,24 +651,56 @@ _low_precision_softmax.defvjp(_low_precision_softmax_fwd, _low_precision_softmax
 def softmax_weighted_values(logits, value, dtype):
   """o = softmax(logits) · v: logits [B, H, Lq, Lk] (float32 softmax), v [B, Lk, H, K].
 
-  Returns o [B, Lq, H, K] in `dtype`; p = softmax(logits) is rounded to `dtype` for
-  the matmul (as `attention_softmax` then `matmul.einsum`, which float32 runs as is).
-  For a lower-precision `dtype` the custom VJP takes the row term of the softmax
-  gradient from the output, as FlashAttention's backward does:
+  Returns o [B, Lq, H, K] in `dtype`. Both paths have custom VJPs that take the row term
+  of the softmax gradient from the output, as FlashAttention's backward does:
 
       dp = do · vᵀ (float32),  Σ_k p_k dp_k = Σ_d do_d o_d,
       dlogits = p ⊙ (dp − Σ_d do ⊙ o),  dv = pᵀ · do,
 
   so the backward reads the [B, H, Lq, Lk] arrays twice fewer than softmax's own VJP
-  (no float32 p ⊙ dp product and its reduction over Lk) and keeps dp in float32 (the
-  unfused path rounds it to `dtype` between the two VJPs). The row term uses o as
-  returned (in `dtype`, as FlashAttention keeps O); the output projection holds that
-  array for its own gradient anyway.
+  (no p ⊙ dp product and its reduction over Lk). The row term uses o as returned; the
+  output projection holds that array for its own gradient anyway.
+
+  float32 (`_normalized_after_values`) normalises after the matmul, as FlashAttention's
+  forward does: e = exp(logits − max), s = Σ_k e, o = (e · v) / s. Only e and 1/s are
+  kept for the backward pass, which uses p = e / s inside its fused elementwise ops
+  (dv = eᵀ · (do / s), dlogits = e ⊙ (dp / s − Σ_d (do / s) ⊙ o)). With p itself as the
+  residual, XLA:CPU fuses the division into the backward's consumers and keeps e alive
+  as well: two float32 [B, H, Lq, Lk] arrays per layer until the backward pass instead
+  of one (T5 1.1 small, 4 pairs, prompt 512: 1.8 → 1.5 GB peak of the step's buffers,
+  `benchmarks/NOTES.md`, session 12).
+
+  A lower-precision `dtype` (`_softmax_weighted_values`) keeps p rounded to `dtype` (the
+  operand of the `dtype` matmul, half the memory of float32 e) and dp in float32 (the
+  unfused path rounds it to `dtype` between the two VJPs).
   """
-  if jnp.dtype(dtype) == jnp.float32:  # plain jax.nn.softmax and einsum (and their VJPs)
-    return matmul.einsum('bhqk,bkhd->bqhd', attention_softmax(logits, dtype), value,
-                         dtype=dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    return _normalized_after_values(logits, value)
   return _softmax_weighted_values(logits, value, jnp.dtype(dtype))
+
+
+@jax.custom_vjp
+def _normalized_after_values(logits, value):
+  return _normalized_after_values_fwd(logits, value)[0]
+
+
+def _normalized_after_values_fwd(logits, value):
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  r = 1.0 / jnp.sum(e, axis=-1)  # [B, H, Lq]: 1 / s
+  o = jnp.einsum('bhqk,bkhd->bqhd', e, value) * jnp.swapaxes(r, 1, 2)[..., None]
+  return o, (e, r, value, o)
+
+
+def _normalized_after_values_bwd(res, g):
+  e, r, v, o = res
+  gr = g * jnp.swapaxes(r, 1, 2)[..., None]  # [B, Lq, H, K]: do / s
+  dv = jnp.einsum('bhqk,bqhd->bkhd', e, gr)
+  de = jnp.einsum('bqhd,bkhd->bhqk', gr, v)  # dp / s
+  row = jnp.einsum('bqhd,bqhd->bhq', gr, o)[..., None]
+  return e * (de - row), dv
+
+
+_normalized_after_values.defvjp(_normalized_after_values_fwd, _normalized_after_values_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -396,7 +396,7 @@ def test_gated_activation_low_precision_vjp(acts):
   y = jax.random.normal(jax.random.PRNGKey(0), (2, 3, len(acts), 16)).astype(jnp.bfloat16)
   g = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 16))
   yf = y.astype(jnp.float32)
-  ref, vjp_ref = jax.vjp(lambda v: network.gated_activation(v, acts, jnp.float32), yf)
+  ref, vjp_ref = jax.vjp(lambda v: network._gated_f32(v, acts), yf)  # plain autodiff
   out, vjp = jax.vjp(lambda v: network.gated_activation(v, acts, jnp.bfloat16), y)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-2)
@@ -407,6 +407,20 @@ def test_gated_activation_low_precision_vjp(acts):
   assert float(jnp.abs(d_ref).max()) > 0.1
   with pytest.raises(ValueError, match='2 activations for 3 stacked'):
     network.gated_activation(jnp.zeros((4, 3, 8)), ('gelu', 'linear'), jnp.bfloat16)
+
+
+@pytest.mark.parametrize('acts', [('gelu', 'linear'), ('relu',)])
+def test_gated_activation_float32_vjp_is_autodiff(acts):
+  """float32: the recomputing VJP gives autodiff's value and gradient (to rounding)."""
+  y = jax.random.normal(jax.random.PRNGKey(0), (2, 3, len(acts), 16)) * 2
+  g = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 16))
+  ref, vjp_ref = jax.vjp(lambda v: network._gated_f32(v, acts), y)
+  out, vjp = jax.vjp(lambda v: network.gated_activation(v, acts, jnp.float32), y)
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  (d,), (d_ref,) = vjp(g), vjp_ref(g)
+  assert d.dtype == jnp.float32 and d.shape == y.shape
+  np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(d_ref).max()) > 0.5
 
 
 def test_mlp_block_bfloat16_activation_in_float32():
@@ -491,9 +505,10 @@ def test_attention_softmax_low_precision_vjp():
 
 
 def test_softmax_weighted_values():
-  """o = softmax(logits) v; the bf16 VJP (row term from o) ~ float32's, float32 is plain."""
+  """o = softmax(logits) v; float32 (normalised after the matmul) and bf16 VJPs ~ autodiff."""
   k = jax.random.split(jax.random.PRNGKey(0), 3)
   logits = jax.random.normal(k[0], (2, 3, 5, 7)) * 3
+  logits = logits.at[0, :, :, 6].set(-1e10)  # a masked key, as the attention masks add
   value = jax.random.normal(k[1], (2, 7, 3, 4)).astype(jnp.bfloat16).astype(jnp.float32)
   g = jax.random.normal(k[2], (2, 5, 3, 4)).astype(jnp.bfloat16)
 
@@ -502,11 +517,13 @@ def test_softmax_weighted_values():
                                       v, dtype=dtype)
 
   fused = lambda dtype: lambda l, v: network.softmax_weighted_values(l, v, dtype)
-  o32, vjp32 = jax.vjp(unfused(jnp.float32), logits, value)
+  o32, vjp32 = jax.vjp(unfused(jnp.float32), logits, value)  # plain autodiff
   o, vjp = jax.vjp(fused(jnp.float32), logits, value)
-  np.testing.assert_array_equal(o, o32)
+  np.testing.assert_allclose(o, o32, rtol=1e-5, atol=1e-6)
   for a, b in zip(vjp(g.astype(jnp.float32)), vjp32(g.astype(jnp.float32))):
-    np.testing.assert_array_equal(a, b)
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+  assert float(jnp.abs(vjp(g.astype(jnp.float32))[0][0, :, :, 6]).max()) == 0.0  # masked
 
   o16, vjp16 = jax.vjp(fused(jnp.bfloat16), logits, value)
   np.testing.assert_array_equal(o16, unfused(jnp.bfloat16)(logits, value))  # same forward
@@ -519,6 +536,21 @@ def test_softmax_weighted_values():
   # The row term is large next to that tolerance: dropping it would fail the check.
   row = jnp.einsum('bqhd,bqhd->bhq', g.astype(jnp.float32), o32)[..., None]
   assert float(jnp.abs(row).max()) > 20 * float(jnp.abs(dl - dl32).max())
+
+
+def test_float32_attention_keeps_one_score_sized_residual():
+  """float32 softmax·V keeps e = exp(logits − max) only, not p and e (memory per layer)."""
+  from jax._src import ad_checkpoint
+  logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 7))
+  value = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 3, 4))
+  f = lambda l, v: network.softmax_weighted_values(l, v, jnp.float32).sum()
+  saved = [aval.shape for aval, _ in ad_checkpoint.saved_residuals(f, logits, value)]
+  assert saved.count((2, 3, 5, 7)) == 1, saved
+  # softmax's own autodiff followed by the matmul keeps p and exp(logits − max): two.
+  unfused = lambda l, v: matmul.einsum('bhqk,bkhd->bqhd', network.attention_softmax(
+      l, jnp.float32), v, dtype=jnp.float32).sum()
+  saved = [aval.shape for aval, _ in ad_checkpoint.saved_residuals(unfused, logits, value)]
+  assert saved.count((2, 3, 5, 7)) == 2, saved
 
 
 @pytest.mark.parametrize('policy', ['full', 'minimal'])
