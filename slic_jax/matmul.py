@@ -171,12 +171,44 @@ def contract(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any) -> jax.Ar
   return _canonical_einsum(sa, sb, out, a, b)
 
 
-def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None) -> jax.Array:
+@jax.custom_vjp
+def weight_gradient_first(x: jax.Array, w: jax.Array):
+  """(x, w) unchanged; in the backward pass x's cotangent waits for w's.
+
+  The VJP returns (dx + 0 · dw[0], dw): whatever consumes dx (the rest of the backward
+  pass, towards the input) depends on the weight gradient dw, so dw = xᵀ · dy is
+  computed where dy is, and x and dy are freed there. Weight gradients are otherwise off
+  the critical path, and XLA:CPU's scheduler leaves them to the end of the backward
+  pass, keeping every layer's matmul inputs and output cotangents alive until then.
+  (`optimization_barrier` would not do: XLA:CPU removes it before scheduling.) A NaN or
+  infinite dw[0] makes dx NaN, which the NaN-propagating update would be anyway.
+  """
+  return x, w
+
+
+def _weight_gradient_first_fwd(x, w):
+  return (x, w), None
+
+
+def _weight_gradient_first_bwd(_, g):
+  dx, dw = g
+  return dx + (dw.reshape(-1)[0] * 0).astype(dx.dtype), dw
+
+
+weight_gradient_first.defvjp(_weight_gradient_first_fwd, _weight_gradient_first_bwd)
+
+
+def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None,
+          weight_grad_first: bool = False) -> jax.Array:
   """y = x · W over x's last axis: x [..., D], W [D, *F] -> y [..., *F], via `einsum`.
 
   float32 is a plain ``jnp.tensordot``; otherwise x's leading axes are flattened into
   one (``'md,dF->mF'``) so the matmul and its gradients are single canonical GEMMs.
+  ``weight_grad_first``: the backward computes dW before passing dx on
+  (`weight_gradient_first`).
   """
+  if weight_grad_first:
+    x, kernel = weight_gradient_first(x, kernel)
   if jnp.dtype(dtype) == jnp.float32:
     return jnp.tensordot(x.astype(jnp.float32), kernel.astype(jnp.float32), axes=1).astype(
         out_dtype or jnp.float32)

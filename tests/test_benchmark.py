@@ -131,7 +131,8 @@ def test_markdown_report_has_all_rows():
                          "trl": run(6.0, 7.5e11),
                          "trl_bf16": run(2.5, 7.5e11),
                          "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
-                                          kernel_s_per_step=0.01)}],
+                                          kernel_s_per_step=0.01),
+                         "trl_nockpt": run(4.5, 7.5e11)}],
          "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
   md = benchmark.to_markdown(res)
   for label in benchmark.LABELS.values():
@@ -183,6 +184,10 @@ def test_peer_command_on_a_gpu():
   assert cpu[-2:] == ["--device", "cpu"]
   missing = benchmark.parse_args(["--peer_python", "/nonexistent/python"])
   assert benchmark.peer_cmd(missing, "small", 512) is None
+  # TRL's CPOConfig default (gradient checkpointing on) unless the row asks for it off.
+  assert cpu[cpu.index("--gradient_checkpointing") + 1] == "default"
+  off = benchmark.peer_cmd(args, "small", 512, checkpointing="off")
+  assert off[off.index("--gradient_checkpointing") + 1] == "off"
 
 
 def test_markdown_report_on_a_gpu_shows_the_accelerator_and_device_memory():

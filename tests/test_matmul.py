@@ -114,3 +114,21 @@ def test_contract_is_einsum_backward_matmul():
   want = jnp.einsum(eq, rounded(a), rounded(b), precision='highest')
   assert got.dtype == jnp.float32 and got.shape == (2, 3, 5, 7)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_gradient_first_is_the_identity_with_tied_cotangents():
+  """(x, w) unchanged; the VJP returns dx + 0 · dw[0] (same values) and dw, and dx depends on dw."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 5))
+  f = lambda x, w: jnp.sum(jnp.sin(matmul.dense(x, w, dtype=jnp.float32, weight_grad_first=True)))
+  ref = lambda x, w: jnp.sum(jnp.sin(x @ w))
+  np.testing.assert_allclose(f(x, w), ref(x, w), rtol=1e-6)
+  for a, b in zip(jax.grad(f, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # The dependency itself: dx's jaxpr reads dw (a 0-multiplied element of it).
+  (y, tied), vjp = jax.vjp(matmul.weight_gradient_first, x, w)
+  assert y is x and tied is w
+  jaxpr = str(jax.make_jaxpr(vjp)((jnp.ones_like(x), jnp.full_like(w, jnp.nan))))
+  assert 'mul' in jaxpr
+  dx, dw = vjp((jnp.ones_like(x), jnp.full_like(w, jnp.nan)))
+  assert bool(jnp.isnan(dx).all()) and bool(jnp.isnan(dw).all())  # NaN dw reaches dx

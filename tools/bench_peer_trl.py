@@ -158,7 +158,11 @@ def run_cpo(args) -> dict:
       max_grad_norm=1.0, weight_decay=0.0, disable_dropout=True,
       logging_steps=10 ** 6, save_strategy="no", report_to=[], disable_tqdm=True,
       dataloader_num_workers=0, remove_unused_columns=False, seed=args.seed,
-      bf16=args.bf16, use_cpu=args.device == "cpu", dataset_num_proc=None)
+      bf16=args.bf16, use_cpu=args.device == "cpu", dataset_num_proc=None,
+      # CPOConfig's own default is gradient_checkpointing=True (per-layer recompute in the
+      # backward pass); 'default' leaves it, as a user who does not set it runs TRL.
+      **({} if args.gradient_checkpointing == "default"
+         else {"gradient_checkpointing": args.gradient_checkpointing == "on"}))
 
   class Timer(TrainerCallback):
     def __init__(self):
@@ -209,6 +213,9 @@ def run_cpo(args) -> dict:
       "model_call_shapes": shapes,
       "encoder_passes_per_pair": shapes["encoder_input_ids"][0] // args.batch,
       "decoder_rows_per_pair": shapes["concatenated_labels"][0] // args.batch,
+      "gradient_checkpointing": bool(cpo_args.gradient_checkpointing),
+      "model_is_gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+      "attn_implementation": getattr(model.config, "_attn_implementation", None),
       "timed": ("CPOTrainer.train(): on_step_begin->on_step_end per optimizer step "
                 "(compute_loss/concatenated_forward+cpo_loss, backward, clip, Adafactor step)"),
       "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": rss_import,
@@ -240,6 +247,8 @@ def main(argv=None):
   ap.add_argument("--delta", type=float, default=1.0, help="SLiC-HF margin; TRL beta = 1/delta")
   ap.add_argument("--cpo_alpha", type=float, default=0.5, help="NLL weight (SLiC-HF's lambda)")
   ap.add_argument("--bf16", action="store_true")
+  ap.add_argument("--gradient_checkpointing", default="default", choices=["default", "on", "off"],
+                  help="CPOConfig.gradient_checkpointing ('default': TRL's, which is on)")
   ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
   ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
   ap.add_argument("--tf32", action="store_true", help="float32 matmuls may use TF32 (cuda)")

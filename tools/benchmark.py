@@ -123,7 +123,8 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_bf16_remat": "slic_jax bf16 (2 rows, remat 'full')",
           "slic_jax_2row_glibc": "slic_jax (2 rows), glibc's default malloc",
           "slic_jax_2row_bf16_glibc": "slic_jax bf16 (2 rows), glibc's default malloc",
-          "trl": "TRL CPOTrainer (hinge + NLL on y⁺)",
+          "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
+          "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
           "trl_reuse": "TRL CPOTrainer, slic_jax's malloc settings (`--peer_reuse_malloc`)"}
 VOCAB = 32128
@@ -512,7 +513,8 @@ def peer_python(args) -> str:
   return args.peer_python or os.path.join(args.peer_env, "bin", "python")
 
 
-def peer_cmd(args, size, li, matmul_only=False, bf16=False) -> list[str] | None:
+def peer_cmd(args, size, li, matmul_only=False, bf16=False,
+             checkpointing: str = "default") -> list[str] | None:
   py = peer_python(args)
   if not os.path.exists(py):
     return None
@@ -527,7 +529,8 @@ def peer_cmd(args, size, li, matmul_only=False, bf16=False) -> list[str] | None:
           "--num_layers", str(d["num_encoder_layers"]), "--vocab_size", str(d["vocab_size"]),
           "--batch", str(args.batch), "--li", str(li), "--lt", str(args.lt),
           "--steps", str(args.peer_steps), "--warmup", str(args.peer_warmup),
-          "--seed", str(args.seed), "--size_name", size] + (["--bf16"] if bf16 else []) + device
+          "--seed", str(args.seed), "--size_name", size,
+          "--gradient_checkpointing", checkpointing] + (["--bf16"] if bf16 else []) + device
 
 
 def peer_flops(size, batch, li, lt) -> dict:
@@ -610,7 +613,8 @@ def orchestrate(args) -> dict:
   for size in sizes:
     row = {"size": size}
     keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
-    peers = ["trl"] + ["trl_bf16"] * args.peer_bf16 + ["trl_reuse"] * args.peer_reuse_malloc
+    peers = (["trl"] + ["trl_bf16"] * args.peer_bf16 + ["trl_reuse"] * args.peer_reuse_malloc
+             + ["trl_nockpt"] * args.peer_no_checkpointing)
     runs = {**{k: [] for k in keys}, **{k: [] for k in peers}}
     for _ in range(max(args.repeats, 1)):
       for key in keys:
@@ -620,7 +624,9 @@ def orchestrate(args) -> dict:
                                             reg_target=reg_target, microbatches=micro,
                                             host_malloc=malloc), t))
       for pkey in peers:
-        pc = None if args.no_peer else peer_cmd(args, size, args.li, bf16=pkey == "trl_bf16")
+        pc = None if args.no_peer else peer_cmd(
+            args, size, args.li, bf16=pkey == "trl_bf16",
+            checkpointing="off" if pkey == "trl_nockpt" else "default")
         env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if pkey == "trl_reuse" else None
         peer = _run_json(pc, t, env) if pc else {"error": "peer skipped or env missing"}
         if "step_s_median" in peer:
@@ -754,7 +760,7 @@ def to_markdown(res: dict) -> str:
             "peak device MB | compile s | page faults / step | kernel s / step |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
-    for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse"):
+    for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse", "trl_nockpt"):
       r = c.get(fw)
       if r is None:
         continue
@@ -890,6 +896,9 @@ def parse_args(argv=None):
   ap.add_argument("--peer_reuse_malloc", action="store_true",
                   help="also run TRL (float32) with slic_jax's glibc malloc settings "
                        "(GLIBC_TUNABLES = host_memory.GLIBC_TUNABLES)")
+  ap.add_argument("--peer_no_checkpointing", action="store_true",
+                  help="also run TRL (float32) with gradient_checkpointing=False "
+                       "(TRL's CPOConfig turns it on by default)")
   ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "reuse_arenas", "default"],
                   help="step worker: host_memory.reuse_freed_memory() first (as "
                        "slic_jax.train), the same with single_arena=False, or glibc's "

@@ -13,6 +13,9 @@
 # float32: XLA:GPU's default precision for float32 dots may use TF32, so TRL runs with
 # TF32 allowed too (--peer_tf32); the report's matmul table shows jax's float32 at its
 # default and at precision HIGHEST.
+# Time: on an H200 (session 12) each slic_jax worker of T5 1.1 small took 110-155 s (jitted
+# state init ~70-80 s, step compile 33-49 s, then the timed steps), each TRL run ~25 s; one
+# batch's run (2 slic_jax workers, 2 TRL runs, matmul peaks) needs about 6 minutes.
 set -u
 PY=${PYTHON:-python3}
 OUT_DIR=${1:?usage: benchmark_gpu.sh OUT_DIR [\"BATCH ...\"] [benchmark.py flags]}
@@ -21,10 +24,10 @@ shift $(( $# < 2 ? $# : 2 ))
 cd "$(dirname "$0")/.."
 status=0
 for b in $BATCHES; do
-  timeout "${RUN_TIMEOUT:-300}" "$PY" tools/benchmark.py --sizes small --batch "$b" \
+  timeout "${RUN_TIMEOUT:-900}" "$PY" tools/benchmark.py --sizes small --batch "$b" \
     --li 512 --lt 64 --rows slic_jax_2row,slic_jax_2row_bf16 --peer_bf16 --sweep '' \
     --steps 10 --warmup 3 --peer_steps 10 --peer_warmup 3 --matmul_n 8192 --matmul_reps 10 \
-    --peer_python "$(command -v "$PY")" --peer_device cuda --peer_tf32 --timeout 240 \
+    --peer_python "$(command -v "$PY")" --peer_device cuda --peer_tf32 --timeout 400 \
     --out_dir "$OUT_DIR/b$b" "$@" 2>&1 | grep -v '^|' || status=1
 done
 exit $status
