@@ -88,9 +88,10 @@ class T5Config:
       (`matmul.weight_gradient_first`, `add_position_bias`), so that each layer's
       matmul inputs and cotangents are freed in that layer. None (default): on with
       remat, where the backward pass holds the step's peak memory (T5 1.1 small, 4
-      pairs, float32, remat 'full': 1376 -> 833 MB of XLA buffers incl. parameters),
-      off without it, where the forward's saved activations hold it and the earlier
-      weight gradients raise it at the start of the backward pass (bf16: +129 MB).
+      pairs, remat 'full': 1313 -> 795 MB of XLA buffers at the peak, parameters
+      included, float32; bf16 1028 -> 601 MB; `tools/step_peak_buffers.sh`), off
+      without it, where the forward's saved activations hold the peak and the earlier
+      weight gradients raise it at the start of the backward pass (bf16: +123 MB).
   """
 
   vocab_size: int = 32128
@@ -270,7 +271,7 @@ def gated_activation(y, activations: Sequence[str], dtype):
   elementwise op of GELU and its derivative, and pad and add the n slices' cotangents).
   The backward reads y through an `optimization_barrier`, so that XLA does not merge the
   recomputation with the forward's GELU and keep its intermediates (tanh, products:
-  +90 MB for T5 1.1 small, 4 pairs, float32) alive until the backward pass.
+  +85 MB for T5 1.1 small, 4 pairs, float32) alive until the backward pass.
   """
   activations = tuple(activations)
   if len(activations) != y.shape[-2]:
@@ -743,8 +744,8 @@ def softmax_weighted_values(logits, value, dtype):
   (dv = eᵀ · (do / s), dlogits = e ⊙ (dp / s − Σ_d (do / s) ⊙ o)). With p itself as the
   residual, XLA:CPU fuses the division into the backward's consumers and keeps e alive
   as well: two float32 [B, H, Lq, Lk] arrays per layer until the backward pass instead
-  of one (T5 1.1 small, 4 pairs, prompt 512: 1.8 → 1.5 GB peak of the step's buffers,
-  `benchmarks/NOTES.md`, session 12).
+  of one (T5 1.1 small, 4 pairs, prompt 512: 1.7 → 1.4 GB of XLA buffers at the step's peak
+  with the gated-GELU change, `tools/step_peak_buffers.sh`, `benchmarks/NOTES.md`).
 
   A lower-precision `dtype` (`_softmax_weighted_values`) keeps p rounded to `dtype` (the
   operand of the `dtype` matmul, half the memory of float32 e) and dp in float32 (the
@@ -969,7 +970,7 @@ class Decoder(nn.Module):
     else:
       # Never `weight_grad_first`: at the start of the backward pass the vocabulary
       # gradient would hold dlogits [rows·Lt, V] and its softmax alongside every layer's
-      # saved activations (+50 MB at that peak, T5 1.1 small, 4 pairs, float32).
+      # saved activations (+48 MB at that peak, T5 1.1 small, 4 pairs, float32).
       logits = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.logits_dtype,
                      cfg.weight_dtype, name='logits_dense', out_dtype=jnp.float32)(y)
     return with_sharding_constraint(logits, ('batch', 'length', 'vocab'))

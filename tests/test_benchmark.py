@@ -123,6 +123,7 @@ def test_markdown_report_has_all_rows():
                                                    speedup_vs_trl_bf16=1.25),
                          "slic_jax_2row_bf16_mb4": run(2.1, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_bf16_remat": run(2.4, 4e11, dtype="bfloat16"),
+                         "slic_jax_2row_remat": run(3.9, 4e11),
                          "slic_jax_2row_glibc": run(3.3, 4e11, minor_faults_per_step=412000,
                                                     kernel_s_per_step=0.9),
                          "slic_jax_2row_bf16_glibc": run(2.3, 4e11, dtype="bfloat16",

@@ -96,7 +96,7 @@ DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
 T5X_ENV = "/tmp/t5x_env"
 SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat",
-             "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
+             "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -109,6 +109,7 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_2row_bf16": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_bf16_mb4": ("chosen", 4, "bfloat16", "none"),
                 "slic_jax_2row_bf16_remat": ("chosen", 1, "bfloat16", "full"),
+                "slic_jax_2row_remat": ("chosen", 1, "float32", "full"),
                 "slic_jax_2row_glibc": ("chosen", 1, "float32", "none"),
                 "slic_jax_2row_bf16_glibc": ("chosen", 1, "bfloat16", "none")}
 # rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
@@ -121,6 +122,7 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_bf16": "slic_jax bf16 (2 rows, as TRL)",
           "slic_jax_2row_bf16_mb4": "slic_jax bf16 (2 rows, 4 microbatches)",
           "slic_jax_2row_bf16_remat": "slic_jax bf16 (2 rows, remat 'full')",
+          "slic_jax_2row_remat": "slic_jax (2 rows, remat 'full')",
           "slic_jax_2row_glibc": "slic_jax (2 rows), glibc's default malloc",
           "slic_jax_2row_bf16_glibc": "slic_jax bf16 (2 rows), glibc's default malloc",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
@@ -188,10 +190,11 @@ def config_flops(cfg, batch: int, li: int, lt: int, n_targets: int = 3, **kw) ->
 
 # ----------------------------------------------------------------------------- slic_jax side
 def make_config(size: str, dtype: str = "float32", remat: str = "none",
-                logits_dtype: str = "float32"):
+                logits_dtype: str = "float32", weight_grad_first: str = "auto"):
   from slic_jax import network
+  first = {"auto": None, "on": True, "off": False}[weight_grad_first]
   return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat,
-                          logits_dtype=logits_dtype)
+                          logits_dtype=logits_dtype, weight_grad_first=first)
 
 
 def random_pair_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, n: int = 3):
@@ -324,7 +327,8 @@ def worker_slic(args) -> dict:
   from slic_jax import partitioning  # (no SeqIO/TF here: see build_step)
 
   rss_import = _peak_rss_mb()
-  cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype)
+  cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
+                    args.weight_grad_first)
   np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
@@ -871,6 +875,8 @@ def parse_args(argv=None):
   ap.add_argument("--li", type=int, default=512)
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--weight_grad_first", default="auto", choices=["auto", "on", "off"],
+                  help="step worker: network.T5Config.weight_grad_first (auto: on with remat)")
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
