@@ -611,10 +611,11 @@ class MultiHeadDotProductAttention(nn.Module):
     # rows' queries are stacked along the query axis: [B_kv, G·Lq, H, K].
     rows, q_len = query.shape[0], query.shape[1]
     groups = 1 if decode else rows // key.shape[0]
-    # The position bias (self-attention, never grouped) is added with the logits below
-    # (`add_position_bias`), so that its gradient is reduced inside this layer's backward.
-    position_bias = bias if groups == 1 else None
-    if bias is not None and position_bias is None:
+    # With `weight_grad_first` the position bias (self-attention, never grouped) is added
+    # with the logits below (`add_position_bias`), so that its gradient is reduced inside
+    # this layer's backward pass.
+    tie_position_bias = bias is not None and groups == 1 and self.weight_grad_first
+    if bias is not None and not tie_position_bias:
       attention_bias = bias if attention_bias is None else attention_bias + bias
     if groups > 1:
       query = query.reshape((key.shape[0], groups * q_len) + query.shape[2:])
@@ -626,12 +627,8 @@ class MultiHeadDotProductAttention(nn.Module):
     # k to float32; they hold `dtype` values, so the products are the same).
     logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
                            out_dtype=logits_dtype)
-    if position_bias is not None and self.weight_grad_first:
-      logits = add_position_bias(logits, attention_bias, position_bias)
-    elif position_bias is not None:
-      attention_bias = (position_bias if attention_bias is None
-                        else attention_bias + position_bias)
-      logits = logits + attention_bias.astype(logits.dtype)
+    if tie_position_bias:
+      logits = add_position_bias(logits, attention_bias, bias)
     elif attention_bias is not None:
       logits = logits + attention_bias.astype(logits.dtype)
     if deterministic or self.dropout_rate == 0.0:
