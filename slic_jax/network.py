@@ -271,7 +271,8 @@ def gated_activation(y, activations: Sequence[str], dtype):
   elementwise op of GELU and its derivative, and pad and add the n slices' cotangents).
   The backward reads y through an `optimization_barrier`, so that XLA does not merge the
   recomputation with the forward's GELU and keep its intermediates (tanh, products:
-  +85 MB for T5 1.1 small, 4 pairs, float32) alive until the backward pass.
+  +85 MB for T5 1.1 small, 4 pairs, float32, `tools/step_peak_buffers.sh` with the
+  barrier edited out) alive until the backward pass.
   """
   activations = tuple(activations)
   if len(activations) != y.shape[-2]:
@@ -967,7 +968,8 @@ class Decoder(nn.Module):
     else:
       # Never `weight_grad_first`: at the start of the backward pass the vocabulary
       # gradient would hold dlogits [rows·Lt, V] and its softmax alongside every layer's
-      # saved activations (+48 MB at that peak, T5 1.1 small, 4 pairs, float32).
+      # saved activations (+48 MB at that peak, T5 1.1 small, 4 pairs, float32;
+      # `tools/step_peak_buffers.sh` with the tie edited in here).
       logits = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.logits_dtype,
                      cfg.weight_dtype, name='logits_dense', out_dtype=jnp.float32)(y)
     return with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
