@@ -214,10 +214,12 @@ class _EosOnlyVocabulary:
   eos_id = 1
 
 
-def make_optimizer(name: str = "adafactor"):
-  """The benchmark's optimizer: `optimizers.create_optimizer` (clip 1.0, lr 1e-4)."""
+def make_optimizer(name: str = "adafactor", implementation: str = "fused"):
+  """The benchmark's optimizer: `optimizers.create_optimizer` (clip 1.0, lr 1e-4);
+  ``implementation`` 'fused' (`optimizers.clipped_adafactor`, the default) or 'optax'."""
   from slic_jax import optimizers
-  return optimizers.create_optimizer(name=name, learning_rate=1e-4, clip_norm=1.0)
+  return optimizers.create_optimizer(name=name, learning_rate=1e-4, clip_norm=1.0,
+                                     implementation=implementation)
 
 
 def step_options(xla_default: bool = False, xla_options: dict | None = None):
@@ -229,7 +231,8 @@ def step_options(xla_default: bool = False, xla_options: dict | None = None):
 
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
                reg_target: str = "reference", xla_default: bool = False,
-               num_microbatches: int | None = None, xla_options: dict | None = None):
+               num_microbatches: int | None = None, xla_options: dict | None = None,
+               optimizer_implementation: str = "fused"):
   """(jitted train_step, init_state_fn) exactly as slic_jax.train builds them.
 
   Same model class, optimizer, update step (`slic_jax.update_step`) and compiler
@@ -242,7 +245,7 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
   from slic_jax import models, network, update_step
 
   vocab = _EosOnlyVocabulary()
-  tx = make_optimizer(optimizer)
+  tx = make_optimizer(optimizer, optimizer_implementation)
   model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx, reg_target=reg_target)
 
   def init_state(rng):
@@ -337,7 +340,8 @@ def worker_slic(args) -> dict:
     step, init_state = build_step(cfg, shapes, args.seed, reg_target=args.reg_target,
                                   xla_default=args.xla_default,
                                   num_microbatches=args.microbatches,
-                                  xla_options=parse_xla_options(args.xla_option))
+                                  xla_options=parse_xla_options(args.xla_option),
+                                  optimizer_implementation=args.optimizer_implementation)
     state = jax.jit(init_state)(jax.random.PRNGKey(args.seed))
     jax.block_until_ready(state)
     _progress(t_start, "state initialised; compiling the step")
@@ -380,6 +384,7 @@ def worker_slic(args) -> dict:
   return {
       "framework": "slic_jax", "size": args.size, "dtype": args.dtype,
       "logits_dtype": args.logits_dtype, "remat": args.remat,
+      "optimizer_implementation": args.optimizer_implementation,
       "reg_target": args.reg_target, "decoded_rows": n_rows, "microbatches": args.microbatches,
       "xla_options": ("xla_default" if args.xla_default else
                       "slic_jax" + "".join(f" {o}" for o in args.xla_option)),
@@ -880,6 +885,9 @@ def parse_args(argv=None):
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
+  ap.add_argument("--optimizer_implementation", default="fused", choices=["fused", "optax"],
+                  help="step worker: optimizers.create_optimizer(implementation=...): "
+                       "Adafactor + clipping as one update (fused) or as the optax chain")
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"],
                   help="SlicHFModel.reg_target: 'reference' decodes 3 rows (paper: y_ref = SFT "
                        "summary), 'chosen' 2 rows (y_ref = y+, TRL CPO's NLL term)")

@@ -243,7 +243,7 @@ def profile_optimizer(params, args) -> int:
   import jax.numpy as jnp
   import optax
   options = benchmark.step_options(args.xla_default, benchmark.parse_xla_options(args.xla_option))
-  tx = benchmark.make_optimizer()
+  tx = benchmark.make_optimizer(implementation=args.optimizer_implementation)
   grads = jax.tree.map(lambda p: 1e-3 * p, params)
 
   def update(params, opt_state, grads):  # grads an argument: no constant folding
@@ -299,6 +299,8 @@ def main(argv=None) -> int:
   ap.add_argument("--optimizer_only", action="store_true",
                   help="profile the optimizer update alone (clipping + Adafactor + apply) on "
                        "the model's parameters, beside one elementwise pass over as many bytes")
+  ap.add_argument("--optimizer_implementation", default="fused", choices=["fused", "optax"],
+                  help="optimizers.create_optimizer(implementation=...)")
   ap.add_argument("--repeats", type=int, default=9,
                   help="--optimizer_only: timed calls (median) besides the traced one")
   args = ap.parse_args(argv)
@@ -311,7 +313,8 @@ def main(argv=None) -> int:
   shapes = {k: v.shape for k, v in np_batch.items()}
   step, init_state = benchmark.build_step(cfg, shapes, reg_target=args.reg_target,
                                           xla_default=args.xla_default,
-                                          xla_options=benchmark.parse_xla_options(args.xla_option))
+                                          xla_options=benchmark.parse_xla_options(args.xla_option),
+                                          optimizer_implementation=args.optimizer_implementation)
   state = jax.jit(init_state)(jax.random.PRNGKey(0))
   batch = jax.device_put(np_batch)
   if args.optimizer_only:
