@@ -133,7 +133,8 @@ def test_markdown_report_has_all_rows():
                          "trl_bf16": run(2.5, 7.5e11),
                          "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
                                           kernel_s_per_step=0.01),
-                         "trl_nockpt": run(4.5, 7.5e11)}],
+                         "trl_nockpt": run(4.5, 7.5e11, num_params=76961152,
+                                           lm_head="separate")}],
          "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
   md = benchmark.to_markdown(res)
   for label in benchmark.LABELS.values():
@@ -143,6 +144,7 @@ def test_markdown_report_has_all_rows():
   assert "against TRL with bf16 autocast: slic_jax bf16 (2 rows, as TRL) 1.25×" in md
   # page faults and kernel time per step, where the worker measured them
   assert "| 201834 | 0.70 |" in md and "| 0 | 0.01 |" in md and "| – | – |" in md
+  assert "- parameters: small TRL 77.0M, lm_head separate" in md
 
 
 def test_parse_xla_options():
@@ -189,6 +191,11 @@ def test_peer_command_on_a_gpu():
   assert cpu[cpu.index("--gradient_checkpointing") + 1] == "default"
   off = benchmark.peer_cmd(args, "small", 512, checkpointing="off")
   assert off[off.index("--gradient_checkpointing") + 1] == "off"
+  # TRL's T5 gets its own lm_head (the same 77.0M-parameter model) unless asked as built.
+  assert cpu[cpu.index("--lm_head") + 1] == "separate"
+  tied = benchmark.peer_cmd(benchmark.parse_args(["--peer_python", "/usr/bin/env",
+                                                  "--peer_lm_head", "as_built"]), "small", 512)
+  assert tied[tied.index("--lm_head") + 1] == "as_built"
 
 
 def test_markdown_report_on_a_gpu_shows_the_accelerator_and_device_memory():

@@ -533,13 +533,14 @@ def peer_cmd(args, size, li, matmul_only=False, bf16=False,
     return [py, script, "--matmul_only", "--matmul_n", str(args.matmul_n),
             "--matmul_reps", str(args.matmul_reps)] + device
   d = size_dims(size)
-  return [py, script, "--d_model", str(d["emb_dim"]), "--num_heads", str(d["num_heads"]),
+  return ([py, script, "--d_model", str(d["emb_dim"]), "--num_heads", str(d["num_heads"]),
           "--d_kv", str(d["head_dim"]), "--d_ff", str(d["mlp_dim"]),
           "--num_layers", str(d["num_encoder_layers"]), "--vocab_size", str(d["vocab_size"]),
           "--batch", str(args.batch), "--li", str(li), "--lt", str(args.lt),
           "--steps", str(args.peer_steps), "--warmup", str(args.peer_warmup),
           "--seed", str(args.seed), "--size_name", size,
-          "--gradient_checkpointing", checkpointing] + (["--bf16"] if bf16 else []) + device
+          "--gradient_checkpointing", checkpointing, "--lm_head", args.peer_lm_head]
+          + (["--bf16"] if bf16 else []) + device)
 
 
 def peer_flops(size, batch, li, lt) -> dict:
@@ -727,6 +728,18 @@ def _g(x, scale=1.0, fmt="{:.2f}"):
   return "–" if x is None else fmt.format(x / scale)
 
 
+def _parameter_line(res: dict) -> list[str]:
+  """One line: each framework's parameter count per model size (TRL's lm_head setting)."""
+  seen = {}
+  for c in res.get("comparison", []):
+    for fw, r in c.items():
+      if isinstance(r, dict) and "num_params" in r:
+        name = "TRL" if fw.startswith("trl") else "slic_jax"
+        extra = f", lm_head {r['lm_head']}" if r.get("lm_head") else ""
+        seen[(c["size"], name)] = f"{c['size']} {name} {r['num_params'] / 1e6:.1f}M{extra}"
+  return [f"- parameters: {'; '.join(seen.values())}"] if seen else []
+
+
 def to_markdown(res: dict) -> str:
   m, s = res["machine"], res["settings"]
   mm = res["matmul"].get("jax_numpy", {})
@@ -747,6 +760,7 @@ def to_markdown(res: dict) -> str:
       f"median of {s['steps']} steps after {s['warmup']} warm-up steps (TRL: {s.get('peer_steps')} "
       f"after {s.get('peer_warmup')}), float32 unless noted; side by side: the fastest of "
       f"{s.get('repeats', 1)} process run(s) per framework, run in turn (all in results.json)",
+      *_parameter_line(res),
       f"- t5x: {res['t5x']['status']} ({res['t5x']['note']})", "",
       "## Matmul peak (same run, square N×N)", "",
       "| library | dtype | GFLOP/s (best) | GFLOP/s (median) |", "|---|---|---|---|",
@@ -935,6 +949,12 @@ def parse_args(argv=None):
   ap.add_argument("--peer_device", default="cpu", choices=["cpu", "cuda"],
                   help="where TRL runs (bench_peer_trl.py --device); slic_jax runs on jax's "
                        "default backend")
+  ap.add_argument("--peer_lm_head", default="separate", choices=["separate", "as_built"],
+                  help="TRL's T5 output layer (bench_peer_trl.py --lm_head): 'separate' "
+                       "weights as T5 1.1 and slic_jax (77.0M parameters in T5 1.1 small); "
+                       "'as_built': tied to the embedding, as transformers 5.x builds "
+                       "T5ForConditionalGeneration whatever tie_word_embeddings says (60.5M; "
+                       "every TRL row before session 14)")
   ap.add_argument("--peer_tf32", action="store_true",
                   help="TRL's float32 matmuls may use TF32 (cuda; XLA:GPU's default does)")
   ap.add_argument("--no_peer", action="store_true")

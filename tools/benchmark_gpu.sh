@@ -13,10 +13,15 @@
 # float32: XLA:GPU's default precision for float32 dots may use TF32, so TRL runs with
 # TF32 allowed too (--peer_tf32); the report's matmul table shows jax's float32 at its
 # default and at precision HIGHEST.
-# Time: on an H200 (session 12) each slic_jax worker of T5 1.1 small took 110-155 s (jitted
-# state init ~70-80 s, step compile 33-49 s, then the timed steps), each TRL run ~25 s; one
-# batch's run (2 slic_jax workers, 2 TRL runs, matmul peaks) needs about 6 minutes.
+# Time: on an H200 each slic_jax worker of T5 1.1 small took 43-65 s in session 14 (jitted
+# state init 9-14 s with the threefry setting below, step compile 34-46 s, then the timed
+# steps; session 12, without it: 110-155 s), each TRL run 20-30 s. For remat and
+# gradient-checkpointing-off rows add e.g. --rows slic_jax_2row_bf16,slic_jax_2row_bf16_remat
+# --peer_no_checkpointing (benchmarks/gpu_h200_session14/run.sh ran them one by one).
 set -u
+# The jitted parameter initialisation's threefry as one CUDA kernel (same bits): session 12's workers
+# spent 68-80 s compiling it with XLA's unrolled rounds, session 14's 9-14 s.
+export JAX_THREEFRY_GPU_KERNEL_LOWERING=${JAX_THREEFRY_GPU_KERNEL_LOWERING:-1}
 PY=${PYTHON:-python3}
 OUT_DIR=${1:?usage: benchmark_gpu.sh OUT_DIR [\"BATCH ...\"] [benchmark.py flags]}
 BATCHES=${2:-32 4}
