@@ -17,6 +17,12 @@ CPU defaults:
   (non-matmul) ops 1282 instead of 1867 ms.
 * the memory-optimized scheduler (``xla_cpu_scheduler_type =
   CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``).
+* fast min/max (``xla_cpu_enable_fast_min_max = True``): max/min reductions skip the
+  NaN checks. The step's max reductions are the shifts of its softmaxes and log-softmaxes
+  (over the keys and the 32k vocabulary), which XLA:CPU otherwise runs about 3× slower
+  than the sums beside them (`benchmarks/NOTES.md`, session 14). A NaN then may not win a
+  max, but it still reaches the loss through the exp and the sums that follow
+  (`tests/test_compiler_options.py`); elementwise ``jnp.maximum`` keeps propagating NaN.
 
 ``tools/benchmark.py --levers`` times the step with and without these options (lever
 ``xla_default``): T5 1.1 small, 4 pairs, Li 512 / Lt 64, 3 rows: XLA temporaries 2244 →
@@ -33,6 +39,7 @@ import jax
 CPU_OPTIONS: Mapping[str, Any] = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+    "xla_cpu_enable_fast_min_max": True,
 }
 
 

@@ -216,3 +216,49 @@ def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None,
   y = einsum(f"md,d{features}->m{features}", x.reshape((-1, x.shape[-1])), kernel,
              dtype=dtype, out_dtype=out_dtype)
   return y.reshape(x.shape[:-1] + kernel.shape[1:])
+
+
+def sum_by_dot(x: jax.Array, axis: int = -1, *, keepdims: bool = False) -> jax.Array:
+  """Σ of a float32 ``x`` over one ``axis``: on the CPU a matrix-vector product with ones.
+
+      out[..] = Σ_i x[.., i, ..] = x · 1   (float32, precision HIGHEST)
+
+  XLA:CPU rewrites every reduction over more than 32 elements into a tree of
+  reduce-windows (`TreeReductionRewriter`), which its loop emitter runs far below memory
+  bandwidth; a dot with a ones vector goes to its matmul library at memory bandwidth
+  (T5 1.1 small, bf16 step, 4 pairs, Li 512: the reduce-windows were 12% of the op time,
+  `tools/profile_step.py`; `benchmarks/NOTES.md`, session 14). Other backends get a plain
+  ``jnp.sum`` (``lax.platform_dependent``). Same value up to float32 summation order.
+  """
+  axis = axis % x.ndim
+  ones = jnp.ones((x.shape[axis],), x.dtype)
+
+  def by_dot(x, ones):
+    return jnp.tensordot(x, ones, axes=[[axis], [0]], precision=jax.lax.Precision.HIGHEST)
+
+  def by_sum(x, ones):
+    del ones
+    return jnp.sum(x, axis=axis)
+
+  out = jax.lax.platform_dependent(x, ones, cpu=by_dot, default=by_sum)
+  return jnp.expand_dims(out, axis) if keepdims else out
+
+
+def broadcast_by_dot(v: jax.Array, lead_shape: tuple[int, ...]) -> jax.Array:
+  """``v`` [D] repeated over ``lead_shape``: [*lead_shape, D] (float32 ``v``).
+
+  On the CPU an outer product with ones, ``out = 1 ⊗ v``, whose transpose (the gradient
+  of ``v``: the sum of the cotangent over all leading positions) is a matrix-vector
+  product, not a reduction (see `sum_by_dot`); elsewhere ``jnp.broadcast_to``.
+  """
+  n = math.prod(lead_shape)
+  ones = jnp.ones((n,), v.dtype)
+
+  def by_dot(v, ones):
+    return jnp.einsum('t,d->td', ones, v, precision=jax.lax.Precision.HIGHEST)
+
+  def by_broadcast(v, ones):
+    return jnp.broadcast_to(v, (ones.shape[0], v.shape[0]))
+
+  out = jax.lax.platform_dependent(v, ones, cpu=by_dot, default=by_broadcast)
+  return out.reshape(tuple(lead_shape) + v.shape)

@@ -132,3 +132,24 @@ def test_weight_gradient_first_is_the_identity_with_tied_cotangents():
   assert 'mul' in jaxpr
   dx, dw = vjp((jnp.ones_like(x), jnp.full_like(w, jnp.nan)))
   assert bool(jnp.isnan(dx).all()) and bool(jnp.isnan(dw).all())  # NaN dw reaches dx
+
+
+def test_sum_and_broadcast_by_dot_are_sums_and_broadcasts_as_dots_on_the_cpu():
+  """matmul.sum_by_dot / broadcast_by_dot: values and gradients of jnp.sum / broadcast_to;
+  on the CPU the long sums compile to dots, no reductions (XLA:CPU's reduce-window trees)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 300))
+  for axis in (0, 1, 2, -1):
+    np.testing.assert_allclose(matmul.sum_by_dot(x, axis), x.sum(axis), rtol=1e-5, atol=1e-5)
+    assert matmul.sum_by_dot(x, axis, keepdims=True).shape == x.sum(axis, keepdims=True).shape
+  v = jnp.arange(4.0)
+  np.testing.assert_array_equal(matmul.broadcast_by_dot(v, (2, 3)), jnp.broadcast_to(v, (2, 3, 4)))
+  g = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4))
+  (dv,) = jax.vjp(lambda v: matmul.broadcast_by_dot(v, (2, 3)), v)[1](g)
+  np.testing.assert_allclose(dv, g.sum((0, 1)), rtol=1e-6)
+  big = jnp.ones((256, 4096))
+  for f in (lambda a: matmul.sum_by_dot(a, -1), lambda a: matmul.sum_by_dot(a, 0),
+            lambda a: jax.grad(lambda v: (matmul.broadcast_by_dot(v, (256,)) * a).sum())(a[0])):
+    hlo = jax.jit(f).lower(big).compile().as_text()
+    assert ' dot(' in hlo and 'reduce' not in hlo, hlo[-2000:]
+  hlo = jax.jit(lambda a: a.sum(-1)).lower(big).compile().as_text()
+  assert 'reduce' in hlo  # what it replaces
