@@ -218,29 +218,33 @@ def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None,
   return y.reshape(x.shape[:-1] + kernel.shape[1:])
 
 
-def sum_by_dot(x: jax.Array, axis: int = -1, *, keepdims: bool = False) -> jax.Array:
-  """Σ of a float32 ``x`` over one ``axis``: on the CPU a matrix-vector product with ones.
+def sum_by_dot(x: jax.Array, axis: int = -1, *, keepdims: bool = False,
+               weights: jax.Array | None = None) -> jax.Array:
+  """Σ of a float32 ``x`` over one ``axis`` (times ``weights`` along it): on the CPU a dot.
 
-      out[..] = Σ_i x[.., i, ..] = x · 1   (float32, precision HIGHEST)
+      out[..] = Σ_i x[.., i, ..] · w_i = x · w   (w = ``weights``, default ones; float32,
+                                                  precision HIGHEST)
 
   XLA:CPU rewrites every reduction over more than 32 elements into a tree of
   reduce-windows (`TreeReductionRewriter`), which its loop emitter runs far below memory
-  bandwidth; a dot with a ones vector goes to its matmul library at memory bandwidth
+  bandwidth; a matrix-vector product goes to its matmul library at memory bandwidth
   (T5 1.1 small, bf16 step, 4 pairs, Li 512: the reduce-windows were 12% of the op time,
   `tools/profile_step.py`; `benchmarks/NOTES.md`, session 14). Other backends get a plain
   ``jnp.sum`` (``lax.platform_dependent``). Same value up to float32 summation order.
   """
   axis = axis % x.ndim
-  ones = jnp.ones((x.shape[axis],), x.dtype)
+  w = (jnp.ones((x.shape[axis],), x.dtype) if weights is None
+       else jnp.asarray(weights).astype(x.dtype))
 
-  def by_dot(x, ones):
-    return jnp.tensordot(x, ones, axes=[[axis], [0]], precision=jax.lax.Precision.HIGHEST)
+  def by_dot(x, w):
+    return jnp.tensordot(x, w, axes=[[axis], [0]], precision=jax.lax.Precision.HIGHEST)
 
-  def by_sum(x, ones):
-    del ones
-    return jnp.sum(x, axis=axis)
+  def by_sum(x, w):
+    shape = [1] * x.ndim
+    shape[axis] = w.shape[0]
+    return jnp.sum(x if weights is None else x * w.reshape(shape), axis=axis)
 
-  out = jax.lax.platform_dependent(x, ones, cpu=by_dot, default=by_sum)
+  out = jax.lax.platform_dependent(x, w, cpu=by_dot, default=by_sum)
   return jnp.expand_dims(out, axis) if keepdims else out
 
 

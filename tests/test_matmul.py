@@ -141,6 +141,9 @@ def test_sum_and_broadcast_by_dot_are_sums_and_broadcasts_as_dots_on_the_cpu():
   for axis in (0, 1, 2, -1):
     np.testing.assert_allclose(matmul.sum_by_dot(x, axis), x.sum(axis), rtol=1e-5, atol=1e-5)
     assert matmul.sum_by_dot(x, axis, keepdims=True).shape == x.sum(axis, keepdims=True).shape
+  w = jnp.linspace(0.5, 2.0, 300)
+  np.testing.assert_allclose(matmul.sum_by_dot(x, -1, weights=w), (x * w).sum(-1), rtol=1e-5,
+                             atol=1e-5)
   v = jnp.arange(4.0)
   np.testing.assert_array_equal(matmul.broadcast_by_dot(v, (2, 3)), jnp.broadcast_to(v, (2, 3, 4)))
   g = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4))
