@@ -4,9 +4,11 @@
 
     y = cast_{out_dtype}( sum_k cast_{dtype}(a) · cast_{dtype}(b) )   (sum in float32)
 
-For ``dtype = float32`` it is plain ``jnp.einsum`` in float32 (the default network runs
-exactly as before). For a lower-precision ``dtype`` (bfloat16, float16) the operands are
-rounded to ``dtype`` and the products are accumulated in float32
+For ``dtype = float32`` it is plain ``jnp.einsum`` in float32, differentiated by JAX,
+unless ``float32_vjp=True`` on the CPU: then the backward pass below (without rounding)
+lays out the gradient matmuls itself (`_canonical_einsum`). For a lower-precision
+``dtype`` (bfloat16, float16) the operands are rounded to ``dtype`` and the products
+are accumulated in float32
 (``preferred_element_type=float32``), which is how TPUs and T5X's bfloat16 models
 compute, and the backward pass does the same: the output cotangent g is rounded to
 ``dtype`` and
@@ -86,7 +88,10 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
   contracts x's first dimension), so on CPU the operands are transposed into that layout
   here, and the [batch, M, N] result into the requested order
   (`_materialized_transpose`). Of the two operand orders, the one that moves fewer
-  elements is used. Other backends get the einsum as written.
+  elements is used. A float32 dot in any other layout is run by XLA:CPU after copying
+  its operands into this one, choosing which by itself: for dW = xᵀ g it copies the
+  cotangent g [tokens, N] where x [tokens, D] is often the smaller (`einsum`'s
+  float32_vjp). Other backends get the einsum as written.
   """
   if jax.default_backend() != "cpu":
     return jnp.einsum(f"{sx},{sy}->{so}", x, y, preferred_element_type=jnp.float32)
@@ -132,8 +137,14 @@ def _materialized_transpose(v, src: str, dst: str):
 _mixed_einsum.defvjp(_mixed_fwd, _mixed_bwd)
 
 
+def _plain_float32(dtype, float32_vjp: bool) -> bool:
+  """Whether a float32 matmul is left to JAX's autodiff (see `einsum`'s float32_vjp)."""
+  return jnp.dtype(dtype) == jnp.float32 and not (
+      float32_vjp and jax.default_backend() == "cpu")
+
+
 def einsum(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any,
-           out_dtype: Any = None) -> jax.Array:
+           out_dtype: Any = None, float32_vjp: bool = False) -> jax.Array:
   """``einsum(equation, a, b)`` computed in ``dtype``, accumulated in float32.
 
   Args:
@@ -142,6 +153,14 @@ def einsum(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any,
     dtype: compute dtype of the operands (float32, bfloat16, float16).
     out_dtype: dtype of the result; default ``dtype``. ``float32`` keeps the float32
       accumulator (e.g. for attention logits or vocabulary logits before a softmax).
+    float32_vjp: float32 on the CPU only: the gradients through the custom VJP of the
+      lower precisions, with the operands and result in the layout chosen by
+      `_canonical_einsum` (the order that moves the fewest elements). Without it JAX's
+      transpose of a dot puts the cotangent on the left (dW = (gᵀ x)ᵀ), and XLA:CPU
+      copies the cotangent into [N, tokens] for its matmul library: for T5 1.1 small's
+      MLP a [2048, 2048] float32 transpose per layer where x's [512, 2048] would do
+      (`tools/profile_step.py --dtype float32`; `benchmarks/NOTES.md`, session 15).
+      Off (default): JAX's autodiff of ``jnp.einsum``, as on other backends.
 
   Returns:
     The einsum result in ``out_dtype``; gradients flow to ``a`` and ``b`` in their own
@@ -150,7 +169,7 @@ def einsum(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any,
   _parse(equation)
   dtype = jnp.dtype(dtype)
   out_dtype = jnp.dtype(out_dtype) if out_dtype is not None else dtype
-  if dtype == jnp.float32:
+  if _plain_float32(dtype, float32_vjp):
     return jnp.einsum(equation, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
   return _mixed_einsum(equation, dtype, out_dtype, a, b)
 
@@ -159,15 +178,14 @@ def contract(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any) -> jax.Ar
   """``einsum(equation, a, b)`` in float32 as `einsum`'s own backward pass computes it.
 
   For custom VJPs elsewhere that need the same gradient matmuls: operands cast to
-  ``dtype``, products summed in float32 and returned in float32; for a lower-precision
-  ``dtype`` on CPU the operands and result are moved into the [batch, M, K] × [batch,
-  K, N] layout that keeps the dot in ``dtype`` (`_canonical_einsum`).
+  ``dtype``, products summed in float32 and returned in float32; on CPU the operands
+  and result are moved into the [batch, M, K] × [batch, K, N] layout that keeps a
+  lower-precision dot in ``dtype`` and, in float32, copies fewer elements than XLA's
+  own choice (`_canonical_einsum`).
   """
   sa, sb, out = _parse(equation)
   dtype = jnp.dtype(dtype)
   a, b = a.astype(dtype), b.astype(dtype)
-  if dtype == jnp.float32:
-    return jnp.einsum(equation, a, b)
   return _canonical_einsum(sa, sb, out, a, b)
 
 
@@ -199,22 +217,22 @@ weight_gradient_first.defvjp(_weight_gradient_first_fwd, _weight_gradient_first_
 
 
 def dense(x: jax.Array, kernel: jax.Array, *, dtype: Any, out_dtype: Any = None,
-          weight_grad_first: bool = False) -> jax.Array:
+          weight_grad_first: bool = False, float32_vjp: bool = False) -> jax.Array:
   """y = x · W over x's last axis: x [..., D], W [D, *F] -> y [..., *F], via `einsum`.
 
-  float32 is a plain ``jnp.tensordot``; otherwise x's leading axes are flattened into
-  one (``'md,dF->mF'``) so the matmul and its gradients are single canonical GEMMs.
-  ``weight_grad_first``: the backward computes dW before passing dx on
-  (`weight_gradient_first`).
+  float32 is a plain ``jnp.tensordot`` (unless ``float32_vjp``, see `einsum`);
+  otherwise x's leading axes are flattened into one (``'md,dF->mF'``) so the matmul and
+  its gradients are single canonical GEMMs. ``weight_grad_first``: the backward
+  computes dW before passing dx on (`weight_gradient_first`).
   """
   if weight_grad_first:
     x, kernel = weight_gradient_first(x, kernel)
-  if jnp.dtype(dtype) == jnp.float32:
+  if _plain_float32(dtype, float32_vjp):
     return jnp.tensordot(x.astype(jnp.float32), kernel.astype(jnp.float32), axes=1).astype(
         out_dtype or jnp.float32)
   features = "nopqrstu"[:kernel.ndim - 1]
   y = einsum(f"md,d{features}->m{features}", x.reshape((-1, x.shape[-1])), kernel,
-             dtype=dtype, out_dtype=out_dtype)
+             dtype=dtype, out_dtype=out_dtype, float32_vjp=float32_vjp)
   return y.reshape(x.shape[:-1] + kernel.shape[1:])
 
 

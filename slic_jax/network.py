@@ -92,6 +92,15 @@ class T5Config:
       included, float32; bf16 1028 -> 601 MB; `tools/step_peak_buffers.sh`), off
       without it, where the forward's saved activations hold the peak and the earlier
       weight gradients raise it at the start of the backward pass (bf16: +123 MB).
+    float32_matmul_vjp: float32 on the CPU: the projections', attention's and the
+      logits' matmul gradients in the layouts `matmul.einsum(float32_vjp=True)` picks,
+      not XLA's (T5 1.1 small, 4 pairs, float32: step 2.86 -> 2.60 s, peak RSS 2056 ->
+      2005 MB; 16 pairs: 4445 -> 4101 MB of XLA buffers at the peak;
+      `benchmarks/NOTES.md`, session 15). None (default): on iff remat_policy ==
+      'none': under remat its custom VJPs change XLA:CPU's schedule of the
+      recomputation, which then holds several layers' recomputed activations at once
+      (16 pairs, remat 'full': 1358 -> 1874 MB at the peak, `tools/step_peak_buffers.sh`).
+      No effect in other dtypes (always through the custom VJP) or on other backends.
   """
 
   vocab_size: int = 32128
@@ -112,6 +121,14 @@ class T5Config:
   relative_attention_max_distance: int = 128
   remat_policy: str = 'none'
   weight_grad_first: Optional[bool] = None
+  float32_matmul_vjp: Optional[bool] = None
+
+  @property
+  def float32_matmul_vjps(self) -> bool:
+    """`float32_matmul_vjp`, resolved: None means on iff remat_policy == 'none'."""
+    if self.float32_matmul_vjp is None:
+      return self.remat_policy == 'none'
+    return bool(self.float32_matmul_vjp)
 
   @property
   def weight_gradients_first(self) -> bool:
@@ -226,6 +243,7 @@ class Dense(nn.Module):
   kernel_init: Any = _dense_init
   out_dtype: Any = None
   weight_grad_first: bool = False
+  float32_vjp: bool = False  # T5Config.float32_matmul_vjp
 
   @nn.compact
   def __call__(self, x):
@@ -233,7 +251,8 @@ class Dense(nn.Module):
                              (x.shape[-1], self.features), self.weight_dtype,
                              axes=self.kernel_axes)
     return matmul.dense(x, kernel, dtype=self.dtype, out_dtype=self.out_dtype,
-                        weight_grad_first=self.weight_grad_first)
+                        weight_grad_first=self.weight_grad_first,
+                        float32_vjp=self.float32_vjp)
 
 
 class Kernel(nn.Module):
@@ -255,10 +274,12 @@ class Kernel(nn.Module):
                            axes=self.kernel_axes)
 
 
-def stacked_projection(x, kernels, dtype, weight_grad_first: bool = False):
+def stacked_projection(x, kernels, dtype, weight_grad_first: bool = False,
+                       float32_vjp: bool = False):
   """x [..., D], W_i [D, F] -> y [..., n, F] with y[..., i, :] = x @ W_i (one matmul)."""
   w = jnp.stack([k.astype(dtype) for k in kernels], axis=1)
-  return matmul.dense(x, w, dtype=dtype, weight_grad_first=weight_grad_first)
+  return matmul.dense(x, w, dtype=dtype, weight_grad_first=weight_grad_first,
+                      float32_vjp=float32_vjp)
 
 
 def gated_activation(y, activations: Sequence[str], dtype):
@@ -320,7 +341,8 @@ def _gated_recomputed_bwd(activations, dtype, y, g):
 _gated_recomputed.defvjp(_gated_recomputed_fwd, _gated_recomputed_bwd)
 
 
-def fused_projection(x, kernels, dtype, weight_grad_first: bool = False):
+def fused_projection(x, kernels, dtype, weight_grad_first: bool = False,
+                     float32_vjp: bool = False):
   """``[x @ W_1, ..., x @ W_n]`` as one matmul: x [..., D], W_i [D, F] -> n arrays [..., F].
 
   ``y[..., i, :] = x @ W_i`` with ``W = stack_i W_i`` [D, n, F]: one larger GEMM
@@ -329,7 +351,7 @@ def fused_projection(x, kernels, dtype, weight_grad_first: bool = False):
   along F, so no resharding is needed under model parallelism. Computed in `dtype` with
   float32 accumulation (`matmul.einsum`).
   """
-  return _unstack(stacked_projection(x, kernels, dtype, weight_grad_first))
+  return _unstack(stacked_projection(x, kernels, dtype, weight_grad_first, float32_vjp))
 
 
 @jax.custom_vjp
@@ -552,6 +574,7 @@ class MultiHeadDotProductAttention(nn.Module):
   weight_dtype: Any = jnp.float32
   dropout_rate: float = 0.0
   weight_grad_first: bool = False  # T5Config.weight_grad_first
+  float32_vjp: bool = False  # T5Config.float32_matmul_vjp
   float32_logits: bool = True
 
   @nn.compact
@@ -578,12 +601,12 @@ class MultiHeadDotProductAttention(nn.Module):
                      kernel('value', _attention_init))
     if inputs_q is inputs_kv:
       query, key, value = map(heads_of, fused_projection(
-          inputs_q, (w_q, w_k, w_v), self.dtype, self.weight_grad_first))
+          inputs_q, (w_q, w_k, w_v), self.dtype, self.weight_grad_first, self.float32_vjp))
     else:
       (query,) = map(heads_of, fused_projection(inputs_q, (w_q,), self.dtype,
-                                                self.weight_grad_first))
+                                                self.weight_grad_first, self.float32_vjp))
       key, value = map(heads_of, fused_projection(inputs_kv, (w_k, w_v), self.dtype,
-                                                  self.weight_grad_first))
+                                                  self.weight_grad_first, self.float32_vjp))
     # query [B, Lq, H, K]; key, value [B, Lk, H, K]
 
     if decode:
@@ -643,7 +666,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # float32 logits: the float32 accumulator of the q·k matmul is kept (T5X casts q and
     # k to float32; they hold `dtype` values, so the products are the same).
     logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
-                           out_dtype=logits_dtype)
+                           out_dtype=logits_dtype, float32_vjp=self.float32_vjp)
     if tie_position_bias:
       logits = add_position_bias(logits, attention_bias, bias)
     elif attention_bias is not None:
@@ -655,11 +678,12 @@ class MultiHeadDotProductAttention(nn.Module):
       # Dropout on attention weights, shared across query positions (as T5X).
       weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
           weights, deterministic=deterministic)
-      x = matmul.einsum('bhqk,bkhd->bqhd', weights, value, dtype=self.dtype)
+      x = matmul.einsum('bhqk,bkhd->bqhd', weights, value, dtype=self.dtype,
+                        float32_vjp=self.float32_vjp)
     x = x.reshape((rows, q_len, heads * depth))
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), self.dtype,
                  self.weight_dtype, _attention_init, name='out',
-                 weight_grad_first=self.weight_grad_first)(x)
+                 weight_grad_first=self.weight_grad_first, float32_vjp=self.float32_vjp)(x)
 
 
 def add_position_bias(logits, mask_bias, position_bias):
@@ -785,8 +809,8 @@ def _normalized_after_values_fwd(logits, value):
 def _normalized_after_values_bwd(res, g):
   e, r, v, o = res
   gr = g * jnp.swapaxes(r, 1, 2)[..., None]  # [B, Lq, H, K]: do / s
-  dv = jnp.einsum('bhqk,bqhd->bkhd', e, gr)
-  de = jnp.einsum('bqhd,bkhd->bhqk', gr, v)  # dp / s
+  dv = matmul.contract('bhqk,bqhd->bkhd', e, gr, dtype=jnp.float32)
+  de = matmul.contract('bqhd,bkhd->bhqk', gr, v, dtype=jnp.float32)  # dp / s
   row = jnp.einsum('bqhd,bqhd->bhq', gr, o)[..., None]
   return e * (de - row), dv
 
@@ -848,12 +872,15 @@ class MlpBlock(nn.Module):
         for i in range(len(acts))]
     # One matmul for all input kernels, then the activations in float32 (`gated_activation`).
     first = cfg.weight_gradients_first
-    hidden = gated_activation(stacked_projection(x, kernels, cfg.dtype, first), acts, cfg.dtype)
+    hidden = gated_activation(
+        stacked_projection(x, kernels, cfg.dtype, first, cfg.float32_matmul_vjps), acts,
+        cfg.dtype)
     hidden = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         hidden, deterministic=deterministic)
     hidden = with_sharding_constraint(hidden, ('batch', 'length', 'mlp'))
     return Dense(x.shape[-1], ('mlp', 'embed'), cfg.dtype, cfg.weight_dtype,
-                 name='wo', weight_grad_first=first)(hidden)
+                 name='wo', weight_grad_first=first,
+                 float32_vjp=cfg.float32_matmul_vjps)(hidden)
 
 
 def _attention(cfg: T5Config, name: str) -> MultiHeadDotProductAttention:
@@ -861,7 +888,8 @@ def _attention(cfg: T5Config, name: str) -> MultiHeadDotProductAttention:
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
       weight_dtype=cfg.weight_dtype, dropout_rate=cfg.dropout_rate,
       float32_logits=cfg.float32_attention_logits,
-      weight_grad_first=cfg.weight_gradients_first, name=name)
+      weight_grad_first=cfg.weight_gradients_first,
+      float32_vjp=cfg.float32_matmul_vjps, name=name)
 
 
 def _norm(cfg: T5Config, name: str) -> RMSNorm:
@@ -982,14 +1010,16 @@ class Decoder(nn.Module):
     y = _norm(cfg, 'decoder_norm')(y)
     y = _dropout(cfg, y, deterministic)
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(y, cfg.logits_dtype) / jnp.sqrt(y.shape[-1])
+      logits = self.shared_embedding.attend(
+          y, cfg.logits_dtype, cfg.float32_matmul_vjps) / jnp.sqrt(y.shape[-1])
     else:
       # Never `weight_grad_first`: at the start of the backward pass the vocabulary
       # gradient would hold dlogits [rows·Lt, V] and its softmax alongside every layer's
       # saved activations (+48 MB at that peak, T5 1.1 small, 4 pairs, float32;
       # `tools/step_peak_buffers.sh` with the tie edited in here).
       logits = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.logits_dtype,
-                     cfg.weight_dtype, name='logits_dense', out_dtype=jnp.float32)(y)
+                     cfg.weight_dtype, name='logits_dense', out_dtype=jnp.float32,
+                     float32_vjp=cfg.float32_matmul_vjps)(y)
     return with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
 
 
@@ -1014,12 +1044,12 @@ class Embed(nn.Module):
   def __call__(self, tokens):
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
-  def attend(self, query, compute_dtype=jnp.float32):
-    if jnp.dtype(compute_dtype) == jnp.float32:
+  def attend(self, query, compute_dtype=jnp.float32, float32_vjp: bool = False):
+    if jnp.dtype(compute_dtype) == jnp.float32 and not float32_vjp:
       return jnp.dot(query.astype(jnp.float32), self.embedding.astype(jnp.float32).T)
     lead = query.shape[:-1]
     y = matmul.einsum('nd,vd->nv', query.reshape((-1, query.shape[-1])), self.embedding,
-                      dtype=compute_dtype, out_dtype=jnp.float32)
+                      dtype=compute_dtype, out_dtype=jnp.float32, float32_vjp=float32_vjp)
     return y.reshape(lead + (self.num_embeddings,))
 
 

@@ -306,7 +306,11 @@ def _loss_and_grad(model, params):
 def test_remat_matches_no_remat(tiny, policy):
   model, variables = tiny
   params = variables['params']
-  remat_model = network.Transformer(dataclasses.replace(model.config, remat_policy=policy))
+  # The same float32 gradient layouts (`float32_matmul_vjp` resolves to off under remat):
+  # otherwise the gradients differ in float32 summation order (~1e-4 relative).
+  remat_model = network.Transformer(dataclasses.replace(
+      model.config, remat_policy=policy,
+      float32_matmul_vjp=model.config.float32_matmul_vjps))
   value, grads = _loss_and_grad(model, params)
   value_r, grads_r = _loss_and_grad(remat_model, params)
   np.testing.assert_allclose(value_r, value, rtol=1e-6)
@@ -341,6 +345,33 @@ def test_weight_gradients_first_resolves_with_remat():
   assert not network.make_config('tiny', remat_policy='full',
                                  weight_grad_first=False).weight_gradients_first
   assert network.make_config('tiny', weight_grad_first=True).weight_gradients_first
+
+
+def test_float32_matmul_vjp_resolves_with_remat():
+  assert network.make_config('tiny').float32_matmul_vjps
+  assert not network.make_config('tiny', remat_policy='full').float32_matmul_vjps
+  assert not network.make_config('tiny', remat_policy='minimal').float32_matmul_vjps
+  assert network.make_config('tiny', remat_policy='full',
+                             float32_matmul_vjp=True).float32_matmul_vjps
+  assert not network.make_config('tiny', float32_matmul_vjp=False).float32_matmul_vjps
+
+
+@pytest.mark.parametrize('logits_via_embedding', [False, True])
+def test_float32_matmul_vjp_gives_the_same_loss_and_gradients(tiny, logits_via_embedding):
+  """The layouts of the float32 gradient matmuls change, not the gradients."""
+  model, variables = tiny
+  params = variables['params']
+  base = dataclasses.replace(model.config, logits_via_embedding=logits_via_embedding)
+  if logits_via_embedding:
+    params = {k: v for k, v in params.items() if k != 'decoder'} | {
+        'decoder': {k: v for k, v in params['decoder'].items() if k != 'logits_dense'}}
+  value, grads = _loss_and_grad(network.Transformer(
+      dataclasses.replace(base, float32_matmul_vjp=False)), params)
+  value_v, grads_v = _loss_and_grad(network.Transformer(
+      dataclasses.replace(base, float32_matmul_vjp=True)), params)
+  np.testing.assert_allclose(value_v, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               grads_v, grads)
 
 
 def test_weight_gradients_first_frees_each_layers_buffers_in_its_backward():
