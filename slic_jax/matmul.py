@@ -134,6 +134,25 @@ def _materialized_transpose(v, src: str, dst: str):
       v)
 
 
+def materialized(x: jax.Array) -> jax.Array:
+  """x unchanged; on the CPU computed once into an array of its own.
+
+  XLA:CPU fuses a cheap producer into every consumer: the attention mask bias (a
+  compare and select of the tokens) was recomputed per element inside each layer's
+  max and exp passes over the [B, H, Lq, Lk] logits, and the relative position bias
+  read through the gather's [Lq·Lk, H] layout. Behind the `lax.cond` of
+  `_materialized_transpose` (the identity permutation) it is computed once and read
+  as a plain array: T5 1.1 small, bf16, 4 pairs, Li 1024: step 3.10–3.19 → 2.98–3.00 s
+  (`benchmarks/NOTES.md`, session 15). Other backends get x itself (a conditional
+  there would wait on its predicate).
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  first = x.reshape(-1)[0]
+  return jax.lax.cond(first == first, lambda a: a,
+                      lambda a: jnp.full(a.shape, jnp.nan, a.dtype), x)
+
+
 _mixed_einsum.defvjp(_mixed_fwd, _mixed_bwd)
 
 

@@ -500,7 +500,10 @@ def _diagonal_regions(diag_bucket):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _relative_bias(table, qlen, klen, bidirectional, max_distance):
   bucket = _bucket_of(qlen, klen, bidirectional, table.shape[1], max_distance)
-  return jnp.take(table, jnp.asarray(bucket), axis=1)
+  # [H, qlen, klen] contiguous, once: XLA:CPU otherwise keeps the gather's [qlen·klen, H]
+  # result and reads it transposed inside every layer's logits add.
+  return matmul.materialized(jnp.take(table, jnp.asarray(bucket), axis=1))
+
 
 
 def _relative_bias_fwd(table, qlen, klen, bidirectional, max_distance):
@@ -644,7 +647,10 @@ class MultiHeadDotProductAttention(nn.Module):
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     attention_bias = None
     if mask is not None:
-      attention_bias = jnp.where(mask > 0, 0.0, _MASK_BIAS).astype(logits_dtype)
+      # Computed once (`matmul.materialized`), not from the tokens again inside each
+      # layer's softmax passes, where XLA:CPU would otherwise fuse it.
+      attention_bias = matmul.materialized(
+          jnp.where(mask > 0, 0.0, _MASK_BIAS).astype(logits_dtype))
 
     # Grouped cross-attention: G = B_q / B_kv query rows share each key/value row (the
     # n summaries of one prompt). Keys/values are projected once per prompt and the G

@@ -374,6 +374,32 @@ def test_float32_matmul_vjp_gives_the_same_loss_and_gradients(tiny, logits_via_e
                grads_v, grads)
 
 
+def test_attention_mask_bias_is_computed_once_not_in_every_layer():
+  """matmul.materialized: on the CPU the mask bias (-1e10 where masked) is one array that
+  every layer reads; without it XLA:CPU recomputes it from the tokens inside each
+  layer's softmax fusions, so its constant would appear once per layer."""
+  enc = jnp.ones((2, 64), jnp.int32).at[:, 60:].set(0)
+  dec = jnp.ones((2, 8), jnp.int32)
+
+  def mask_constants(layers):
+    cfg = network.make_config('tiny', num_encoder_layers=layers, num_decoder_layers=layers)
+    model = network.Transformer(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), enc, dec, dec))['params']
+    hlo = jax.jit(lambda p: model.apply({'params': p}, enc, dec, dec)).lower(
+        params).compile().as_text()
+    return hlo.count('constant(-1e+10)')
+
+  assert mask_constants(2) == mask_constants(6)
+
+
+def test_materialized_is_the_identity_with_its_gradient():
+  from slic_jax import matmul
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+  np.testing.assert_array_equal(jax.jit(matmul.materialized)(x), x)
+  g = jax.grad(lambda x: jnp.sum(jnp.sin(matmul.materialized(x))))(x)
+  np.testing.assert_allclose(g, jnp.cos(x), rtol=1e-6)
+
+
 def test_weight_gradients_first_frees_each_layers_buffers_in_its_backward():
   """remat 'full', slic_jax's XLA options: without the tie XLA:CPU leaves the weight and
   position-bias gradients to the end and keeps every layer's buffers until then."""
