@@ -15,12 +15,16 @@ def _round(x):
   return x.astype(BF16).astype(jnp.float32)
 
 
-@pytest.mark.parametrize("equation,sa,sb", [
+# (equation, shape of a, shape of b): the projections' and attention's matmuls.
+EQUATIONS = [
     ("nd,df->nf", (6, 8), (8, 5)),
     ("md,dnf->mnf", (6, 8), (8, 3, 5)),
     ("bqhd,bkhd->bhqk", (2, 4, 3, 8), (2, 5, 3, 8)),
     ("bhqk,bkhd->bqhd", (2, 3, 4, 5), (2, 5, 3, 8)),
-])
+]
+
+
+@pytest.mark.parametrize("equation,sa,sb", EQUATIONS)
 def test_bf16_forward_and_gradients_match_float32_on_rounded_operands(equation, sa, sb):
   """y = Σ round(a)·round(b) in float32; da = round(g)·round(b)ᵀ, db = round(a)ᵀ·round(g)."""
   ka, kb, kg = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -158,13 +162,7 @@ def test_sum_and_broadcast_by_dot_are_sums_and_broadcasts_as_dots_on_the_cpu():
   assert 'reduce' in hlo  # what it replaces
 
 
-@pytest.mark.parametrize("equation,sa,sb", [
-    ("nd,df->nf", (6, 8), (8, 5)),
-    ("md,dnf->mnf", (6, 8), (8, 3, 5)),
-    ("nd,vd->nv", (6, 8), (9, 8)),
-    ("bqhd,bkhd->bhqk", (2, 4, 3, 8), (2, 5, 3, 8)),
-    ("bhqk,bkhd->bqhd", (2, 3, 4, 5), (2, 5, 3, 8)),
-])
+@pytest.mark.parametrize("equation,sa,sb", EQUATIONS + [("nd,vd->nv", (6, 8), (9, 8))])
 def test_float32_vjp_gives_autodiffs_values_and_gradients(equation, sa, sb):
   """float32_vjp changes where the gradient matmuls' operands are laid out, not their values."""
   ka, kb, kg = jax.random.split(jax.random.PRNGKey(3), 3)

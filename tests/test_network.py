@@ -328,13 +328,16 @@ def test_weight_gradients_first_gives_the_same_gradients(tiny, dtype):
   model, variables = tiny
   params = variables['params']
   base = dataclasses.replace(model.config, dtype=dtype)
-  value, grads = _loss_and_grad(network.Transformer(
-      dataclasses.replace(base, weight_grad_first=False)), params)
-  value_t, grads_t = _loss_and_grad(network.Transformer(
-      dataclasses.replace(base, weight_grad_first=True)), params)
-  np.testing.assert_allclose(value_t, value, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-               grads_t, grads)
+  _assert_same_loss_and_gradients(dataclasses.replace(base, weight_grad_first=False),
+                                  dataclasses.replace(base, weight_grad_first=True), params)
+
+
+def _assert_same_loss_and_gradients(config, other, params, atol=1e-6, rtol=1e-5):
+  value, grads = _loss_and_grad(network.Transformer(config), params)
+  value_o, grads_o = _loss_and_grad(network.Transformer(other), params)
+  np.testing.assert_allclose(value_o, value, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=rtol),
+               grads_o, grads)
 
 
 def test_weight_gradients_first_resolves_with_remat():
@@ -365,13 +368,9 @@ def test_float32_matmul_vjp_gives_the_same_loss_and_gradients(tiny, logits_via_e
   if logits_via_embedding:
     params = {k: v for k, v in params.items() if k != 'decoder'} | {
         'decoder': {k: v for k, v in params['decoder'].items() if k != 'logits_dense'}}
-  value, grads = _loss_and_grad(network.Transformer(
-      dataclasses.replace(base, float32_matmul_vjp=False)), params)
-  value_v, grads_v = _loss_and_grad(network.Transformer(
-      dataclasses.replace(base, float32_matmul_vjp=True)), params)
-  np.testing.assert_allclose(value_v, value, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-               grads_v, grads)
+  _assert_same_loss_and_gradients(dataclasses.replace(base, float32_matmul_vjp=False),
+                                  dataclasses.replace(base, float32_matmul_vjp=True), params,
+                                  atol=1e-5, rtol=1e-4)
 
 
 def test_attention_mask_bias_is_computed_once_not_in_every_layer():
