@@ -78,6 +78,9 @@ def _mixed_bwd(equation, dtype, out_dtype, res, g):
   return da.astype(a_tag.dtype), db.astype(b_tag.dtype)
 
 
+_mixed_einsum.defvjp(_mixed_fwd, _mixed_bwd)
+
+
 def _canonical_einsum(sx: str, sy: str, so: str, x, y):
   """einsum(f'{sx},{sy}->{so}', x, y) accumulated in float32, as a canonical matmul.
 
@@ -117,21 +120,25 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
 def _materialized_transpose(v, src: str, dst: str):
   """v with its dimensions reordered from `src` to `dst`, as an array XLA keeps.
 
-  XLA's simplifier folds a plain transpose into the dot that consumes it (and on CPU
-  `optimization_barrier`s are removed before that), which would undo the layout. A
-  transpose computed inside a `lax.cond` is opaque to it. The predicate only reads one
-  element: the other branch runs when v's first element is NaN and returns NaNs, which
-  the clipped, NaN-propagating update would produce anyway.
+  XLA's simplifier folds a plain transpose into the dot that consumes it, which would
+  undo the layout; computed behind `_opaque` it is kept.
   """
   if src == dst:
     return v
   perm = [src.index(c) for c in dst]
+  return _opaque(lambda a: jnp.transpose(a, perm), v)
+
+
+def _opaque(fn, v):
+  """fn(v) computed inside a `lax.cond`, which XLA can neither fold into the consumers
+  nor fuse with the producers (on CPU `optimization_barrier`s are removed before that).
+  The predicate only reads one element: the other branch runs when v's first element is
+  NaN and returns NaNs, which the clipped, NaN-propagating update would produce anyway.
+  """
+  out = jax.eval_shape(fn, v)
   first = v.reshape(-1)[0]
-  return jax.lax.cond(
-      first == first,
-      lambda a: jnp.transpose(a, perm),
-      lambda a: jnp.full([a.shape[i] for i in perm], jnp.nan, a.dtype),
-      v)
+  return jax.lax.cond(first == first, fn,
+                      lambda a: jnp.full(out.shape, jnp.nan, out.dtype), v)
 
 
 def materialized(x: jax.Array) -> jax.Array:
@@ -140,20 +147,14 @@ def materialized(x: jax.Array) -> jax.Array:
   XLA:CPU fuses a cheap producer into every consumer: the attention mask bias (a
   compare and select of the tokens) was recomputed per element inside each layer's
   max and exp passes over the [B, H, Lq, Lk] logits, and the relative position bias
-  read through the gather's [Lq·Lk, H] layout. Behind the `lax.cond` of
-  `_materialized_transpose` (the identity permutation) it is computed once and read
-  as a plain array: T5 1.1 small, bf16, 4 pairs, Li 1024: step 3.10–3.19 → 2.98–3.00 s
-  (`benchmarks/NOTES.md`, session 15). Other backends get x itself (a conditional
-  there would wait on its predicate).
+  read through the gather's [Lq·Lk, H] layout. Behind `_opaque` it is computed once
+  and read as a plain array: T5 1.1 small, bf16, 4 pairs, Li 1024: step 3.10–3.19 →
+  2.98–3.00 s (`benchmarks/NOTES.md`, session 15). Other backends get x itself (a
+  conditional there would wait on its predicate).
   """
   if jax.default_backend() != "cpu":
     return x
-  first = x.reshape(-1)[0]
-  return jax.lax.cond(first == first, lambda a: a,
-                      lambda a: jnp.full(a.shape, jnp.nan, a.dtype), x)
-
-
-_mixed_einsum.defvjp(_mixed_fwd, _mixed_bwd)
+  return _opaque(lambda a: a, x)
 
 
 def _plain_float32(dtype, float32_vjp: bool) -> bool:

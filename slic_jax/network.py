@@ -505,7 +505,6 @@ def _relative_bias(table, qlen, klen, bidirectional, max_distance):
   return matmul.materialized(jnp.take(table, jnp.asarray(bucket), axis=1))
 
 
-
 def _relative_bias_fwd(table, qlen, klen, bidirectional, max_distance):
   return _relative_bias(table, qlen, klen, bidirectional, max_distance), table
 
