@@ -42,6 +42,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from slic_jax import blocked_attention
 from slic_jax import matmul
 
 param_with_axes = nn_partitioning.param_with_axes
@@ -101,6 +102,13 @@ class T5Config:
       recomputation, which then holds several layers' recomputed activations at once
       (16 pairs, remat 'full': 1358 -> 1874 MB at the peak, `tools/step_peak_buffers.sh`).
       No effect in other dtypes (always through the custom VJP) or on other backends.
+    attention_block_bytes: attention over blocks of queries whose float32 logits
+      [B, H, block, Lk] take at most this many bytes (`blocked_attention`; exact, same
+      memory), when the whole [B, H, Lq, Lk] array is larger and attention is
+      deterministic. 0 (default): off. Not faster in the SLiC-HF step on the CPUs
+      measured (T5 1.1 small, float32, 4 pairs, Li 1024: 12.7 s unblocked, 13.8 s at
+      32 MiB, 21.6 s at 4 MiB, `tools/benchmark.py --_worker slic
+      --attention_block_bytes N`; `benchmarks/NOTES.md`, session 16).
   """
 
   vocab_size: int = 32128
@@ -122,6 +130,7 @@ class T5Config:
   remat_policy: str = 'none'
   weight_grad_first: Optional[bool] = None
   float32_matmul_vjp: Optional[bool] = None
+  attention_block_bytes: int = 0
 
   @property
   def float32_matmul_vjps(self) -> bool:
@@ -578,6 +587,7 @@ class MultiHeadDotProductAttention(nn.Module):
   weight_grad_first: bool = False  # T5Config.weight_grad_first
   float32_vjp: bool = False  # T5Config.float32_matmul_vjp
   float32_logits: bool = True
+  block_bytes: int = 0  # T5Config.attention_block_bytes
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, mask=None, bias=None, *,
@@ -656,6 +666,19 @@ class MultiHeadDotProductAttention(nn.Module):
     # rows' queries are stacked along the query axis: [B_kv, G·Lq, H, K].
     rows, q_len = query.shape[0], query.shape[1]
     groups = 1 if decode else rows // key.shape[0]
+    block_q = self._block_queries(key.shape[0], groups * q_len, key.shape[1], decode,
+                                  deterministic)
+    if block_q:
+      # Over blocks of queries (`blocked_attention`); the position bias stays separate
+      # from the mask (its gradient is reduced per block).
+      if groups > 1:
+        query = query.reshape((key.shape[0], groups * q_len) + query.shape[2:])
+        if attention_bias is not None:
+          attention_bias = _group_queries(
+              jnp.broadcast_to(attention_bias, (rows,) + attention_bias.shape[1:]), groups)
+      x = blocked_attention.blocked_attention(query, key, value, attention_bias, bias,
+                                              dtype=self.dtype, block_q=block_q)
+      return self._output(x.reshape((rows, q_len, heads * depth)), inputs_q.shape[-1])
     # With `weight_grad_first` the position bias (self-attention, never grouped) is added
     # with the logits below (`add_position_bias`), so that its gradient is reduced inside
     # this layer's backward pass.
@@ -685,10 +708,24 @@ class MultiHeadDotProductAttention(nn.Module):
           weights, deterministic=deterministic)
       x = matmul.einsum('bhqk,bkhd->bqhd', weights, value, dtype=self.dtype,
                         float32_vjp=self.float32_vjp)
-    x = x.reshape((rows, q_len, heads * depth))
-    return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), self.dtype,
+    return self._output(x.reshape((rows, q_len, heads * depth)), inputs_q.shape[-1])
+
+  def _output(self, x, features: int):
+    """The output projection W_o: [B, Lq, H·K] -> [B, Lq, D]."""
+    return Dense(features, ('joined_kv', 'embed'), self.dtype,
                  self.weight_dtype, _attention_init, name='out',
                  weight_grad_first=self.weight_grad_first, float32_vjp=self.float32_vjp)(x)
+
+  def _block_queries(self, batch: int, q_len: int, k_len: int, decode: bool,
+                     deterministic: bool) -> int:
+    """Queries per block of `blocked_attention`, or 0: unblocked (decoding, dropout on
+    the weights, logits not float32, no budget, or the whole logits array within it)."""
+    if (decode or not self.block_bytes or not self.float32_logits
+        or not (deterministic or self.dropout_rate == 0.0)):
+      return 0
+    block = blocked_attention.block_size(batch, self.num_heads, q_len, k_len,
+                                         self.block_bytes)
+    return block if block < q_len else 0
 
 
 def add_position_bias(logits, mask_bias, position_bias):
@@ -894,7 +931,8 @@ def _attention(cfg: T5Config, name: str) -> MultiHeadDotProductAttention:
       weight_dtype=cfg.weight_dtype, dropout_rate=cfg.dropout_rate,
       float32_logits=cfg.float32_attention_logits,
       weight_grad_first=cfg.weight_gradients_first,
-      float32_vjp=cfg.float32_matmul_vjps, name=name)
+      float32_vjp=cfg.float32_matmul_vjps, block_bytes=cfg.attention_block_bytes,
+      name=name)
 
 
 def _norm(cfg: T5Config, name: str) -> RMSNorm:

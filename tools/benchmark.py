@@ -190,11 +190,13 @@ def config_flops(cfg, batch: int, li: int, lt: int, n_targets: int = 3, **kw) ->
 
 # ----------------------------------------------------------------------------- slic_jax side
 def make_config(size: str, dtype: str = "float32", remat: str = "none",
-                logits_dtype: str = "float32", weight_grad_first: str = "auto"):
+                logits_dtype: str = "float32", weight_grad_first: str = "auto",
+                attention_block_bytes: int = 0):
   from slic_jax import network
   first = {"auto": None, "on": True, "off": False}[weight_grad_first]
   return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat,
-                          logits_dtype=logits_dtype, weight_grad_first=first)
+                          logits_dtype=logits_dtype, weight_grad_first=first,
+                          attention_block_bytes=attention_block_bytes)
 
 
 def random_pair_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, n: int = 3):
@@ -331,7 +333,7 @@ def worker_slic(args) -> dict:
 
   rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
-                    args.weight_grad_first)
+                    args.weight_grad_first, args.attention_block_bytes)
   np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
@@ -896,6 +898,8 @@ def parse_args(argv=None):
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--weight_grad_first", default="auto", choices=["auto", "on", "off"],
                   help="step worker: network.T5Config.weight_grad_first (auto: on with remat)")
+  ap.add_argument("--attention_block_bytes", type=int, default=0,
+                  help="step worker: network.T5Config.attention_block_bytes (0: unblocked)")
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
