@@ -76,21 +76,30 @@ def _device_info(device: str) -> dict:
           "peak_device_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2 ** 20}
 
 
-def matmul_peak(n: int, reps: int, device: str = "cpu") -> dict:
+def matmul_peak(n: int, reps: int, device: str = "cpu", budget_s: float = 10.0) -> dict:
+  """Square n×n matmul FLOP/s per dtype: best and median of up to `reps` timed calls,
+  fewer once they have taken `budget_s` (a CPU without native bf16 runs torch's bf16
+  matmul at well under 1 GFLOP/s: a minute per call at n = 2048); the first call
+  (warm-up) is not timed. `torch_<dtype>_reps` says how many were timed."""
   import torch
   out = {"n": n, "torch_num_threads": torch.get_num_threads()}
   for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dt)
+    t0 = time.perf_counter()
     a @ b
     _sync(device)
+    warm_s = time.perf_counter() - t0
     ts = []
     for _ in range(reps):
+      if ts and (sum(ts) + warm_s > budget_s):
+        break
       t0 = time.perf_counter()
       a @ b
       _sync(device)
       ts.append(time.perf_counter() - t0)
+    out[f"torch_{name}_reps"] = len(ts)
     out[f"torch_{name}_flops_per_s"] = 2.0 * n ** 3 / min(ts)
     out[f"torch_{name}_flops_per_s_median"] = 2.0 * n ** 3 / statistics.median(ts)
   out["peak_rss_mb"] = _peak_rss_mb()
