@@ -668,14 +668,10 @@ class MultiHeadDotProductAttention(nn.Module):
     groups = 1 if decode else rows // key.shape[0]
     block_q = self._block_queries(key.shape[0], groups * q_len, key.shape[1], decode,
                                   deterministic)
-    if block_q:
-      # Over blocks of queries (`blocked_attention`); the position bias stays separate
-      # from the mask (its gradient is reduced per block).
-      if groups > 1:
-        query = query.reshape((key.shape[0], groups * q_len) + query.shape[2:])
-        if attention_bias is not None:
-          attention_bias = _group_queries(
-              jnp.broadcast_to(attention_bias, (rows,) + attention_bias.shape[1:]), groups)
+    if block_q and (groups == 1 or bias is None):
+      # Over blocks of queries (`blocked_attention`); the position bias (self-attention,
+      # never grouped) stays separate from the mask (its gradient is reduced per block).
+      query, attention_bias = _stack_groups(query, attention_bias, groups)
       x = blocked_attention.blocked_attention(query, key, value, attention_bias, bias,
                                               dtype=self.dtype, block_q=block_q)
       return self._output(x.reshape((rows, q_len, heads * depth)), inputs_q.shape[-1])
@@ -685,11 +681,7 @@ class MultiHeadDotProductAttention(nn.Module):
     tie_position_bias = bias is not None and groups == 1 and self.weight_grad_first
     if bias is not None and not tie_position_bias:
       attention_bias = bias if attention_bias is None else attention_bias + bias
-    if groups > 1:
-      query = query.reshape((key.shape[0], groups * q_len) + query.shape[2:])
-      if attention_bias is not None:
-        attention_bias = _group_queries(
-            jnp.broadcast_to(attention_bias, (rows,) + attention_bias.shape[1:]), groups)
+    query, attention_bias = _stack_groups(query, attention_bias, groups)
 
     # float32 logits: the float32 accumulator of the q·k matmul is kept (T5X casts q and
     # k to float32; they hold `dtype` values, so the products are the same).
@@ -887,6 +879,19 @@ def _softmax_weighted_values_bwd(dtype, res, g):
 
 
 _softmax_weighted_values.defvjp(_softmax_weighted_values_fwd, _softmax_weighted_values_bwd)
+
+
+def _stack_groups(query, attention_bias, groups: int):
+  """query [B·G, Lq, H, K] -> [B, G·Lq, H, K] and the bias [B·G | 1, H | 1, Lq, Lk] ->
+  [B, H | 1, G·Lq, Lk] (`_group_queries`); unchanged for G = 1."""
+  if groups == 1:
+    return query, attention_bias
+  rows, q_len = query.shape[:2]
+  query = query.reshape((rows // groups, groups * q_len) + query.shape[2:])
+  if attention_bias is not None:
+    attention_bias = _group_queries(
+        jnp.broadcast_to(attention_bias, (rows,) + attention_bias.shape[1:]), groups)
+  return query, attention_bias
 
 
 def _group_queries(x, groups: int):
