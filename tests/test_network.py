@@ -314,7 +314,9 @@ def test_remat_matches_no_remat(tiny, policy):
   value, grads = _loss_and_grad(model, params)
   value_r, grads_r = _loss_and_grad(remat_model, params)
   np.testing.assert_allclose(value_r, value, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+  # atol 1e-5: on an AMD EPYC (AVX2) VM one of 16384 elements differed by 1.7e-6
+  # (XLA:CPU's fusions of the two graphs sum in different orders).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                grads_r, grads)
   # Same parameter tree under remat.
   remat_params = jax.eval_shape(lambda: remat_model.init(
@@ -332,7 +334,7 @@ def test_weight_gradients_first_gives_the_same_gradients(tiny, dtype):
                                   dataclasses.replace(base, weight_grad_first=True), params)
 
 
-def _assert_same_loss_and_gradients(config, other, params, atol=1e-6, rtol=1e-5):
+def _assert_same_loss_and_gradients(config, other, params, atol=1e-5, rtol=1e-5):
   value, grads = _loss_and_grad(network.Transformer(config), params)
   value_o, grads_o = _loss_and_grad(network.Transformer(other), params)
   np.testing.assert_allclose(value_o, value, rtol=1e-6)
