@@ -1,17 +1,48 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests, quiet TensorFlow.
+"""Test-wide setup: 8 fake CPU devices for sharding tests, quiet TensorFlow, faster
+compiles (LLVM at -O0, one persistent XLA compilation cache for the test session).
 
-XLA reads XLA_FLAGS once, when jax first initialises its backends, so this must run
-before any test module imports jax.
+XLA reads XLA_FLAGS once, when jax first initialises its backends, and jax reads the
+JAX_* variables when it is imported, so this must run before any test module imports jax.
+
+Most of the suite's time is XLA compiling small programs. LLVM at -O0
+(`--xla_backend_optimization_level=0`) compiles them in one half to two thirds of the time
+(the tiny SLiC-HF model's loss, scores and gradients on this project's 2-core VM). It does
+not change what is computed: the HLO (fusion, layouts, buffer assignment) is XLA's own and
+the same, and with XLA:CPU's default `xla_cpu_enable_fast_math=false` LLVM may not
+reassociate float arithmetic at any level. What it changes is the speed of the machine code, which no test measures;
+the tests that measure a real step's memory in a subprocess (`test_host_memory`) take the
+flag off there. `TEST_XLA_FLAGS` below is what is added.
+
+The compilation cache: many tests compile the same program again (the one-device step
+that several mesh tests compare against, a trainer run and its resume). jax's persistent
+cache (keyed by the program, the compile options and the jax version) serves the repeats.
+The directory is made once per test session, before pytest-xdist starts its workers, so
+they share it (they inherit this environment), and removed when the session ends; set
+JAX_COMPILATION_CACHE_DIR yourself to keep one instead.
 """
 import os
+import shutil
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + TEST_XLA_FLAGS)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="slic_jax_tests_xla_cache_")
+  os.environ["SLIC_JAX_TESTS_OWN_XLA_CACHE"] = "1"  # made here: removed at the end
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
 import pytest  # noqa: E402  (after the environment above)
+
+
+def pytest_unconfigure(config):
+  """The session's own cache goes with it (in the xdist controller, after the workers)."""
+  if not hasattr(config, "workerinput") and os.environ.get("SLIC_JAX_TESTS_OWN_XLA_CACHE"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -130,6 +130,8 @@ print(temp, libc.mallinfo2().arena - before)
 
 def _dispatch_probe(arm: str) -> tuple[int, int]:
   env, argv = dict(os.environ), [arm]
+  # A real step's machine code (conftest's LLVM -O0 only speeds up the suite's compiles).
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
   if arm == "t5x_flags":
     env["GLIBC_TUNABLES"] = host_memory.GLIBC_TUNABLES
     argv.append(host_memory.INLINE_DISPATCH_ARG)
