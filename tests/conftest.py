@@ -5,13 +5,14 @@ XLA reads XLA_FLAGS once, when jax first initialises its backends, and jax reads
 JAX_* variables when it is imported, so this must run before any test module imports jax.
 
 Most of the suite's time is XLA compiling small programs. LLVM at -O0
-(`--xla_backend_optimization_level=0`) compiles them in one half to two thirds of the time
-(the tiny SLiC-HF model's loss, scores and gradients on this project's 2-core VM). It does
-not change what is computed: the HLO (fusion, layouts, buffer assignment) is XLA's own and
+(`--xla_backend_optimization_level=0`) compiles them faster (the whole suite on this
+project's 2-core VM: 719 s -> 523 s; `benchmarks/NOTES.md`, session 17). It does not
+change what is computed: the HLO (fusion, layouts, buffer assignment) is XLA's own and
 the same, and with XLA:CPU's default `xla_cpu_enable_fast_math=false` LLVM may not
-reassociate float arithmetic at any level. What it changes is the speed of the machine code, which no test measures;
-the tests that measure a real step's memory in a subprocess (`test_host_memory`) take the
-flag off there. `TEST_XLA_FLAGS` below is what is added.
+reassociate float arithmetic at any level. What it changes is the speed of the machine
+code, which no test measures; the tests that measure a real step's memory in a
+subprocess (`test_host_memory`) take the flag off there. `TEST_XLA_FLAGS` below is what
+is added.
 
 The compilation cache: many tests compile the same program again (the one-device step
 that several mesh tests compare against, a trainer run and its resume). jax's persistent
