@@ -82,6 +82,67 @@ def pad_batch(batch: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.
   return out
 
 
+# Features whose last axis is a sequence axis, grouped by the length they share.
+SEQUENCE_GROUPS = ("encoder_", "decoder_")
+BUCKET_ROUNDING = 8  # bucket lengths are multiples of this (or the full length)
+
+
+def bucket_lengths(full_length: int, num_buckets: int) -> list[int]:
+  """The lengths a sequence axis of ``full_length`` may be cut to, shortest first.
+
+  ``num_buckets`` equally spaced cuts ``ceil(L·j / n)`` for j = 1..n, each rounded up to a
+  multiple of 8 and capped at L (duplicates dropped); the last is always L. n = 1: [L].
+  E.g. L 512, n 4: [128, 256, 384, 512]; L 64, n 4: [16, 32, 48, 64].
+  """
+  if num_buckets < 1:
+    raise ValueError(f"length_buckets must be >= 1, got {num_buckets}")
+  out = []
+  for j in range(1, num_buckets + 1):
+    cut = -(-full_length * j // num_buckets)
+    cut = min(full_length, -(-cut // BUCKET_ROUNDING) * BUCKET_ROUNDING)
+    if cut not in out:
+      out.append(cut)
+  return out
+
+
+def trim_padding(batch: Mapping[str, np.ndarray], num_buckets: int) -> dict[str, np.ndarray]:
+  """Cuts each sequence group's trailing padding down to the smallest bucket that fits.
+
+  The groups are the ``encoder_*`` and the ``decoder_*`` features; each group's last axis
+  (length L) is its sequence axis. A group keeps ``min{b ∈ bucket_lengths(L, n) : b ≥ e}``
+  positions, e = 1 + the last position where ANY of its features is nonzero in any row,
+  so only all-zero (padding) positions are ever dropped. For a T5 model that is exact:
+  padding keys are masked, padding targets weigh 0 and relative position biases do not
+  depend on the padded length, so loss and gradients equal the full-length batch's up to
+  float summation order (`tests/test_input_pipeline.py`). Other features pass unchanged.
+
+  Fewer positions is less work (the encoder's cost grows with Li, its attention with Li²);
+  each distinct shape is one more compile of the step, so ``num_buckets`` bounds them at
+  ``num_buckets`` per group. T5X always pads to the full length (``num_buckets = 1``).
+  """
+  if num_buckets <= 1:
+    return dict(batch)
+  out = dict(batch)
+  for prefix in SEQUENCE_GROUPS:
+    names = [k for k, v in batch.items() if k.startswith(prefix) and np.ndim(v) >= 2]
+    if not names:
+      continue
+    full = {batch[k].shape[-1] for k in names}
+    if len(full) != 1:
+      raise ValueError(f"features {names} disagree on their sequence length: "
+                       f"{ {k: batch[k].shape for k in names} }")
+    full_length = full.pop()
+    used = np.zeros(full_length, bool)
+    for k in names:
+      v = np.asarray(batch[k])
+      used |= (v != 0).reshape(-1, full_length).any(axis=0)
+    extent = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
+    cut = next(b for b in bucket_lengths(full_length, num_buckets) if b >= extent)
+    for k in names:
+      out[k] = batch[k][..., :cut]
+  return out
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], p: partitioning.Partitioner) -> dict[str, jax.Array]:
   """Host-local numpy batch → global jax.Arrays sharded along 'data'."""
   return {
@@ -91,16 +152,22 @@ def shard_batch(batch: Mapping[str, np.ndarray], p: partitioning.Partitioner) ->
 
 
 def device_iterator(
-    ds: tf.data.Dataset, p: partitioning.Partitioner, *, batch_size: int, prefetch: int = 2
+    ds: tf.data.Dataset, p: partitioning.Partitioner, *, batch_size: int, prefetch: int = 2,
+    length_buckets: int = 1,
 ) -> Iterator[dict[str, jax.Array]]:
-  """Yields sharded device batches, converting ``prefetch`` batches ahead on a thread."""
+  """Yields sharded device batches, converting ``prefetch`` batches ahead on a thread.
+
+  length_buckets: > 1 cuts each batch's trailing padding to a bucket (`trim_padding`);
+    1 keeps the dataset's full lengths.
+  """
   q: queue.Queue[Any] = queue.Queue(maxsize=max(prefetch, 1))
   done = object()
 
   def producer():
     try:
       for batch in ds.as_numpy_iterator():
-        q.put(shard_batch(pad_batch(batch, batch_size), p))
+        batch = trim_padding(pad_batch(batch, batch_size), length_buckets)
+        q.put(shard_batch(batch, p))
       q.put(done)
     except BaseException as e:  # surfaced in the consumer
       q.put(e)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Mapping, Sequence
 
 import gin
@@ -63,6 +64,7 @@ def train(
     random_seed: int | None = 0,
     run_eval_before_training: bool = False,
     num_microbatches: int | None = None,
+    length_buckets: int = 1,
     **unused_t5x_kwargs,
 ) -> tuple[int, TrainState]:
   """Trains ``model`` until ``total_steps`` (absolute, as in T5X) and returns (step, state).
@@ -82,6 +84,12 @@ def train(
     num_microbatches: split each batch into this many microbatches and accumulate their
       gradients (`update_step.make_train_step`; T5X: ``trainer.Trainer.num_microbatches``).
       Bind with ``--gin.train.num_microbatches=4`` (slic_jax.train only).
+    length_buckets: n > 1 pads each batch only as far as its longest example needs,
+      rounded up to one of n bucket lengths per sequence axis
+      (`input_pipeline.trim_padding`; exact for T5: only padding is dropped). Fewer
+      positions is less work; each new shape compiles the step once more (at most n per
+      axis). 1: every batch at TASK_FEATURE_LENGTHS, as T5X. slic_jax.train's run config
+      binds ``LENGTH_BUCKETS`` (default 2); one process only.
     unused_t5x_kwargs: T5X run-config arguments that have no meaning here
       (e.g. ``trainer_cls``, ``use_orbax``); logged and ignored.
   """
@@ -106,8 +114,16 @@ def train(
       cfg, model.FEATURE_CONVERTER_CLS,
       shard_id=jax.process_index(), num_shards=jax.process_count(),
   )
+  if length_buckets < 1:
+    raise ValueError(f"train.length_buckets must be >= 1 (1: no trimming), got {length_buckets}")
+  if length_buckets > 1 and jax.process_count() > 1:
+    raise ValueError(
+        f"train.length_buckets = {length_buckets} needs a single process (each host would "
+        f"cut its own batches to its own lengths); this run has {jax.process_count()}: "
+        "set LENGTH_BUCKETS = 1")
   host_batch = cfg.batch_size // jax.process_count()
-  train_iter = input_pipeline.device_iterator(train_ds, p, batch_size=host_batch)
+  train_iter = input_pipeline.device_iterator(train_ds, p, batch_size=host_batch,
+                                              length_buckets=length_buckets)
   element_spec = train_ds.element_spec
   input_shapes = {k: (cfg.batch_size,) + tuple(v.shape[1:]) for k, v in element_spec.items()}
   input_types = {k: v.dtype.as_numpy_dtype for k, v in element_spec.items()}
@@ -161,14 +177,29 @@ def train(
   )
   eval_fn = jax.jit(model.eval_fn, in_shardings=(params_sh, batch_sh),
                     compiler_options=xla_options)
-  if start_step < total_steps:
-    # Compiled ahead of the loop, so that the memory the compiler frees can go back to
-    # the OS (host_memory.trim) before the first step allocates its buffers.
-    abstract_batch = {k: jax.ShapeDtypeStruct(s, input_types[k], sharding=batch_sh[k])
-                      for k, s in input_shapes.items()}
+  compiled_steps = {}  # batch shapes → the step compiled for them
+
+  def compile_step(state, batch):
+    # One executable per batch shape (one shape unless length_buckets > 1), compiled
+    # before its first batch runs, so that the memory the compiler frees goes back to
+    # the OS (host_memory.trim) before the step allocates its buffers.
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    if shapes not in compiled_steps:
+      t0 = time.perf_counter()
+      compiled_steps[shapes] = step_fn.lower(state, batch).compile()
+      host_memory.trim()
+      logging.info("update step compiled for %s (%d shape(s) so far) in %.1f s",
+                   dict(shapes), len(compiled_steps), time.perf_counter() - t0)
+    return compiled_steps[shapes]
+
+  def run_step(state, batch):
+    return compile_step(state, batch)(state, batch)
+
+  if start_step < total_steps and length_buckets == 1:
+    # The one shape is compiled ahead of the loop: the first window holds no compile.
     with p.activation_rules():
-      step_fn = step_fn.lower(state, abstract_batch).compile()
-    host_memory.trim()
+      compile_step(state, {k: jax.ShapeDtypeStruct(s, input_types[k], sharding=batch_sh[k])
+                           for k, s in input_shapes.items()})
 
   def evaluate(step: int) -> dict[str, float] | None:
     if train_eval_dataset_cfg is None:
@@ -181,7 +212,8 @@ def train(
     acc = None
     with p.activation_rules():
       for i, batch in enumerate(input_pipeline.device_iterator(
-          ds, p, batch_size=ecfg.batch_size // jax.process_count())):
+          ds, p, batch_size=ecfg.batch_size // jax.process_count(),
+          length_buckets=length_buckets)):
         if eval_steps is not None and i >= eval_steps:
           break
         acc = _merge(acc, eval_fn(state.params, batch)[1])
@@ -201,7 +233,7 @@ def train(
   with p.activation_rules():
     while step < total_steps:
       batch = next(train_iter)
-      state, metrics = step_fn(state, batch)
+      state, metrics = run_step(state, batch)
       step += 1
       window = _merge(window, metrics)
       if step % stats_period == 0 or step == total_steps:

@@ -98,6 +98,36 @@ def test_param_counts_from_trainer_outputs(tmp_path):
   assert bench.t5x_num_params(str(tmp_path / "missing")) is None
 
 
+def test_compiled_shapes_from_slic_jax_log():
+  log = ("I1202 train.py:190] update step compiled for {'decoder_input_tokens': (4, 3, 32), "
+         "'decoder_target_tokens': (4, 3, 32), 'encoder_input_tokens': (4, 256)} "
+         "(1 shape(s) so far)\nI1202 other line\n"
+         "I1202 train.py:190] update step compiled for {'decoder_target_tokens': (4, 3, 16), "
+         "'encoder_input_tokens': (4, 128)} (2 shape(s) so far) in 71.5 s\n")
+  assert bench.slic_jax_compiled_shapes(log) == [[256, 32], [128, 16]]
+  assert bench.slic_jax_compile_seconds(log) == [71.5]
+  assert bench.slic_jax_compiled_shapes("nothing") == []
+
+
+def test_markdown_table_shows_the_fixed_length_row_and_its_ratio():
+  def row(v, shapes=None):
+    r = {"windows": [{"step": 4, "seqs_per_second": v / 2}, {"step": 8, "seqs_per_second": v}],
+         "median_seqs_per_second": v, "wall_seconds": 10.0, "num_params": 7}
+    return r if shapes is None else {**r, "compiled_shapes": shapes}
+  result = {"experiment": "gin/slic_hf.gin", "model_gin": "m.gin", "steps": 8, "batch": 4,
+            "inputs_len": 512, "targets_len": 64, "stats_period": 4,
+            "slic_jax": {**row(2.0, [[256, 32]]), "compile_seconds": [80.4]},
+            "slic_jax_fixed": row(0.6, [[512, 64]]),
+            "t5x": row(0.5), "ratio_slic_jax_over_t5x": 4.0,
+            "ratio_slic_jax_fixed_over_t5x": 1.2, "warnings": []}
+  table = bench.markdown_table(result)
+  assert "| slic_jax | 1.00, 2.00 | 2.00 | 10.0 | 7 | [256, 32] (80) |" in table
+  assert "| slic_jax_fixed | 0.30, 0.60 | 0.60 | 10.0 | 7 | [512, 64] |" in table
+  assert "| t5x | 0.25, 0.50 | 0.50 | 10.0 | 7 | - |" in table
+  assert "ratio slic_jax / t5x (median seqs/s): 4.00x" in table
+  assert "as T5X) / t5x: 1.20x" in table
+
+
 def test_commands_share_the_experiment_model_and_bindings():
   b = bench.common_bindings(steps=40, batch=8, inputs_len=64, targets_len=16, stats_period=10)
   assert "TRAIN_STEPS=40" in b and "EVAL_PERIOD=40" in b and "CHECKPOINT_PERIOD=40" in b

@@ -43,6 +43,14 @@ reference rows, in both trainers):
   compiles the train step ahead of the loop (``timing/compilation_seconds``), so its first
   window holds no compile, but it is excluded too, for symmetry.
 
+slic_jax.train pads each batch only as far as its longest example needs, rounded up to one
+of ``LENGTH_BUCKETS`` (2) lengths per sequence axis (its run config's default;
+`slic_jax.input_pipeline.trim_padding`); T5X pads every batch to ``TASK_FEATURE_LENGTHS``.
+Each new batch shape compiles slic_jax's step once more, inside its timed windows (the
+shapes are read back from its log, ``compiled_shapes``). ``--slic_fixed_lengths`` also runs
+slic_jax.train with ``LENGTH_BUCKETS=1`` (every batch at the full lengths, as T5X),
+reported as ``slic_jax_fixed``: that row and T5X's do the same arithmetic.
+
 Reported: the seqs/s of every window, the median over windows 2..n (the first is
 excluded), the process's total wall-clock seconds (imports, data, init, compile, training,
 final eval and checkpoint), the command line and return code, and
@@ -189,6 +197,23 @@ def slic_jax_num_params(log: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
+def slic_jax_compiled_shapes(log: str) -> list[list[int]]:
+  """[[Li, Lt], ...] of each step compile in slic_jax.train's log (``update step compiled
+  for {...}``): the encoder_input_tokens and decoder_target_tokens lengths."""
+  out = []
+  for line in re.findall(r"update step compiled for (\{.*?\}) \(", log):
+    li = re.search(r"'encoder_input_tokens': \((?:\d+, )*(\d+)\)", line)
+    lt = re.search(r"'decoder_target_tokens': \((?:\d+, )*(\d+)\)", line)
+    if li and lt:
+      out.append([int(li.group(1)), int(lt.group(1))])
+  return out
+
+
+def slic_jax_compile_seconds(log: str) -> list[float]:
+  """Seconds of each step compile in slic_jax.train's log (``... so far) in 81.2 s``)."""
+  return [float(x) for x in re.findall(r"shape\(s\) so far\) in ([0-9.]+) s", log)]
+
+
 def t5x_num_params(model_dir: str) -> int | None:
   """From T5X's ``MODEL_DIR/model-info.txt`` (``Total number of parameters: N``)."""
   path = os.path.join(model_dir, "model-info.txt")
@@ -312,7 +337,8 @@ def _result(run: dict, windows: list[tuple[int, float]], name: str, num_params, 
 def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int,
                      targets_len: int, model_gin: str, stats_period: int, workdir: str,
                      gin_overrides: Sequence[str] = (), slic_python: str = sys.executable,
-                     timeout: float = 3600, t5x_reuse_malloc: bool = False) -> dict:
+                     timeout: float = 3600, t5x_reuse_malloc: bool = False,
+                     slic_fixed_lengths: bool = False) -> dict:
   """Runs slic_jax.train, then t5x.train, on gin/slic_hf.gin with the same settings and
   returns their ``timing/seqs_per_second`` (JSON-serialisable; see the module docstring).
 
@@ -321,7 +347,8 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
   slic_jax.train's host-memory settings (``GLIBC_TUNABLES`` =
   `slic_jax.host_memory.GLIBC_TUNABLES` and `slic_jax.host_memory.INLINE_DISPATCH_ARG` on
   its command line; slic_jax.train sets them itself with ``mallopt`` and ``jax.config``),
-  reported as ``t5x_reuse``. Raises
+  reported as ``t5x_reuse``. ``slic_fixed_lengths``: also run slic_jax.train with
+  ``LENGTH_BUCKETS=1`` (no padding trimmed), reported as ``slic_jax_fixed``. Raises
   `TrainerError` (with the tail of the failing process's stderr) if T5X is unusable, a
   trainer fails or writes no timing.
   """
@@ -337,16 +364,25 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
                              targets_len=targets_len, stats_period=stats_period)
   bindings += list(gin_overrides)
   workdir = os.path.abspath(workdir)
-  dirs = {n: os.path.join(workdir, n) for n in ("slic_jax", "t5x", "t5x_reuse")}
+  dirs = {n: os.path.join(workdir, n)
+          for n in ("slic_jax", "slic_jax_fixed", "t5x", "t5x_reuse")}
   for d in dirs.values():  # a fresh MODEL_DIR each: no resuming from an older run
     shutil.rmtree(d, ignore_errors=True)
   logs = os.path.join(workdir, "logs")
 
-  run = run_trainer("slic_jax", trainer_command(
-      slic_python, "slic_jax.train", model_gin=model_gin, model_dir=dirs["slic_jax"],
-      bindings=bindings), logs, timeout)
-  ours = _result(run, read_jsonl_metric(os.path.join(dirs["slic_jax"], "metrics.jsonl")),
-                 "slic_jax", slic_jax_num_params(run["stderr"]), model_dir=dirs["slic_jax"])
+  def run_slic(name, extra_bindings=()):
+    run = run_trainer(name, trainer_command(
+        slic_python, "slic_jax.train", model_gin=model_gin, model_dir=dirs[name],
+        bindings=bindings + list(extra_bindings)), logs, timeout)
+    return _result(run, read_jsonl_metric(os.path.join(dirs[name], "metrics.jsonl")),
+                   name, slic_jax_num_params(run["stderr"]), model_dir=dirs[name],
+                   compiled_shapes=slic_jax_compiled_shapes(run["stderr"]),
+                   compile_seconds=slic_jax_compile_seconds(run["stderr"]))
+
+  ours = run_slic("slic_jax")
+  extra = {}
+  if slic_fixed_lengths:
+    extra["slic_jax_fixed"] = run_slic("slic_jax_fixed", ["LENGTH_BUCKETS=1"])
 
   def run_t5x(name, env=None, args=()):
     run = run_trainer(name, trainer_command(
@@ -358,7 +394,9 @@ def compare_trainers(*, t5x_python: str, steps: int, batch: int, inputs_len: int
                    t5x_timing={k: tb[k][-1][1] for k in T5X_ONE_OFF_TIMINGS if k in tb})
 
   theirs = run_t5x("t5x")
-  extra = {}
+  if slic_fixed_lengths:
+    extra["ratio_slic_jax_fixed_over_t5x"] = ratio(
+        extra["slic_jax_fixed"]["median_seqs_per_second"], theirs["median_seqs_per_second"])
   if t5x_reuse_malloc:
     if REPO not in sys.path:
       sys.path.insert(0, REPO)
@@ -397,18 +435,26 @@ def markdown_table(result: dict) -> str:
       f"stats every {result['stats_period']} steps",
       "",
       "| trainer | seqs/s per window (first excluded from the median) | median seqs/s "
-      "| wall s | params |",
-      "|---|---|---|---|---|",
+      "| wall s | params | step compiled for [Li, Lt] (seconds) |",
+      "|---|---|---|---|---|---|",
   ]
-  for name in ("slic_jax", "t5x", "t5x_reuse"):
+  for name in ("slic_jax", "slic_jax_fixed", "t5x", "t5x_reuse"):
     if name not in result:
       continue
     r = result[name]
-    per = ", ".join(f"{w['seqs_per_second']:.1f}" for w in r["windows"])
+    per = ", ".join(f"{w['seqs_per_second']:.2f}" for w in r["windows"])
+    secs = list(r.get("compile_seconds", []))
+    secs += [None] * (len(r.get("compiled_shapes", [])) - len(secs))
+    shapes = (", ".join(f"[{li}, {lt}]" + (f" ({t:.0f})" if t is not None else "")
+                        for (li, lt), t in zip(r["compiled_shapes"], secs))
+              if "compiled_shapes" in r else "-")
     lines.append(f"| {name} | {per} | {r['median_seqs_per_second']:.2f} | "
-                 f"{r['wall_seconds']:.1f} | {r['num_params'] or '?'} |")
+                 f"{r['wall_seconds']:.1f} | {r['num_params'] or '?'} | {shapes} |")
   lines += ["", f"ratio slic_jax / t5x (median seqs/s): "
                 f"{result['ratio_slic_jax_over_t5x']:.2f}x"]
+  if "ratio_slic_jax_fixed_over_t5x" in result:
+    lines += [f"ratio slic_jax_fixed (LENGTH_BUCKETS=1: every batch at the full lengths, "
+              f"as T5X) / t5x: {result['ratio_slic_jax_fixed_over_t5x']:.2f}x"]
   if "ratio_slic_jax_over_t5x_reuse" in result:
     lines += [f"ratio slic_jax / t5x with slic_jax's host-memory settings (t5x_reuse: "
               f"GLIBC_TUNABLES, --jax_cpu_enable_async_dispatch=false): "
@@ -436,6 +482,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--t5x_reuse_malloc", action="store_true",
                   help="also run t5x.train with slic_jax.train's host-memory settings "
                        "(GLIBC_TUNABLES and --jax_cpu_enable_async_dispatch=false)")
+  ap.add_argument("--slic_fixed_lengths", action="store_true",
+                  help="also run slic_jax.train with LENGTH_BUCKETS=1 (no padding trimmed)")
   return ap.parse_args(argv)
 
 
@@ -447,7 +495,7 @@ def main(argv=None) -> int:
         inputs_len=args.inputs, targets_len=args.targets, model_gin=args.model,
         stats_period=args.stats_period, workdir=args.workdir, gin_overrides=args.gin,
         slic_python=args.slic_python, timeout=args.timeout,
-        t5x_reuse_malloc=args.t5x_reuse_malloc)
+        t5x_reuse_malloc=args.t5x_reuse_malloc, slic_fixed_lengths=args.slic_fixed_lengths)
   except (TrainerError, ValueError) as e:
     print(f"bench_trainers: {e}", file=sys.stderr)
     return 1
