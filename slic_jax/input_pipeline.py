@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import queue
 import threading
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -105,24 +106,14 @@ def bucket_lengths(full_length: int, num_buckets: int) -> list[int]:
   return out
 
 
-def trim_padding(batch: Mapping[str, np.ndarray], num_buckets: int) -> dict[str, np.ndarray]:
-  """Cuts each sequence group's trailing padding down to the smallest bucket that fits.
+def sequence_extents(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+  """``{group: (L, e)}`` for each sequence group present in ``batch``.
 
   The groups are the ``encoder_*`` and the ``decoder_*`` features; each group's last axis
-  (length L) is its sequence axis. A group keeps ``min{b ∈ bucket_lengths(L, n) : b ≥ e}``
-  positions, e = 1 + the last position where ANY of its features is nonzero in any row,
-  so only all-zero (padding) positions are ever dropped. For a T5 model that is exact:
-  padding keys are masked, padding targets weigh 0 and relative position biases do not
-  depend on the padded length, so loss and gradients equal the full-length batch's up to
-  float summation order (`tests/test_input_pipeline.py`). Other features pass unchanged.
-
-  Fewer positions is less work (the encoder's cost grows with Li, its attention with Li²);
-  each distinct shape is one more compile of the step, so ``num_buckets`` bounds them at
-  ``num_buckets`` per group. T5X always pads to the full length (``num_buckets = 1``).
+  (length L) is its sequence axis, and e = 1 + the last position where ANY of its
+  features is nonzero in any row (1 if all are zero).
   """
-  if num_buckets <= 1:
-    return dict(batch)
-  out = dict(batch)
+  out = {}
   for prefix in SEQUENCE_GROUPS:
     names = [k for k, v in batch.items() if k.startswith(prefix) and np.ndim(v) >= 2]
     if not names:
@@ -136,11 +127,120 @@ def trim_padding(batch: Mapping[str, np.ndarray], num_buckets: int) -> dict[str,
     for k in names:
       v = np.asarray(batch[k])
       used |= (v != 0).reshape(-1, full_length).any(axis=0)
-    extent = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1
-    cut = next(b for b in bucket_lengths(full_length, num_buckets) if b >= extent)
-    for k in names:
-      out[k] = batch[k][..., :cut]
+    out[prefix] = (full_length, int(np.flatnonzero(used)[-1]) + 1 if used.any() else 1)
   return out
+
+
+def trim_padding(
+    batch: Mapping[str, np.ndarray], num_buckets: int,
+    agree: Callable[[dict[str, int]], dict[str, int]] | None = None,
+) -> dict[str, np.ndarray]:
+  """Cuts each sequence group's trailing padding down to the smallest bucket that fits.
+
+  A group of length L (`sequence_extents`) keeps
+  ``min{b ∈ bucket_lengths(L, n) : b ≥ e}`` positions, so only all-zero (padding)
+  positions are ever dropped. For a T5 model that is exact: padding keys are masked,
+  padding targets weigh 0 and relative position biases do not depend on the padded
+  length, so loss and gradients equal the full-length batch's up to float summation
+  order (`tests/test_input_pipeline.py`). Other features pass unchanged.
+
+  agree: with several processes, each holds a slice of the global batch and all must
+    cut to the same lengths; ``agree({group: e})`` returns the extents to use (the max
+    over processes: `HostLengthAgreement`). None: this process's own extents.
+
+  Fewer positions is less work (the encoder's cost grows with Li, its attention with Li²);
+  each distinct shape is one more compile of the step, so ``num_buckets`` bounds them at
+  ``num_buckets`` per group. T5X always pads to the full length (``num_buckets = 1``).
+  """
+  if num_buckets <= 1:
+    return dict(batch)
+  extents = sequence_extents(batch)
+  needed = {prefix: e for prefix, (_, e) in extents.items()}
+  if agree is not None:
+    needed = agree(needed)
+  out = dict(batch)
+  for prefix, (full_length, _) in extents.items():
+    cut = next(b for b in bucket_lengths(full_length, num_buckets) if b >= needed[prefix])
+    for k in batch:
+      if k.startswith(prefix) and np.ndim(batch[k]) >= 2:
+        out[k] = batch[k][..., :cut]
+  return out
+
+
+def can_agree_lengths() -> bool:
+  """Whether this run has the distributed runtime `HostLengthAgreement` talks through."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client is not None
+
+
+class HostLengthAgreement:
+  """Agrees on the lengths of each batch across processes (the max of their extents).
+
+  Multi-host runs give every process its own slice of the global batch
+  (``jax.make_array_from_process_local_data``), so `trim_padding` must cut every slice
+  to the same lengths. Each call publishes this process's extents in the key-value
+  store of jax's distributed runtime (``jax.distributed.initialize``; host to host, no
+  device computation, so it may run on the input thread while steps run) and waits
+  for every other process's extents of the same batch. Calls are numbered: every
+  process must make them in the same order (one per batch of the same iterator), which
+  the trainer's identical loop on each host guarantees.
+
+  name: unique per iterator among those alive in the run (e.g. 'train', 'eval/1000').
+  timeout_s: how long to wait for a slower process before failing with an error that
+    names it.
+  """
+
+  def __init__(self, name: str, *, timeout_s: float = 600.0, client: Any = None,
+               process_index: int | None = None, process_count: int | None = None):
+    if client is None:
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top
+      client = distributed.global_state.client  # what orbax and jax's own multi-host code use
+      if not can_agree_lengths():
+        raise RuntimeError("HostLengthAgreement needs jax.distributed.initialize() "
+                           "(several processes without a distributed runtime)")
+    self._client = client
+    self._name = name
+    self._timeout_ms = int(timeout_s * 1000)
+    self._index = jax.process_index() if process_index is None else process_index
+    self._count = jax.process_count() if process_count is None else process_count
+    self._calls = 0
+
+  def _key(self, call: int, process: int) -> str:
+    return f"slic_jax/length_agreement/{self._name}/{call}/{process}"
+
+  def __call__(self, extents: dict[str, int]) -> dict[str, int]:
+    call = self._calls
+    self._calls += 1
+    self._client.key_value_set(self._key(call, self._index), json.dumps(extents, sort_keys=True))
+    agreed = dict(extents)
+    for other in range(self._count):
+      if other == self._index:
+        continue
+      try:
+        theirs = json.loads(self._client.blocking_key_value_get(
+            self._key(call, other), self._timeout_ms))
+      except Exception as e:  # the runtime raises its own status errors
+        raise RuntimeError(
+            f"length agreement '{self._name}', batch {call}: process {other} did not publish "
+            f"its sequence lengths within {self._timeout_ms / 1000:.0f} s ({e}); every "
+            "process must run the same input pipeline") from e
+      if theirs is None:
+        raise ValueError(
+            f"length agreement '{self._name}', batch {call}: process {other}'s data ended "
+            f"before this batch, this process has more: the processes' shards hold "
+            "different numbers of batches")
+      if set(theirs) != set(extents):
+        raise ValueError(f"length agreement '{self._name}', batch {call}: process {other} has "
+                         f"sequence groups {sorted(theirs)}, this process {sorted(extents)}")
+      agreed = {k: max(v, theirs[k]) for k, v in agreed.items()}
+    if call > 0:
+      # Every process has published batch `call`, so all have read batch `call - 1`.
+      self._client.key_value_delete(self._key(call - 1, self._index))
+    return agreed
+
+  def finish(self) -> None:
+    """Tells the other processes that this one's data has ended (no batch `call`)."""
+    self._client.key_value_set(self._key(self._calls, self._index), "null")
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], p: partitioning.Partitioner) -> dict[str, jax.Array]:
@@ -153,12 +253,14 @@ def shard_batch(batch: Mapping[str, np.ndarray], p: partitioning.Partitioner) ->
 
 def device_iterator(
     ds: tf.data.Dataset, p: partitioning.Partitioner, *, batch_size: int, prefetch: int = 2,
-    length_buckets: int = 1,
+    length_buckets: int = 1, agree_lengths: Callable[[dict[str, int]], dict[str, int]] | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
   """Yields sharded device batches, converting ``prefetch`` batches ahead on a thread.
 
   length_buckets: > 1 cuts each batch's trailing padding to a bucket (`trim_padding`);
     1 keeps the dataset's full lengths.
+  agree_lengths: with several processes, a `HostLengthAgreement` (all processes then
+    cut each batch to the same lengths).
   """
   q: queue.Queue[Any] = queue.Queue(maxsize=max(prefetch, 1))
   done = object()
@@ -166,8 +268,10 @@ def device_iterator(
   def producer():
     try:
       for batch in ds.as_numpy_iterator():
-        batch = trim_padding(pad_batch(batch, batch_size), length_buckets)
+        batch = trim_padding(pad_batch(batch, batch_size), length_buckets, agree_lengths)
         q.put(shard_batch(batch, p))
+      if agree_lengths is not None and hasattr(agree_lengths, "finish"):
+        agree_lengths.finish()
       q.put(done)
     except BaseException as e:  # surfaced in the consumer
       q.put(e)

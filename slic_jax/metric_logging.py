@@ -17,13 +17,19 @@ class MetricLogger:
   - TensorBoard: ``{model_dir}/{split}/events.out.tfevents.*`` (clu SummaryWriter).
   - JSON lines: ``{model_dir}/metrics.jsonl``, one ``{"step", "split", name: value}``
     object per write.
+
+  write_files: False writes nothing (the processes other than 0 of a multi-host run,
+    whose metrics are the same global values; as in T5X, process 0 writes them).
   """
 
-  def __init__(self, model_dir: str):
-    os.makedirs(model_dir, exist_ok=True)
+  def __init__(self, model_dir: str, *, write_files: bool = True):
     self._model_dir = model_dir
+    self._write_files = write_files
     self._writers: dict[str, metric_writers.MetricWriter] = {}
-    self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
+    self._jsonl = None
+    if write_files:
+      os.makedirs(model_dir, exist_ok=True)
+      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
 
   def _writer(self, split: str) -> metric_writers.MetricWriter:
     if split not in self._writers:
@@ -31,6 +37,8 @@ class MetricLogger:
     return self._writers[split]
 
   def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+    if not self._write_files:
+      return
     scalars = {k: float(v) for k, v in scalars.items() if np.isfinite(v)}
     self._writer(split).write_scalars(step, scalars)
     self._jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
@@ -40,7 +48,8 @@ class MetricLogger:
     for w in self._writers.values():
       w.flush()
       w.close()
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
 
 
 class Progress:

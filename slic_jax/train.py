@@ -89,7 +89,8 @@ def train(
       (`input_pipeline.trim_padding`; exact for T5: only padding is dropped). Fewer
       positions is less work; each new shape compiles the step once more (at most n per
       axis). 1: every batch at TASK_FEATURE_LENGTHS, as T5X. slic_jax.train's run config
-      binds ``LENGTH_BUCKETS`` (default 2); one process only.
+      binds ``LENGTH_BUCKETS`` (default 2). With several processes the hosts agree on
+      each batch's lengths (`input_pipeline.HostLengthAgreement`).
     unused_t5x_kwargs: T5X run-config arguments that have no meaning here
       (e.g. ``trainer_cls``, ``use_orbax``); logged and ignored.
   """
@@ -99,8 +100,9 @@ def train(
   stats_period = stats_period or max(eval_period // 10, 1)
   checkpoint_cfg = checkpoint_cfg or checkpointing.CheckpointConfig()
   os.makedirs(model_dir, exist_ok=True)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin.operative_config_str() or gin.config_str())
+  if jax.process_index() == 0:  # multi-host: one writer, as for metrics and checkpoints
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.operative_config_str() or gin.config_str())
 
   # ------------------------------------------------------------------ mesh
   p = partitioner or partitioning.Partitioner()
@@ -116,14 +118,24 @@ def train(
   )
   if length_buckets < 1:
     raise ValueError(f"train.length_buckets must be >= 1 (1: no trimming), got {length_buckets}")
-  if length_buckets > 1 and jax.process_count() > 1:
-    raise ValueError(
-        f"train.length_buckets = {length_buckets} needs a single process (each host would "
-        f"cut its own batches to its own lengths); this run has {jax.process_count()}: "
-        "set LENGTH_BUCKETS = 1")
+
+  if length_buckets > 1 and jax.process_count() > 1 and not input_pipeline.can_agree_lengths():
+    logging.warning(
+        "train.length_buckets = %d: %d processes but no jax distributed runtime to agree on "
+        "each batch's lengths (jax.distributed.initialize was not called); every batch is "
+        "padded to TASK_FEATURE_LENGTHS (length_buckets = 1)", length_buckets, jax.process_count())
+    length_buckets = 1
+
+  def length_agreement(name):
+    # Several processes: every host's slice of a batch is cut to the same lengths.
+    if length_buckets > 1 and jax.process_count() > 1:
+      return input_pipeline.HostLengthAgreement(name)
+    return None
+
   host_batch = cfg.batch_size // jax.process_count()
   train_iter = input_pipeline.device_iterator(train_ds, p, batch_size=host_batch,
-                                              length_buckets=length_buckets)
+                                              length_buckets=length_buckets,
+                                              agree_lengths=length_agreement("train"))
   element_spec = train_ds.element_spec
   input_shapes = {k: (cfg.batch_size,) + tuple(v.shape[1:]) for k, v in element_spec.items()}
   input_types = {k: v.dtype.as_numpy_dtype for k, v in element_spec.items()}
@@ -213,7 +225,7 @@ def train(
     with p.activation_rules():
       for i, batch in enumerate(input_pipeline.device_iterator(
           ds, p, batch_size=ecfg.batch_size // jax.process_count(),
-          length_buckets=length_buckets)):
+          length_buckets=length_buckets, agree_lengths=length_agreement(f"eval/{step}"))):
         if eval_steps is not None and i >= eval_steps:
           break
         acc = _merge(acc, eval_fn(state.params, batch)[1])
@@ -224,7 +236,7 @@ def train(
     return scalars
 
   # ------------------------------------------------------------------ loop
-  logger = metric_logging.MetricLogger(model_dir)
+  logger = metric_logging.MetricLogger(model_dir, write_files=jax.process_index() == 0)
   progress = metric_logging.Progress(total_steps, start_step)
   if run_eval_before_training:
     evaluate(start_step)
@@ -313,6 +325,11 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
+  if f.multiprocess_gpu:
+    # As t5x.train: several processes (hosts), one jax distributed runtime.
+    logging.info("jax.distributed.initialize(coordinator_address=%s, num_processes=%s, "
+                 "process_id=%s)", f.coordinator_address, f.process_count, f.process_index)
+    jax.distributed.initialize(f.coordinator_address, f.process_count, f.process_index)
   parse_gin(f.gin_file, f.gin_bindings, f.gin_search_paths)
   # Before jax starts its backend: keep the step's freed host buffers for reuse.
   logging.info("host_memory.reuse_freed_memory: %s", host_memory.reuse_freed_memory())
@@ -326,5 +343,11 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("gin_file", [], "gin config files")
   flags.DEFINE_multi_string("gin_bindings", [], "individual gin bindings")
   flags.DEFINE_list("gin_search_paths", ["."], "gin include search paths")
+  # t5x.train's multi-host flags (its name: the same runtime serves CPU processes too).
+  flags.DEFINE_boolean("multiprocess_gpu", False, "initialize jax's distributed runtime with "
+                       "coordinator_address, process_count and process_index")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator")
+  flags.DEFINE_integer("process_count", None, "number of processes")
+  flags.DEFINE_integer("process_index", None, "index of this process")
   logging.set_verbosity(logging.INFO)
   app.run(main, argv=_rewrite_gin_args(sys.argv))

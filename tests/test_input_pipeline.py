@@ -94,3 +94,27 @@ def test_trimmed_batch_gives_the_same_loss_and_gradients():
                                rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_cut)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+def test_agreed_lengths_replace_this_processs_own():
+  """`agree` sees this process's extents and its answer sets the cut (several hosts:
+  the longest slice's extents; `tests/test_multiprocess.py` runs the real agreement)."""
+  batch = _batch(enc_extent=[20, 13, 9], dec_extent=[11, 6, 4], li=64, lt=32)
+  seen = []
+
+  def agree(extents):
+    seen.append(dict(extents))
+    return {"encoder_": 40, "decoder_": extents["decoder_"]}
+
+  out = input_pipeline.trim_padding(batch, 4, agree)
+  assert seen == [{"encoder_": 20, "decoder_": 12}]  # decoder inputs: targets shifted by 1
+  assert out["encoder_input_tokens"].shape[-1] == 48  # another host needs 40 → bucket 48
+  assert out["decoder_target_tokens"].shape[-1] == 16  # this host's own 12 → bucket 16
+  np.testing.assert_array_equal(out["encoder_input_tokens"],
+                                batch["encoder_input_tokens"][..., :48])
+
+
+def test_length_agreement_needs_the_distributed_runtime():
+  assert not input_pipeline.can_agree_lengths()  # one process, jax.distributed not initialised
+  with pytest.raises(RuntimeError, match="jax.distributed.initialize"):
+    input_pipeline.HostLengthAgreement("train")
