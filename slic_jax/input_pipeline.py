@@ -11,7 +11,7 @@ import importlib
 import json
 import queue
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -132,8 +132,7 @@ def sequence_extents(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, in
 
 
 def trim_padding(
-    batch: Mapping[str, np.ndarray], num_buckets: int,
-    agree: Callable[[dict[str, int]], dict[str, int]] | None = None,
+    batch: Mapping[str, np.ndarray], num_buckets: int, needed: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
   """Cuts each sequence group's trailing padding down to the smallest bucket that fits.
 
@@ -144,9 +143,9 @@ def trim_padding(
   length, so loss and gradients equal the full-length batch's up to float summation
   order (`tests/test_input_pipeline.py`). Other features pass unchanged.
 
-  agree: with several processes, each holds a slice of the global batch and all must
-    cut to the same lengths; ``agree({group: e})`` returns the extents to use (the max
-    over processes: `HostLengthAgreement`). None: this process's own extents.
+  needed: ``{group: e}`` to cut for instead of this batch's own extents (several
+    processes: the max over their slices, `HostBatchAgreement`); each must be at least
+    the batch's own.
 
   Fewer positions is less work (the encoder's cost grows with Li, its attention with Li²);
   each distinct shape is one more compile of the step, so ``num_buckets`` bounds them at
@@ -155,64 +154,67 @@ def trim_padding(
   if num_buckets <= 1:
     return dict(batch)
   extents = sequence_extents(batch)
-  needed = {prefix: e for prefix, (_, e) in extents.items()}
-  if agree is not None:
-    needed = agree(needed)
   out = dict(batch)
-  for prefix, (full_length, _) in extents.items():
-    cut = next(b for b in bucket_lengths(full_length, num_buckets) if b >= needed[prefix])
+  for prefix, (full_length, own) in extents.items():
+    extent = own if needed is None else needed[prefix]
+    if extent < own:
+      raise ValueError(f"cannot cut the {prefix}* features to {extent} positions: this batch "
+                       f"has tokens up to position {own}")
+    cut = next(b for b in bucket_lengths(full_length, num_buckets) if b >= extent)
     for k in batch:
       if k.startswith(prefix) and np.ndim(batch[k]) >= 2:
         out[k] = batch[k][..., :cut]
   return out
 
 
-def can_agree_lengths() -> bool:
-  """Whether this run has the distributed runtime `HostLengthAgreement` talks through."""
+def can_agree_across_hosts() -> bool:
+  """Whether this run has the distributed runtime `HostBatchAgreement` talks through."""
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   return distributed.global_state.client is not None
 
 
-class HostLengthAgreement:
-  """Agrees on the lengths of each batch across processes (the max of their extents).
+class HostBatchAgreement:
+  """Agrees across processes on each global batch: whether there is one, and its lengths.
 
   Multi-host runs give every process its own slice of the global batch
-  (``jax.make_array_from_process_local_data``), so `trim_padding` must cut every slice
-  to the same lengths. Each call publishes this process's extents in the key-value
-  store of jax's distributed runtime (``jax.distributed.initialize``; host to host, no
-  device computation, so it may run on the input thread while steps run) and waits
-  for every other process's extents of the same batch. Calls are numbered: every
-  process must make them in the same order (one per batch of the same iterator), which
-  the trainer's identical loop on each host guarantees.
+  (``jax.make_array_from_process_local_data``), so all processes must feed the same
+  number of batches, each cut to the same lengths. A call per batch publishes this
+  process's sequence extents (`sequence_extents`; None once its data has ended) in the
+  key-value store of jax's distributed runtime (``jax.distributed.initialize``; host to
+  host, no device computation, so it may run on the input thread while steps run) and
+  reads every other process's. It returns the max extents over the processes that still
+  have data; those whose data has ended feed all-padding slices (weight 0: T5X's eval
+  sharding leaves hosts with different numbers of examples) until every process's has;
+  then it returns None. Calls are numbered: every process must make them in the same
+  order (one per batch of the same iterator), which the trainer's identical loop on each
+  host guarantees.
 
   name: unique per iterator among those alive in the run (e.g. 'train', 'eval/1000').
   timeout_s: how long to wait for a slower process before failing with an error that
     names it.
   """
 
-  def __init__(self, name: str, *, timeout_s: float = 600.0, client: Any = None,
-               process_index: int | None = None, process_count: int | None = None):
-    if client is None:
-      from jax._src import distributed  # pylint: disable=g-import-not-at-top
-      client = distributed.global_state.client  # what orbax and jax's own multi-host code use
-      if not can_agree_lengths():
-        raise RuntimeError("HostLengthAgreement needs jax.distributed.initialize() "
-                           "(several processes without a distributed runtime)")
-    self._client = client
+  def __init__(self, name: str, *, timeout_s: float = 600.0):
+    if not can_agree_across_hosts():
+      raise RuntimeError("HostBatchAgreement needs jax.distributed.initialize() "
+                         "(several processes without a distributed runtime)")
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    self._client = distributed.global_state.client  # as orbax's and jax's multi-host code
     self._name = name
     self._timeout_ms = int(timeout_s * 1000)
-    self._index = jax.process_index() if process_index is None else process_index
-    self._count = jax.process_count() if process_count is None else process_count
+    self._index = jax.process_index()
+    self._count = jax.process_count()
     self._calls = 0
 
   def _key(self, call: int, process: int) -> str:
-    return f"slic_jax/length_agreement/{self._name}/{call}/{process}"
+    return f"slic_jax/batch_agreement/{self._name}/{call}/{process}"
 
-  def __call__(self, extents: dict[str, int]) -> dict[str, int]:
+  def __call__(self, extents: Mapping[str, int] | None) -> dict[str, int] | None:
     call = self._calls
     self._calls += 1
-    self._client.key_value_set(self._key(call, self._index), json.dumps(extents, sort_keys=True))
-    agreed = dict(extents)
+    mine = None if extents is None else dict(extents)
+    self._client.key_value_set(self._key(call, self._index), json.dumps(mine, sort_keys=True))
+    agreed = mine
     for other in range(self._count):
       if other == self._index:
         continue
@@ -221,26 +223,30 @@ class HostLengthAgreement:
             self._key(call, other), self._timeout_ms))
       except Exception as e:  # the runtime raises its own status errors
         raise RuntimeError(
-            f"length agreement '{self._name}', batch {call}: process {other} did not publish "
-            f"its sequence lengths within {self._timeout_ms / 1000:.0f} s ({e}); every "
-            "process must run the same input pipeline") from e
+            f"batch agreement '{self._name}', batch {call}: process {other} did not publish "
+            f"its batch within {self._timeout_ms / 1000:.0f} s ({e}); every process must run "
+            "the same input pipeline") from e
       if theirs is None:
-        raise ValueError(
-            f"length agreement '{self._name}', batch {call}: process {other}'s data ended "
-            f"before this batch, this process has more: the processes' shards hold "
-            "different numbers of batches")
-      if set(theirs) != set(extents):
-        raise ValueError(f"length agreement '{self._name}', batch {call}: process {other} has "
-                         f"sequence groups {sorted(theirs)}, this process {sorted(extents)}")
-      agreed = {k: max(v, theirs[k]) for k, v in agreed.items()}
+        continue
+      if agreed is not None and set(theirs) != set(agreed):
+        raise ValueError(f"batch agreement '{self._name}', batch {call}: process {other} has "
+                         f"sequence groups {sorted(theirs)}, another {sorted(agreed)}")
+      agreed = theirs if agreed is None else {k: max(v, theirs[k]) for k, v in agreed.items()}
     if call > 0:
       # Every process has published batch `call`, so all have read batch `call - 1`.
       self._client.key_value_delete(self._key(call - 1, self._index))
     return agreed
 
-  def finish(self) -> None:
-    """Tells the other processes that this one's data has ended (no batch `call`)."""
-    self._client.key_value_set(self._key(self._calls, self._index), "null")
+
+def empty_batch(element_spec: Mapping[str, tf.TensorSpec], batch_size: int) -> dict[str, np.ndarray]:
+  """An all-padding batch (every weight 0) shaped as the dataset's batches."""
+  out = {}
+  for k, spec in element_spec.items():
+    shape = (batch_size,) + tuple(spec.shape[1:])
+    if any(d is None for d in shape):
+      raise ValueError(f"feature {k!r} has no fixed shape ({spec.shape}) to pad a batch to")
+    out[k] = np.zeros(shape, spec.dtype.as_numpy_dtype)
+  return out
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], p: partitioning.Partitioner) -> dict[str, jax.Array]:
@@ -253,25 +259,39 @@ def shard_batch(batch: Mapping[str, np.ndarray], p: partitioning.Partitioner) ->
 
 def device_iterator(
     ds: tf.data.Dataset, p: partitioning.Partitioner, *, batch_size: int, prefetch: int = 2,
-    length_buckets: int = 1, agree_lengths: Callable[[dict[str, int]], dict[str, int]] | None = None,
+    length_buckets: int = 1, agreement: HostBatchAgreement | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
   """Yields sharded device batches, converting ``prefetch`` batches ahead on a thread.
 
   length_buckets: > 1 cuts each batch's trailing padding to a bucket (`trim_padding`);
     1 keeps the dataset's full lengths.
-  agree_lengths: with several processes, a `HostLengthAgreement` (all processes then
-    cut each batch to the same lengths).
+  agreement: with several processes, a `HostBatchAgreement`: all processes yield the
+    same number of batches, each cut to the same lengths.
   """
   q: queue.Queue[Any] = queue.Queue(maxsize=max(prefetch, 1))
   done = object()
 
   def producer():
     try:
-      for batch in ds.as_numpy_iterator():
-        batch = trim_padding(pad_batch(batch, batch_size), length_buckets, agree_lengths)
+      local = ds.as_numpy_iterator()
+      while True:
+        batch = next(local, None)
+        if batch is not None:
+          batch = pad_batch(batch, batch_size)
+        if agreement is None:
+          if batch is None:
+            break
+          batch = trim_padding(batch, length_buckets)
+        else:
+          extents = None if batch is None else {
+              prefix: e for prefix, (_, e) in sequence_extents(batch).items()}
+          needed = agreement(extents)
+          if needed is None:  # every process's data has ended
+            break
+          if batch is None:  # this one's has: all padding, weight 0
+            batch = empty_batch(ds.element_spec, batch_size)
+          batch = trim_padding(batch, length_buckets, needed)
         q.put(shard_batch(batch, p))
-      if agree_lengths is not None and hasattr(agree_lengths, "finish"):
-        agree_lengths.finish()
       q.put(done)
     except BaseException as e:  # surfaced in the consumer
       q.put(e)

@@ -90,7 +90,7 @@ def train(
       positions is less work; each new shape compiles the step once more (at most n per
       axis). 1: every batch at TASK_FEATURE_LENGTHS, as T5X. slic_jax.train's run config
       binds ``LENGTH_BUCKETS`` (default 2). With several processes the hosts agree on
-      each batch's lengths (`input_pipeline.HostLengthAgreement`).
+      each batch's lengths (`input_pipeline.HostBatchAgreement`).
     unused_t5x_kwargs: T5X run-config arguments that have no meaning here
       (e.g. ``trainer_cls``, ``use_orbax``); logged and ignored.
   """
@@ -119,23 +119,25 @@ def train(
   if length_buckets < 1:
     raise ValueError(f"train.length_buckets must be >= 1 (1: no trimming), got {length_buckets}")
 
-  if length_buckets > 1 and jax.process_count() > 1 and not input_pipeline.can_agree_lengths():
+  multihost = jax.process_count() > 1
+  if multihost and not input_pipeline.can_agree_across_hosts():
     logging.warning(
-        "train.length_buckets = %d: %d processes but no jax distributed runtime to agree on "
-        "each batch's lengths (jax.distributed.initialize was not called); every batch is "
-        "padded to TASK_FEATURE_LENGTHS (length_buckets = 1)", length_buckets, jax.process_count())
+        "%d processes but no jax distributed runtime (jax.distributed.initialize was not "
+        "called): the hosts cannot agree on their batches, so every batch is padded to "
+        "TASK_FEATURE_LENGTHS (length_buckets = 1), and eval needs the same number of "
+        "batches on every host", jax.process_count())
     length_buckets = 1
+    multihost = False
 
-  def length_agreement(name):
-    # Several processes: every host's slice of a batch is cut to the same lengths.
-    if length_buckets > 1 and jax.process_count() > 1:
-      return input_pipeline.HostLengthAgreement(name)
-    return None
+  def batch_agreement(name):
+    # Several processes: every host's slice of a batch has the same lengths, and every
+    # host yields the same number of batches (eval data sharded unevenly).
+    return input_pipeline.HostBatchAgreement(name) if multihost else None
 
   host_batch = cfg.batch_size // jax.process_count()
   train_iter = input_pipeline.device_iterator(train_ds, p, batch_size=host_batch,
                                               length_buckets=length_buckets,
-                                              agree_lengths=length_agreement("train"))
+                                              agreement=batch_agreement("train"))
   element_spec = train_ds.element_spec
   input_shapes = {k: (cfg.batch_size,) + tuple(v.shape[1:]) for k, v in element_spec.items()}
   input_types = {k: v.dtype.as_numpy_dtype for k, v in element_spec.items()}
@@ -225,7 +227,7 @@ def train(
     with p.activation_rules():
       for i, batch in enumerate(input_pipeline.device_iterator(
           ds, p, batch_size=ecfg.batch_size // jax.process_count(),
-          length_buckets=length_buckets, agree_lengths=length_agreement(f"eval/{step}"))):
+          length_buckets=length_buckets, agreement=batch_agreement(f"eval/{step}"))):
         if eval_steps is not None and i >= eval_steps:
           break
         acc = _merge(acc, eval_fn(state.params, batch)[1])

@@ -96,25 +96,34 @@ def test_trimmed_batch_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
-def test_agreed_lengths_replace_this_processs_own():
-  """`agree` sees this process's extents and its answer sets the cut (several hosts:
-  the longest slice's extents; `tests/test_multiprocess.py` runs the real agreement)."""
+def test_needed_lengths_replace_this_batchs_own():
+  """``needed`` (several hosts: the longest slice's extents, `HostBatchAgreement`;
+  `tests/test_multiprocess.py` runs the real agreement) sets the cut."""
   batch = _batch(enc_extent=[20, 13, 9], dec_extent=[11, 6, 4], li=64, lt=32)
-  seen = []
-
-  def agree(extents):
-    seen.append(dict(extents))
-    return {"encoder_": 40, "decoder_": extents["decoder_"]}
-
-  out = input_pipeline.trim_padding(batch, 4, agree)
-  assert seen == [{"encoder_": 20, "decoder_": 12}]  # decoder inputs: targets shifted by 1
+  assert {k: e for k, (_, e) in input_pipeline.sequence_extents(batch).items()} == {
+      "encoder_": 20, "decoder_": 12}  # decoder inputs: the targets shifted by one
+  out = input_pipeline.trim_padding(batch, 4, {"encoder_": 40, "decoder_": 12})
   assert out["encoder_input_tokens"].shape[-1] == 48  # another host needs 40 → bucket 48
   assert out["decoder_target_tokens"].shape[-1] == 16  # this host's own 12 → bucket 16
   np.testing.assert_array_equal(out["encoder_input_tokens"],
                                 batch["encoder_input_tokens"][..., :48])
+  with pytest.raises(ValueError, match="cannot cut the encoder_. features to 16 positions"):
+    input_pipeline.trim_padding(batch, 4, {"encoder_": 16, "decoder_": 12})
 
 
-def test_length_agreement_needs_the_distributed_runtime():
-  assert not input_pipeline.can_agree_lengths()  # one process, jax.distributed not initialised
+def test_empty_batch_has_the_datasets_shapes_and_no_weight():
+  import tensorflow as tf
+  spec = {"encoder_input_tokens": tf.TensorSpec([None, 64], tf.int32),
+          "decoder_loss_weights": tf.TensorSpec([None, 3, 32], tf.float32)}
+  out = input_pipeline.empty_batch(spec, 4)
+  assert out["encoder_input_tokens"].shape == (4, 64)
+  assert out["decoder_loss_weights"].shape == (4, 3, 32)
+  assert out["decoder_loss_weights"].dtype == np.float32 and not out["decoder_loss_weights"].any()
+  with pytest.raises(ValueError, match="'x' has no fixed shape"):
+    input_pipeline.empty_batch({"x": tf.TensorSpec([None, None], tf.int32)}, 4)
+
+
+def test_host_agreement_needs_the_distributed_runtime():
+  assert not input_pipeline.can_agree_across_hosts()  # one process, no jax.distributed
   with pytest.raises(RuntimeError, match="jax.distributed.initialize"):
-    input_pipeline.HostLengthAgreement("train")
+    input_pipeline.HostBatchAgreement("train")

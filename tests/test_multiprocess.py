@@ -2,9 +2,9 @@
 
 `python -m slic_jax.train` with T5X's multi-host flags (``--multiprocess_gpu
 --coordinator_address --process_count --process_index``): two processes of 2 CPU devices
-each form one 4-device mesh (gloo collectives), read their own shards of the data, cut
-their slices of each batch to lengths they agree on (`input_pipeline.HostLengthAgreement`
-over the runtime's key-value store) and train one model. Nothing is mocked: these are real
+each form one 4-device mesh (gloo collectives), read their own shards of the data, agree
+on every batch (`input_pipeline.HostBatchAgreement` over the runtime's key-value store:
+the same lengths, the same number of batches) and train one model. Nothing is mocked: these are real
 processes talking through jax's coordinator.
 """
 import json
@@ -60,7 +60,7 @@ import jax, numpy as np
 i, port = int(sys.argv[1]), sys.argv[2]
 jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=i)
 from slic_jax import input_pipeline as ip
-agree = ip.HostLengthAgreement("test", timeout_s=60)
+agree = ip.HostBatchAgreement("test", timeout_s=60)
 shapes = []
 for b in range(3):  # process 1's prompts and summaries grow longer each batch
   batch = {"encoder_input_tokens": np.zeros((2, 64), np.int32),
@@ -68,22 +68,19 @@ for b in range(3):  # process 1's prompts and summaries grow longer each batch
            "decoder_loss_weights": np.zeros((2, 16), np.float32)}
   batch["encoder_input_tokens"][1, :10 + 20 * i * b] = 7
   batch["decoder_target_tokens"][0, :3 + 3 * i * b] = 5
-  out = ip.trim_padding(batch, 4, agree)
+  own = {k: e for k, (_, e) in ip.sequence_extents(batch).items()}
+  out = ip.trim_padding(batch, 4, agree(own))
   shapes.append([out["encoder_input_tokens"].shape[-1], out["decoder_target_tokens"].shape[-1],
                  out["decoder_loss_weights"].shape[-1]])
-if i == 0:
-  agree.finish()  # process 0's data ends here; process 1 asks for one batch more
-else:
-  try:
-    ip.trim_padding(batch, 4, agree)
-    shapes.append("no error")
-  except ValueError as e:
-    shapes.append(str(e))
+# Process 0's data ends after 3 batches, process 1's after 4: both see a 4th batch
+# (process 1's lengths), then both see the end.
+shapes.append(agree(None if i == 0 else {"encoder_": 5, "decoder_": 2}))
+shapes.append(agree(None))
 print("RESULT" + json.dumps(shapes))
 """
 
 
-def test_processes_agree_on_each_batchs_lengths():
+def test_processes_agree_on_each_batch():
   port = free_port()
   outs = run_processes(lambda i: ["-c", AGREE, str(i), str(port)], 2, timeout=120)
   results = [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT"))[6:])
@@ -91,17 +88,16 @@ def test_processes_agree_on_each_batchs_lengths():
   # Encoder extents: process 0 always 10 → bucket 16; process 1 10, 30, 50 → 16, 32, 64.
   # Decoder: process 0 always 3; process 1 3, 6, 9 → 8, 8, 16 (L 16, 4 buckets: 8, 16);
   # decoder_loss_weights (all zero) follows its group.
-  expected = [[16, 8, 8], [32, 8, 8], [64, 16, 16]]
+  expected = [[16, 8, 8], [32, 8, 8], [64, 16, 16], {"encoder_": 5, "decoder_": 2}, None]
   assert results[0] == expected
-  assert results[1][:3] == expected
-  assert "process 0's data ended before this batch" in results[1][3], results[1][3]
+  assert results[1] == expected
 
 
 TINY = [
     "network.T5Config.emb_dim=32", "network.T5Config.num_heads=2",
     "network.T5Config.head_dim=16", "network.T5Config.mlp_dim=64",
     "network.T5Config.num_encoder_layers=1", "network.T5Config.num_decoder_layers=1",
-    "TASK_FEATURE_LENGTHS={'inputs':256,'targets':32}", "BATCH_SIZE=8", "EVAL_STEPS=2",
+    "TASK_FEATURE_LENGTHS={'inputs':256,'targets':32}", "BATCH_SIZE=8", "EVAL_STEPS=None",
     "TRAIN_STEPS=4", "EVAL_PERIOD=4", "LENGTH_BUCKETS=4",
 ]
 
@@ -109,11 +105,12 @@ TINY = [
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   data = str(tmp_path_factory.mktemp("world") / "data")
-  synthetic.generate_world(data, seed=3, num_sft=(200, 40, 40), num_comparisons=(200, 40, 40))
+  # 41 validation posts: the two hosts' eval shards hold 21 and 20 (6 and 5 batches of 4).
+  synthetic.generate_world(data, seed=3, num_sft=(200, 41, 40), num_comparisons=(200, 40, 40))
   return data
 
 
-def test_two_processes_train_one_model_with_trimmed_batches(world, tmp_path, monkeypatch):
+def test_two_processes_train_one_model_with_trimmed_batches_and_uneven_eval_shards(world, tmp_path, monkeypatch):
   monkeypatch.setenv("SLIC_JAX_TLDR_DIR", world)
   model_dir = str(tmp_path / "model")
   port = free_port()
@@ -132,6 +129,9 @@ def test_two_processes_train_one_model_with_trimmed_batches(world, tmp_path, mon
   assert lines(outs[0], "step ") and ([l.split("  ")[:2] for l in lines(outs[0], "step ")] ==
                                       [l.split("  ")[:2] for l in lines(outs[1], "step ")])
   assert lines(outs[0], "eval @ 4") == lines(outs[1], "eval @ 4") != []
+  # The whole validation split, each post once: the host whose shard ended first fed an
+  # all-padding slice for the other's 6th batch.
+  assert "num_examples 41.0000" in lines(outs[0], "eval @ 4")[0]
   # The same batch shapes, compiled in the same order, some cut below the full lengths.
   compiled = [[l.split("update step compiled for ")[1].split(" (")[0]
                for l in out.splitlines() if "update step compiled for" in l] for out in outs]

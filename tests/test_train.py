@@ -163,8 +163,8 @@ def test_length_buckets_train_the_same_model_on_trimmed_batches(world, tmp_path,
   shapes = []
   trim = train.input_pipeline.trim_padding
 
-  def recording_trim(batch, num_buckets, agree=None):
-    assert agree is None  # one process: nothing to agree on
+  def recording_trim(batch, num_buckets, needed=None):
+    assert needed is None  # one process: nothing to agree on
     out = trim(batch, num_buckets)
     shapes.append((out["encoder_input_tokens"].shape[-1], out["decoder_target_tokens"].shape[-1]))
     return out
