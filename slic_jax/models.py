@@ -229,7 +229,10 @@ class EncoderDecoderModel:
     norm = self._loss_normalizing_factor or jnp.maximum(weight_sum, 1.0)
     loss = loss_sum / norm
     correct = (jnp.argmax(logits, -1) == batch["decoder_target_tokens"]) * weights
-    num_examples = jnp.sum(jnp.any(batch["decoder_target_tokens"] > 0, axis=-1))
+    if "decoder_segment_ids" in batch:  # packed: segments 1..k in each row
+      num_examples = jnp.sum(jnp.max(batch["decoder_segment_ids"], axis=-1))
+    else:
+      num_examples = jnp.sum(jnp.any(batch["decoder_target_tokens"] > 0, axis=-1))
     metrics = {
         "loss": _average(loss),
         "cross_ent_loss_per_token": _average((loss_sum - z_loss_sum) / jnp.maximum(weight_sum, 1.0), weight_sum),

@@ -189,8 +189,16 @@ def train(
       donate_argnums=(0,),
       compiler_options=xla_options,
   )
-  eval_fn = jax.jit(model.eval_fn, in_shardings=(params_sh, batch_sh),
-                    compiler_options=xla_options)
+  eval_fns = {}  # eval features (train's, or others: e.g. packed train, padded eval)
+
+  def eval_fn(params, batch):
+    features = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+    if features not in eval_fns:
+      eval_fns[features] = jax.jit(
+          model.eval_fn, compiler_options=xla_options,
+          in_shardings=(params_sh, {k: p.batch_sharding(n) for k, n in features}))
+    return eval_fns[features](params, batch)
+
   compiled_steps = {}  # batch shapes → the step compiled for them
 
   def compile_step(state, batch):
