@@ -16,7 +16,7 @@ from slic_jax import network
 from slic_jax import optimizers
 
 CFG = network.make_config("tiny", emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
-                          num_encoder_layers=2, num_decoder_layers=2, vocab_size=64)
+                          num_encoder_layers=1, num_decoder_layers=1, vocab_size=64)
 LENGTHS = {"inputs": 32, "targets": 16}
 
 
@@ -93,7 +93,7 @@ def test_trainer_packs_sft_and_evaluates_padded(tmp_path, monkeypatch):
       "network.T5Config.emb_dim = 32", "network.T5Config.num_heads = 2",
       "network.T5Config.head_dim = 16", "network.T5Config.mlp_dim = 64",
       "network.T5Config.num_encoder_layers = 1", "network.T5Config.num_decoder_layers = 1",
-      "TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 64}", "BATCH_SIZE = 8",
+      "TASK_FEATURE_LENGTHS = {'inputs': 256, 'targets': 32}", "BATCH_SIZE = 8",
       "TRAIN_STEPS = 2", "EVAL_PERIOD = 2", "EVAL_STEPS = 2", f"MODEL_DIR = '{model_dir}'",
       "train/input_pipeline.DatasetConfig.pack = True"])
   try:
