@@ -94,7 +94,7 @@ def test_trainer_packs_sft_and_evaluates_padded(tmp_path, monkeypatch):
       "network.T5Config.head_dim = 16", "network.T5Config.mlp_dim = 64",
       "network.T5Config.num_encoder_layers = 1", "network.T5Config.num_decoder_layers = 1",
       "TASK_FEATURE_LENGTHS = {'inputs': 256, 'targets': 32}", "BATCH_SIZE = 8",
-      "TRAIN_STEPS = 2", "EVAL_PERIOD = 2", "EVAL_STEPS = 2", f"MODEL_DIR = '{model_dir}'",
+      "TRAIN_STEPS = 2", "EVAL_PERIOD = 2", "EVAL_STEPS = 1", f"MODEL_DIR = '{model_dir}'",
       "train/input_pipeline.DatasetConfig.pack = True"])
   try:
     gin.get_configurable(train.train)()
@@ -106,4 +106,4 @@ def test_trainer_packs_sft_and_evaluates_padded(tmp_path, monkeypatch):
   # Packed: more examples than the 8 rows of each step (synthetic posts are short).
   assert sum(r["num_examples"] for r in train_rows) > 2 * 8, train_rows
   (ev,) = [r for r in records if r["split"] == "train_eval"]
-  assert ev["num_examples"] == 16  # padded eval: one example per row, 2 batches of 8
+  assert ev["num_examples"] == 8  # padded eval: one example per row, 1 batch of 8
