@@ -287,6 +287,28 @@ def test_sft_task(data_dir):
   assert [list(e["targets"]) for e in val] == [_enc("sft ref v") + [EOS]]
 
 
+def test_training_stream_starts_without_filling_a_buffer_from_many_passes(tmp_path, monkeypatch):
+  """Training reads repeat forever and seqio shuffles after the repeat: a Task buffer
+  larger than a small split is filled from pass after pass before the first example.
+  Rows are shuffled at the source within each pass, so the Task's buffer is seqio's
+  default (1000): 200 rows take 5 passes to fill it (+ what the prefetch reads ahead;
+  10 in the first run), not 50."""
+  d = tmp_path / "tldr"
+  _write(str(d / "tldr_3_filtered" / "train.jsonl"),
+         [_sft(f"t3_{i}", f" summary {i}") for i in range(200)])
+  passes = []
+  real = tldr.readers.read_sft_files
+  monkeypatch.setattr(tldr.readers, "read_sft_files",
+                      lambda *a, **k: (passes.append(1), real(*a, **k))[1])
+  task = seqio.get_mixture_or_task(_register(str(d))["sft"])
+  assert task.shuffle_buffer_size == tldr.TASK_SHUFFLE_BUFFER_SIZE == 1000
+  ds = task.get_dataset({"inputs": 64, "targets": 8}, split="train", shuffle=True, seed=1,
+                        num_epochs=None)
+  first = [bytes(e["targets_pretokenized"]) for e in ds.take(200).as_numpy_iterator()]
+  assert len(set(first)) > 100  # shuffled across the split, not a handful repeated
+  assert 5 <= len(passes) < 25, len(passes)  # a 10_000 buffer: 50 before the first
+
+
 # ---------------------------------------------------------------------------
 # Registration and data directory.
 

@@ -70,8 +70,18 @@ def main(argv=None):
   p.add_argument("--world_dir", default=None)
   p.add_argument("--gin", action="append", default=[], help="extra gin binding")
   p.add_argument("--out", default=None)
+  p.add_argument("--workdir", default=None,
+                 help="keep the runs' model dirs (and the world) here (default: a temporary "
+                      "directory, removed at the end)")
   args = p.parse_args(argv)
-  workdir = tempfile.mkdtemp(prefix="bench_packing_")
+  if args.workdir is None:
+    with tempfile.TemporaryDirectory(prefix="bench_packing_") as workdir:
+      return _bench(args, workdir)
+  os.makedirs(args.workdir, exist_ok=True)
+  return _bench(args, args.workdir)
+
+
+def _bench(args, workdir):
   if args.world_dir is None:
     sys.path.insert(0, REPO)
     from slic_jax.data import synthetic  # pylint: disable=g-import-not-at-top

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -202,6 +203,23 @@ def summarize(trace_events, comps, insts, shapes, top: int) -> str:
 
 
 # ----------------------------------------------------------------------------- main
+def _traced(run, trace_dir: str | None):
+  """``(run(), the trace's events)`` with jax's profiler on around ``run()``.
+
+  Without ``--trace_dir`` the trace goes to a temporary directory, removed once read.
+  """
+  import jax
+  with contextlib.ExitStack() as stack:
+    if trace_dir is None:
+      trace_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="slic_jax_profile_"))
+    jax.profiler.start_trace(trace_dir)
+    try:
+      out = run()
+    finally:
+      jax.profiler.stop_trace()
+    return out, _trace_events(trace_dir)
+
+
 def _trace_events(trace_dir: str):
   """The events of the last trace under `trace_dir` (None, with a message, if none)."""
   files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
@@ -260,11 +278,7 @@ def profile_optimizer(params, args) -> int:
   update_s, state = _median_call_s(compiled, state, args.repeats, grads)
   _, flat = _median_call_s(scale, (jnp.ones((n,), jnp.float32),), args.warmup + 1)
   pass_s, _ = _median_call_s(scale, flat, args.repeats)
-  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="slic_jax_profile_")
-  jax.profiler.start_trace(trace_dir)
-  jax.block_until_ready(compiled(*state, grads))
-  jax.profiler.stop_trace()
-  events = _trace_events(trace_dir)
+  _, events = _traced(lambda: jax.block_until_ready(compiled(*state, grads)), args.trace_dir)
   if events is None:
     return 1
   comps, insts, hlo_shapes = parse_hlo(compiled.as_text())
@@ -326,14 +340,12 @@ def main(argv=None) -> int:
   for _ in range(args.warmup):
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
-  trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="slic_jax_profile_")
-  jax.profiler.start_trace(trace_dir)
-  t0 = time.perf_counter()
-  state, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  wall = time.perf_counter() - t0
-  jax.profiler.stop_trace()
-  events = _trace_events(trace_dir)
+  def one_step():
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(state, batch))
+    return time.perf_counter() - t0
+
+  wall, events = _traced(one_step, args.trace_dir)
   if events is None:
     return 1
   hlo_text = compiled.as_text()
