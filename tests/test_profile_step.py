@@ -3,6 +3,7 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -94,9 +95,11 @@ def test_median_call_threads_donated_state_and_constants():
   assert state == (5, 32) and calls == ["c"] * 5 and median >= 0.0
 
 
-def test_optimizer_only_profiles_the_update_beside_a_bandwidth_pass(capsys):
+def test_optimizer_only_profiles_the_update_beside_a_bandwidth_pass(capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the trace goes
   assert profile_step.main(["--size", "tiny", "--optimizer_only", "--repeats", "2",
                             "--warmup", "0", "--top", "3"]) == 0
+  assert os.listdir(tmp_path) == []  # the trace's temporary directory is gone
   out = capsys.readouterr().out
   from slic_jax import network
   import benchmark
