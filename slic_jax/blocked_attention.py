@@ -126,17 +126,19 @@ def _blocked_fwd(dtype, block_q, query, key, value, mask_bias, position_bias):
   q_blocks = _blocks(query, block_q)
   n = q_blocks.shape[0]
   _, (o_blocks, p) = lax.scan(body, None, (jnp.arange(n), q_blocks))
-  tags = (jnp.zeros((0,), query.dtype), jnp.zeros((0,), key.dtype),
-          jnp.zeros((0,), value.dtype))
-  return _unblocks(o_blocks), (q_blocks, k, k_t, v, p, o_blocks, mask_bias, position_bias, tags)
+  # Zero-size tags carry the dtypes (and the biases' shapes) the backward pass needs, so
+  # the biases themselves are not kept alive for it (as network._add_position_bias).
+  tags = tuple(None if x is None else jnp.zeros((0,) + x.shape, x.dtype)
+               for x in (query, key, value, mask_bias, position_bias))
+  return _unblocks(o_blocks), (q_blocks, k, k_t, v, p, o_blocks, tags)
 
 
 def _blocked_bwd(dtype, block_q, res, g):
-  q_blocks, k, k_t, v, p, o_blocks, mask_bias, position_bias, tags = res
+  q_blocks, k, k_t, v, p, o_blocks, (q_tag, k_tag, v_tag, mask_tag, pos_tag) = res
   v_t = jnp.swapaxes(v, 2, 3)                        # [B, H, K, Lk]
   g_blocks = _blocks(g, block_q).astype(dtype)       # [n, B, H, bq, K]
   b, h, lk, d = k.shape
-  want_pos = position_bias is not None
+  want_pos = pos_tag is not None
 
   def body(carry, xs):
     dk_t, dv_t, dpos = carry
@@ -155,16 +157,15 @@ def _blocked_bwd(dtype, block_q, res, g):
 
   n = q_blocks.shape[0]
   zeros_t = jnp.zeros((b, h, d, lk), jnp.float32)
-  dpos0 = (jnp.zeros(position_bias.shape, jnp.float32) if want_pos
+  dpos0 = (jnp.zeros(pos_tag.shape[1:], jnp.float32) if want_pos
            else jnp.zeros((0,), jnp.float32))
   (dk_t, dv_t, dpos), dq_blocks = lax.scan(
       body, (zeros_t, zeros_t, dpos0), (jnp.arange(n), q_blocks, p, o_blocks, g_blocks))
-  q_tag, k_tag, v_tag = tags
   dq = _unblocks(dq_blocks).astype(q_tag.dtype)
   dk = jnp.transpose(dk_t, (0, 3, 1, 2)).astype(k_tag.dtype)   # [B, Lk, H, K]
   dv = jnp.transpose(dv_t, (0, 3, 1, 2)).astype(v_tag.dtype)
-  d_mask = None if mask_bias is None else jnp.zeros_like(mask_bias)
-  d_pos = dpos.astype(position_bias.dtype) if want_pos else None
+  d_mask = None if mask_tag is None else jnp.zeros(mask_tag.shape[1:], mask_tag.dtype)
+  d_pos = dpos.astype(pos_tag.dtype) if want_pos else None
   return dq, dk, dv, d_mask, d_pos
 
 

@@ -98,3 +98,25 @@ def test_network_with_blocked_attention_matches_the_unblocked_network():
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_backward_pass_keeps_no_bias_arrays():
+  """The biases are not residuals (zero-size tags carry their shapes), so they can be freed
+  after the forward pass; the residuals are q, k, kᵀ, v, p and o only."""
+  from jax._src import ad_checkpoint  # pylint: disable=g-import-not-at-top
+  q, k, v, mask_bias, pos = _inputs()
+
+  def f(q, k, v, pos):  # both biases computed inside, as the network does
+    return blocked_attention.blocked_attention(
+        q, k, v, mask_bias * (1.0 + 0.0 * q[0, 0, 0, 0]), pos * 2.0,
+        dtype=jnp.float32, block_q=4).sum()
+
+  saved = [aval.shape for aval, _ in ad_checkpoint.saved_residuals(f, q, k, v, pos)]
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  n = lq // 4
+  # The scalar literal; k, kᵀ and v; q and o in blocks; p in blocks; five zero-size tags.
+  assert sorted(s for s in saved if 0 not in s) == sorted([
+      (), (b, h, lk, d), (b, h, d, lk), (b, h, lk, d), (n, b, h, 4, d), (n, b, h, 4, d),
+      (n, b, h, 4, lk)]), saved
+  assert mask_bias.shape not in saved and pos.shape not in saved, saved
