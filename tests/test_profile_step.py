@@ -84,6 +84,31 @@ def test_summarize_groups_ops_without_source_by_family():
   assert "DOT " in out
 
 
+def test_shared_times_count_only_time_beside_another_op():
+  # A [0, 10) and B [5, 15) overlap for 5 µs; C [15, 25) touches B's end and D [25, 30)
+  # C's: no overlap; E [40, 50) runs beside F [42, 44) and G [46, 50).
+  spans = [(0, 10), (5, 10), (15, 10), (25, 5), (40, 10), (42, 2), (46, 4)]
+  ops = [{"ts": float(t), "dur": float(d)} for t, d in spans]
+  assert profile_step.shared_times(ops) == [5.0, 5.0, 0.0, 0.0, 6.0, 2.0, 4.0]
+
+
+def test_summarize_shows_each_groups_time_beside_another_op():
+  f = lambda a, b: jnp.tanh(a @ b) * 2.0
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  text = jax.jit(f).lower(a, b).compile().as_text()
+  comps, insts, shapes = profile_step.parse_hlo(text)
+  dot = next(n for n in insts if profile_step.op_flops(n, comps, insts, shapes))
+  other = next(n for n in insts if not profile_step.op_flops(n, comps, insts, shapes)
+               and 'op_name="' in insts[n][1])
+  # The matmul [0, 4 ms) and another op [3, 5 ms): 1 ms of each beside the other.
+  events = [{"ph": "X", "name": dot, "ts": 0.0, "dur": 4000.0},
+            {"ph": "X", "name": other, "ts": 3000.0, "dur": 2000.0}]
+  out = profile_step.summarize(events, comps, insts, shapes, 10)
+  assert "summed op time 6 ms" in out and "2 ms ran beside another op" in out
+  dot_row = next(r for r in out.split("\n") if r.lstrip().startswith("4.0"))
+  assert dot_row.split()[:3] == ["4.0", "1.0", "1"] and "DOT " in dot_row
+
+
 def test_median_call_threads_donated_state_and_constants():
   calls = []
 

@@ -19,7 +19,9 @@ HLO op family, e.g. XLA's ``wrapped_reduce-window`` rewrites of reductions) and 
 split (encoder / decoder, forward / backward, attention projections / attention core /
 MLP, logits + loss, optimizer). Op times are as the trace reports them: XLA:CPU runs
 independent ops concurrently, so per-op times of overlapping ops include contention and
-their sum exceeds the step's wall time (both are printed). Like ``slic_jax.train``, it first calls
+their sum exceeds the step's wall time (both are printed); each group's ``shared`` column
+is how much of its time ran beside another op, so a low GFLOP/s there is contention, not
+a slow matmul. Like ``slic_jax.train``, it first calls
 `slic_jax.host_memory.reuse_freed_memory` (``--host_malloc default``: glibc's defaults, under
 which ops that first touch the step's temporaries also pay for their page faults).
 """
@@ -168,10 +170,34 @@ def top_ops(trace_events, comps, insts, shapes, n: int) -> str:
   return "\n".join(out)
 
 
+def shared_times(ops) -> list[float]:
+  """For each op event (``ts``, ``dur`` in µs), the µs of it during which another op ran too.
+
+  XLA:CPU runs independent ops at once on the intra-op thread pool; while two run, each
+  has part of the cores, so its trace time (and its GFLOP/s) includes that contention.
+  """
+  edges = sorted([(e["ts"], 1, i) for i, e in enumerate(ops)]
+                 + [(e["ts"] + e["dur"], -1, i) for i, e in enumerate(ops)])
+  shared = [0.0] * len(ops)
+  active: set[int] = set()
+  last = None
+  for t, kind, i in edges:  # ends sort before starts at the same time
+    if len(active) > 1:
+      for j in active:
+        shared[j] += t - last
+    last = t
+    if kind > 0:
+      active.add(i)
+    else:
+      active.discard(i)
+  return shared
+
+
 def summarize(trace_events, comps, insts, shapes, top: int) -> str:
   ops = [e for e in trace_events if e.get("ph") == "X" and e.get("name") in insts]
-  rows = [(e["dur"] / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts))
-          for e in ops]
+  shared = shared_times(ops) if all("ts" in e for e in ops) else [0.0] * len(ops)
+  rows = [(e["dur"] / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts),
+           sh / 1e3) for e, sh in zip(ops, shared)]
   names = [e["name"] for e in ops]
   if not rows:
     return "no XLA ops found in the trace"
@@ -180,21 +206,24 @@ def summarize(trace_events, comps, insts, shapes, top: int) -> str:
   dot_ms = sum(r[0] for r in rows if r[1])
   out = [f"ops: {len(rows)}, summed op time {total_ms:.0f} ms, matmul GFLOP {total_fl / 1e9:.1f}, "
          f"matmul ops {dot_ms:.0f} ms ({total_fl / 1e6 / max(dot_ms, 1e-9):.0f} GFLOP/s), "
-         f"other ops {total_ms - dot_ms:.0f} ms", "", "top groups (layers folded):",
-         "     ms  ops   GFLOP/s  source"]
-  groups = collections.defaultdict(lambda: [0.0, 0, 0])
-  for (ms, fl, src), name in zip(rows, names):
+         f"other ops {total_ms - dot_ms:.0f} ms; of the summed time {sum(r[3] for r in rows):.0f} ms "
+         "ran beside another op", "",
+         "top groups (layers folded; 'shared': ms of the group's time beside another op):",
+         "     ms  shared  ops   GFLOP/s  source"]
+  groups = collections.defaultdict(lambda: [0.0, 0, 0, 0.0])
+  for (ms, fl, src, sh), name in zip(rows, names):
     key = fold(src) if src != NO_SOURCE else f"{NO_SOURCE} {op_family(name)}"
     g = groups[("DOT " if fl else "    ") + key]
     g[0] += ms
     g[1] += fl
     g[2] += 1
-  for k, (ms, fl, n) in sorted(groups.items(), key=lambda x: -x[1][0])[:top]:
+    g[3] += sh
+  for k, (ms, fl, n, sh) in sorted(groups.items(), key=lambda x: -x[1][0])[:top]:
     rate = f"{fl / 1e6 / ms:7.0f}" if fl else "       "
-    out.append(f"{ms:7.1f} {n:4d} {rate}   {k[:140]}")
+    out.append(f"{ms:7.1f} {sh:7.1f} {n:4d} {rate}   {k[:140]}")
   out += ["", "coarse split:", "     ms    GFLOP  part"]
   parts = collections.defaultdict(lambda: [0.0, 0])
-  for ms, fl, src in rows:
+  for ms, fl, src, _ in rows:
     parts[coarse(src)][0] += ms
     parts[coarse(src)][1] += fl
   for k, (ms, fl) in sorted(parts.items(), key=lambda x: -x[1][0]):
