@@ -84,12 +84,17 @@ def test_summarize_groups_ops_without_source_by_family():
   assert "DOT " in out
 
 
-def test_shared_times_count_only_time_beside_another_op():
-  # A [0, 10) and B [5, 15) overlap for 5 µs; C [15, 25) touches B's end and D [25, 30)
-  # C's: no overlap; E [40, 50) runs beside F [42, 44) and G [46, 50).
-  spans = [(0, 10), (5, 10), (15, 10), (25, 5), (40, 10), (42, 2), (46, 4)]
-  ops = [{"ts": float(t), "dur": float(d)} for t, d in spans]
-  assert profile_step.shared_times(ops) == [5.0, 5.0, 0.0, 0.0, 6.0, 2.0, 4.0]
+def test_self_and_shared_times_split_nesting_from_concurrency():
+  # Thread 1: A [0, 10); C [15, 25) holding a nested branch D [17, 22); E [30, 40).
+  # Thread 2: B [5, 20); F [38, 39).
+  spans = [(1, 0, 10), (2, 5, 15), (1, 15, 10), (1, 17, 5), (1, 30, 10), (2, 38, 1)]
+  ops = [{"tid": tid, "ts": float(t), "dur": float(d)} for tid, t, d in spans]
+  own, shared = profile_step.self_and_shared_times(ops)
+  # C's self time leaves out D; the nesting itself is not sharing.
+  assert own == [10.0, 15.0, 5.0, 5.0, 10.0, 1.0]
+  # A beside B [5, 10); B beside A, then C [15, 17), then D [17, 20); C's own [15, 17);
+  # D [17, 20); E beside F [38, 39).
+  assert shared == [5.0, 10.0, 2.0, 3.0, 1.0, 1.0]
 
 
 def test_summarize_shows_each_groups_time_beside_another_op():
@@ -101,8 +106,8 @@ def test_summarize_shows_each_groups_time_beside_another_op():
   other = next(n for n in insts if not profile_step.op_flops(n, comps, insts, shapes)
                and 'op_name="' in insts[n][1])
   # The matmul [0, 4 ms) and another op [3, 5 ms): 1 ms of each beside the other.
-  events = [{"ph": "X", "name": dot, "ts": 0.0, "dur": 4000.0},
-            {"ph": "X", "name": other, "ts": 3000.0, "dur": 2000.0}]
+  events = [{"ph": "X", "name": dot, "tid": 1, "ts": 0.0, "dur": 4000.0},
+            {"ph": "X", "name": other, "tid": 2, "ts": 3000.0, "dur": 2000.0}]
   out = profile_step.summarize(events, comps, insts, shapes, 10)
   assert "summed op time 6 ms" in out and "2 ms ran beside another op" in out
   dot_row = next(r for r in out.split("\n") if r.lstrip().startswith("4.0"))

@@ -21,7 +21,8 @@ MLP, logits + loss, optimizer). Op times are as the trace reports them: XLA:CPU 
 independent ops concurrently, so per-op times of overlapping ops include contention and
 their sum exceeds the step's wall time (both are printed); each group's ``shared`` column
 is how much of its time ran beside another op, so a low GFLOP/s there is contention, not
-a slow matmul. Like ``slic_jax.train``, it first calls
+a slow matmul. Times are self times: an op traced inside another on the same thread (a
+conditional's branch) counts for itself, not again in its parent. Like ``slic_jax.train``, it first calls
 `slic_jax.host_memory.reuse_freed_memory` (``--host_malloc default``: glibc's defaults, under
 which ops that first touch the step's temporaries also pay for their page faults).
 """
@@ -155,13 +156,54 @@ def op_kind(name: str, insts) -> str:
   return desc
 
 
+def self_and_shared_times(ops) -> tuple[list[float], list[float]]:
+  """For each op event (``tid``, ``ts``, ``dur`` in µs): (its self time, the part of that
+  during which an op ran on another thread), µs.
+
+  An op that runs inside another on the same thread (the branch of a conditional, e.g.
+  `slic_jax.matmul.materialized`'s copy) is its child: the parent's self time leaves the
+  child's out, so self times add up to each thread's busy time. XLA:CPU runs independent
+  ops at once on its threads; while two run, each has part of the cores, so its trace
+  time (and its GFLOP/s) includes that contention.
+  """
+  edges = sorted([(e["ts"], 1, -e["dur"], i) for i, e in enumerate(ops)]
+                 + [(e["ts"] + e["dur"], -1, e["dur"], i) for i, e in enumerate(ops)])
+  own = [0.0] * len(ops)
+  shared = [0.0] * len(ops)
+  running = collections.defaultdict(list)  # tid -> its running ops, innermost last
+  last = None
+  # At one time: ends before starts, inner (shorter) ends first, outer (longer) starts first.
+  for t, kind, _, i in edges:
+    busy = [stack[-1] for stack in running.values() if stack]
+    for j in busy:
+      own[j] += t - last
+      if len(busy) > 1:
+        shared[j] += t - last
+    last = t
+    stack = running[ops[i]["tid"]]
+    if kind > 0:
+      stack.append(i)
+    else:
+      stack.remove(i)
+  return own, shared
+
+
+def traced_ops(trace_events, insts):
+  """The trace's XLA op events, their self times and shared times (µs;
+  `self_and_shared_times`; events without thread and start: their durations, none shared)."""
+  ops = [e for e in trace_events if e.get("ph") == "X" and e.get("name") in insts]
+  if all("ts" in e and "tid" in e for e in ops):
+    return (ops,) + self_and_shared_times(ops)
+  return ops, [e["dur"] for e in ops], [0.0] * len(ops)
+
+
 def top_ops(trace_events, comps, insts, shapes, n: int) -> str:
   """The n longest single non-matmul ops (summed over their calls): ms, calls, opcode, source."""
   acc = collections.defaultdict(lambda: [0.0, 0])
-  for e in trace_events:
-    if (e.get("ph") == "X" and e.get("name") in insts
-        and not op_flops(e["name"], comps, insts, shapes)):
-      acc[e["name"]][0] += e["dur"] / 1e3
+  ops, own, _ = traced_ops(trace_events, insts)
+  for e, us in zip(ops, own):
+    if not op_flops(e["name"], comps, insts, shapes):
+      acc[e["name"]][0] += us / 1e3
       acc[e["name"]][1] += 1
   out = ["     ms calls  op: opcode, shape; source"]
   for name, (ms, calls) in sorted(acc.items(), key=lambda x: -x[1][0])[:n]:
@@ -170,41 +212,17 @@ def top_ops(trace_events, comps, insts, shapes, n: int) -> str:
   return "\n".join(out)
 
 
-def shared_times(ops) -> list[float]:
-  """For each op event (``ts``, ``dur`` in µs), the µs of it during which another op ran too.
-
-  XLA:CPU runs independent ops at once on the intra-op thread pool; while two run, each
-  has part of the cores, so its trace time (and its GFLOP/s) includes that contention.
-  """
-  edges = sorted([(e["ts"], 1, i) for i, e in enumerate(ops)]
-                 + [(e["ts"] + e["dur"], -1, i) for i, e in enumerate(ops)])
-  shared = [0.0] * len(ops)
-  active: set[int] = set()
-  last = None
-  for t, kind, i in edges:  # ends sort before starts at the same time
-    if len(active) > 1:
-      for j in active:
-        shared[j] += t - last
-    last = t
-    if kind > 0:
-      active.add(i)
-    else:
-      active.discard(i)
-  return shared
-
-
 def summarize(trace_events, comps, insts, shapes, top: int) -> str:
-  ops = [e for e in trace_events if e.get("ph") == "X" and e.get("name") in insts]
-  shared = shared_times(ops) if all("ts" in e for e in ops) else [0.0] * len(ops)
-  rows = [(e["dur"] / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts),
-           sh / 1e3) for e, sh in zip(ops, shared)]
+  ops, own, shared = traced_ops(trace_events, insts)
+  rows = [(ms / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts),
+           sh / 1e3) for e, ms, sh in zip(ops, own, shared)]
   names = [e["name"] for e in ops]
   if not rows:
     return "no XLA ops found in the trace"
   total_ms = sum(r[0] for r in rows)
   total_fl = sum(r[1] for r in rows)
   dot_ms = sum(r[0] for r in rows if r[1])
-  out = [f"ops: {len(rows)}, summed op time {total_ms:.0f} ms, matmul GFLOP {total_fl / 1e9:.1f}, "
+  out = [f"ops: {len(rows)}, summed op time {total_ms:.0f} ms (self times), matmul GFLOP {total_fl / 1e9:.1f}, "
          f"matmul ops {dot_ms:.0f} ms ({total_fl / 1e6 / max(dot_ms, 1e-9):.0f} GFLOP/s), "
          f"other ops {total_ms - dot_ms:.0f} ms; of the summed time {sum(r[3] for r in rows):.0f} ms "
          "ran beside another op", "",
