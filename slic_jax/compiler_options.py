@@ -14,7 +14,11 @@ CPU defaults:
   (8 × [B, H, Li, Li] → [H, Li, Li]: 260 ms in one profiled 3.38 s step,
   ``tools/profile_step.py --reg_target chosen --xla_default``), the optimizer's statistics
   and the gradient norm. With these options the same profile gives 3.11 s, its other
-  (non-matmul) ops 1282 instead of 1867 ms.
+  (non-matmul) ops 1282 instead of 1867 ms. YNNPACK takes only the dots whose operands
+  are already in its [M, K] × [K, N] layout; the others go to XLA's Eigen path. Eigen
+  for all dots (``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION``: no dot in YNNPACK) was
+  slower in the float32 step: median step 3.16 against 2.93 s over 8 alternating
+  processes each, 70 MB more peak RSS (`benchmarks/NOTES.md`, session 23).
 * the memory-optimized scheduler (``xla_cpu_scheduler_type =
   CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED``).
 * fast min/max (``xla_cpu_enable_fast_min_max = True``): max/min reductions skip the
