@@ -41,7 +41,7 @@ import json
 import os
 import posixpath
 import re
-from typing import Any, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional
 
 from absl import logging
 
@@ -614,6 +614,47 @@ def _log_pass(path: str, kind: str, kept: int, file_counts: SkipCounts,
     logging.info("%s: read %d %s rows, skipped 0", path, kept, kind)
 
 
+def _read_files(
+    paths: Iterable[str],
+    kind: str,
+    parse: Callable[[Any, str, int], Any],
+    *,
+    on_error: str,
+    counts: Optional[SkipCounts],
+    skip_reason: Callable[[Any], Optional[str]] = lambda obj: None,
+    keep: Callable[[Any], bool] = lambda ex: True,
+) -> Iterator[Any]:
+  """``parse(obj, path, lineno)`` of every JSON line of ``paths``, in order.
+
+  A row with a ``skip_reason(obj)`` is a documented skip, counted under that reason
+  whatever ``on_error`` is; a DataError raises (on_error 'raise') or is counted under its
+  reason ('skip'); a parsed row that ``keep`` rejects (another split) is not read for this
+  pass and not counted. Each file's counts are logged (`_log_pass`, as ``kind`` rows) and
+  added to ``counts``.
+  """
+  for path in paths:
+    file_counts = SkipCounts()
+    kept = 0
+    for lineno, obj in iter_jsonl(path, on_error=on_error, counts=file_counts):
+      reason = skip_reason(obj)
+      if reason is not None:
+        file_counts[reason] += 1
+        continue
+      try:
+        ex = parse(obj, path, lineno)
+      except DataError as e:
+        if on_error == "raise":
+          raise
+        file_counts[e.reason] += 1
+        continue
+      if keep(ex):
+        kept += 1
+        yield ex
+    if counts is not None:
+      counts.update(file_counts)
+    _log_pass(path, kind, kept, file_counts, on_error)
+
+
 def read_sft_files(
     paths: Iterable[str],
     *,
@@ -622,22 +663,7 @@ def read_sft_files(
 ) -> Iterator[SftExample]:
   """SftExamples from the given files (see read_sft)."""
   _check_on_error(on_error)
-  for path in paths:
-    file_counts = SkipCounts()
-    kept = 0
-    for lineno, obj in iter_jsonl(path, on_error=on_error, counts=file_counts):
-      try:
-        ex = parse_sft_row(obj, path, lineno)
-      except DataError as e:
-        if on_error == "raise":
-          raise
-        file_counts[e.reason] += 1
-        continue
-      kept += 1
-      yield ex
-    if counts is not None:
-      counts.update(file_counts)
-    _log_pass(path, "SFT", kept, file_counts, on_error)
+  return _read_files(paths, "SFT", parse_sft_row, on_error=on_error, counts=counts)
 
 
 def read_sft(
@@ -684,28 +710,16 @@ def read_comparison_files(
   """
   _check_on_error(on_error)
   want = canonical_comparison_split(split) if split is not None else None
-  for path in paths:
-    file_counts = SkipCounts()
-    kept = 0
-    file_split = _mirror_split(path) or ""
-    for lineno, obj in iter_jsonl(path, on_error=on_error, counts=file_counts):
-      try:
-        if isinstance(obj, dict) and _is_cnndm(obj):
-          file_counts[REASON_CNNDM] += 1
-          continue
-        ex = parse_comparison_row(obj, path, lineno, default_split=file_split)
-      except DataError as e:
-        if on_error == "raise":
-          raise
-        file_counts[e.reason] += 1
-        continue
-      if want is not None and ex.split and ex.split != want:
-        continue
-      kept += 1
-      yield ex
-    if counts is not None:
-      counts.update(file_counts)
-    _log_pass(path, "comparison", kept, file_counts, on_error)
+  paths = list(paths)
+  file_split = {path: _mirror_split(path) or "" for path in paths}
+  return _read_files(
+      paths, "comparison",
+      lambda obj, path, lineno: parse_comparison_row(
+          obj, path, lineno, default_split=file_split[path]),
+      on_error=on_error, counts=counts,
+      skip_reason=lambda obj: (
+          REASON_CNNDM if isinstance(obj, dict) and _is_cnndm(obj) else None),
+      keep=lambda ex: want is None or not ex.split or ex.split == want)
 
 
 def read_comparisons(
