@@ -109,7 +109,8 @@ def test_markdown_report_has_all_rows():
   res = {"command": "x", "date": "d", "machine": {}, "versions": {},
          "settings": {"batch_pairs": 4, "li": 512, "lt": 64, "steps": 5, "warmup": 2},
          "matmul": {"jax_numpy": {"jax_float32_flops_per_s": 3e11,
-                                  "jax_bf16f32acc_flops_per_s": 1.2e12}},
+                                  "jax_bf16f32acc_flops_per_s": 1.2e12},
+                    "torch": {"torch_bfloat16_flops_per_s": 1.5e12}},
          "comparison": [{"size": "small", "slic_jax": run(4.0, 5e11, speedup_pairs_per_s=1.5,
                                                           speedup_best=1.5),
                          "slic_jax_2row": run(3.0, 4e11, speedup_pairs_per_s=2.0,
@@ -120,7 +121,8 @@ def test_markdown_report_has_all_rows():
                                               fraction_of_jax_bf16_matmul_peak=0.2),
                          "slic_jax_2row_bf16": run(2.0, 4e11, dtype="bfloat16",
                                                    speedup_pairs_per_s=3.0, speedup_best=3.0,
-                                                   speedup_vs_trl_bf16=1.25),
+                                                   speedup_vs_trl_bf16=1.25,
+                                                   speedup_vs_trl_bf16_nockpt=1.1),
                          "slic_jax_2row_bf16_mb4": run(2.1, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_bf16_remat": run(2.4, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_remat": run(3.9, 4e11),
@@ -134,7 +136,8 @@ def test_markdown_report_has_all_rows():
                          "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
                                           kernel_s_per_step=0.01),
                          "trl_nockpt": run(4.5, 7.5e11, num_params=76961152,
-                                           lm_head="separate")}],
+                                           lm_head="separate"),
+                         "trl_bf16_nockpt": run(2.2, 7.5e11, dtype="bfloat16")}],
          "sweep": [], "levers": [], "t5x": {"status": "not run", "note": "n"}}
   md = benchmark.to_markdown(res)
   for label in benchmark.LABELS.values():
@@ -142,6 +145,10 @@ def test_markdown_report_has_all_rows():
   assert "2.00× / 2.00×" in md and "1.50× / 1.50×" in md
   assert "3.00× / 3.00×" in md and "| 17% / 19% | jax bf16→f32 |" in md
   assert "against TRL with bf16 autocast: slic_jax bf16 (2 rows, as TRL) 1.25×" in md
+  assert ("against TRL with bf16 autocast, no gradient checkpointing: slic_jax bf16 (2 rows, "
+          "as TRL) 1.10×") in md
+  # bf16 peers against torch's bf16 matmul peak (0.75 TFLOP / 2.2 s of 1.5 TFLOP/s: 23%)
+  assert "| 23% / 25% | torch bf16 |" in md
   # page faults and kernel time per step, where the worker measured them
   assert "| 201834 | 0.70 |" in md and "| 0 | 0.01 |" in md and "| – | – |" in md
   assert "- parameters: small TRL 77.0M, lm_head separate" in md

@@ -128,6 +128,8 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
           "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
+          "trl_bf16_nockpt": "TRL CPOTrainer, bf16 autocast, gradient_checkpointing=False "
+                             "(`--peer_bf16 --peer_no_checkpointing`)",
           "trl_reuse": "TRL CPOTrainer, slic_jax's malloc settings (`--peer_reuse_malloc`)"}
 VOCAB = 32128
 
@@ -626,7 +628,8 @@ def orchestrate(args) -> dict:
     row = {"size": size}
     keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
     peers = (["trl"] + ["trl_bf16"] * args.peer_bf16 + ["trl_reuse"] * args.peer_reuse_malloc
-             + ["trl_nockpt"] * args.peer_no_checkpointing)
+             + ["trl_nockpt"] * args.peer_no_checkpointing
+             + ["trl_bf16_nockpt"] * (args.peer_bf16 and args.peer_no_checkpointing))
     runs = {**{k: [] for k in keys}, **{k: [] for k in peers}}
     for _ in range(max(args.repeats, 1)):
       for key in keys:
@@ -637,8 +640,8 @@ def orchestrate(args) -> dict:
                                             host_malloc=malloc), t))
       for pkey in peers:
         pc = None if args.no_peer else peer_cmd(
-            args, size, args.li, bf16=pkey == "trl_bf16",
-            checkpointing="off" if pkey == "trl_nockpt" else "default")
+            args, size, args.li, bf16=pkey.startswith("trl_bf16"),
+            checkpointing="off" if pkey.endswith("_nockpt") else "default")
         env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if pkey == "trl_reuse" else None
         peer = _run_json(pc, t, env) if pc else {"error": "peer skipped or env missing"}
         if "step_s_median" in peer:
@@ -657,9 +660,10 @@ def orchestrate(args) -> dict:
       if "pairs_per_s" in row[key] and "pairs_per_s" in peer:
         row[key]["speedup_pairs_per_s"] = row[key]["pairs_per_s"] / peer["pairs_per_s"]
         row[key]["speedup_best"] = peer["step_s_min"] / row[key]["step_s_min"]
-      pb = row.get("trl_bf16", {})
-      if "pairs_per_s" in row[key] and "pairs_per_s" in pb:
-        row[key]["speedup_vs_trl_bf16"] = row[key]["pairs_per_s"] / pb["pairs_per_s"]
+      for pkey in ("trl_bf16", "trl_bf16_nockpt"):
+        pb = row.get(pkey, {})
+        if "pairs_per_s" in row[key] and "pairs_per_s" in pb:
+          row[key][f"speedup_vs_{pkey}"] = row[key]["pairs_per_s"] / pb["pairs_per_s"]
     res["comparison"].append(row)
     _write(args, res)
 
@@ -785,7 +789,7 @@ def to_markdown(res: dict) -> str:
             "peak device MB | compile s | page faults / step | kernel s / step |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
-    for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse", "trl_nockpt"):
+    for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse", "trl_nockpt", "trl_bf16_nockpt"):
       r = c.get(fw)
       if r is None:
         continue
@@ -797,7 +801,7 @@ def to_markdown(res: dict) -> str:
         sp = f"{r['speedup_pairs_per_s']:.2f}× / {r['speedup_best']:.2f}×"
       fl = r.get("model_flops_per_step")
       # Each row against the matmul peak of the precision it computes in.
-      if r.get("dtype") == "bfloat16" and fw == "trl_bf16":
+      if r.get("dtype") == "bfloat16" and fw.startswith("trl_bf16"):
         pk, pk_name = tm.get("torch_bfloat16_flops_per_s"), "torch bf16"
       elif r.get("dtype") == "bfloat16":
         pk, pk_name = mm.get("jax_bf16f32acc_flops_per_s"), "jax bf16→f32"
@@ -859,10 +863,12 @@ def to_markdown(res: dict) -> str:
               "(`tools/bench_trainers.py`; one sequence = one prompt with its target rows).", "",
               bench_trainers.markdown_table(res["t5x"]["result"])]
   for c in res["comparison"]:
-    vs = [f"{LABELS[k]} {c[k]['speedup_vs_trl_bf16']:.2f}×" for k in SLIC_ROWS
-          if "speedup_vs_trl_bf16" in c.get(k, {})]
-    if vs:
-      lines += ["", f"{c['size']}, pairs/s against TRL with bf16 autocast: " + "; ".join(vs) + "."]
+    for pkey, what in (("trl_bf16", "TRL with bf16 autocast"),
+                       ("trl_bf16_nockpt", "TRL with bf16 autocast, no gradient checkpointing")):
+      vs = [f"{LABELS[k]} {c[k][f'speedup_vs_{pkey}']:.2f}×" for k in SLIC_ROWS
+            if f"speedup_vs_{pkey}" in c.get(k, {})]
+      if vs:
+        lines += ["", f"{c['size']}, pairs/s against {what}: " + "; ".join(vs) + "."]
   lines += ["", "bfloat16 rows (`network.T5Config.dtype = logits_dtype = 'bfloat16'`): every "
             "matmul rounds its operands to bf16 and accumulates in float32, backward pass "
             "included (`slic_jax/matmul.py`); log-softmax, losses, norms, softmax and the "
@@ -919,7 +925,8 @@ def parse_args(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--peer_steps", type=int, default=3, help="timed TRL steps (they are slow)")
   ap.add_argument("--peer_bf16", action="store_true",
-                  help="also run TRL with bf16 autocast (torch's AMX path)")
+                  help="also run TRL with bf16 autocast (torch's AMX / AVX512-BF16 path); "
+                       "with --peer_no_checkpointing also without gradient checkpointing")
   ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                   help="slic_jax rows of the side-by-side (" + ", ".join(SLIC_ROWS) + ")")
   ap.add_argument("--repeats", type=int, default=1,
@@ -929,8 +936,8 @@ def parse_args(argv=None):
                   help="also run TRL (float32) with slic_jax's glibc malloc settings "
                        "(GLIBC_TUNABLES = host_memory.GLIBC_TUNABLES)")
   ap.add_argument("--peer_no_checkpointing", action="store_true",
-                  help="also run TRL (float32) with gradient_checkpointing=False "
-                       "(TRL's CPOConfig turns it on by default)")
+                  help="also run TRL (float32; with --peer_bf16 also bf16 autocast) with "
+                       "gradient_checkpointing=False (TRL's CPOConfig turns it on by default)")
   ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "reuse_arenas", "default"],
                   help="step worker: host_memory.reuse_freed_memory() first (as "
                        "slic_jax.train), the same with single_arena=False, or glibc's "
