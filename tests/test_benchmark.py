@@ -131,6 +131,8 @@ def test_markdown_report_has_all_rows():
                          "slic_jax_2row_bf16_glibc": run(2.3, 4e11, dtype="bfloat16",
                                                          minor_faults_per_step=201834,
                                                          kernel_s_per_step=0.697),
+                         "slic_jax_2row_bf16_cudnn": run(1.9, 4e11, dtype="bfloat16"),
+                         "slic_jax_2row_bf16_remat_cudnn": run(2.3, 4e11, dtype="bfloat16"),
                          "trl": run(6.0, 7.5e11),
                          "trl_bf16": run(2.5, 7.5e11),
                          "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
@@ -228,3 +230,19 @@ def test_markdown_report_on_a_gpu_shows_the_accelerator_and_device_memory():
   assert "| 3000 | 4321 |" in md and "| 3000 | 8765 |" in md
   # 1e13 FLOP in 0.05 s = 2e14 FLOP/s: 56% of jax's (TF32) float32 peak
   assert "| 56% / 56% | jax f32 |" in md
+
+
+def test_cudnn_rows_ask_their_workers_for_cudnn_attention_and_only_they_do():
+  args = benchmark.parse_args(["--batch", "32"])
+  for key in benchmark.SLIC_ROWS:
+    assert key in benchmark.SLIC_CONFIGS and key in benchmark.LABELS, key
+  cmd = benchmark.slic_cmd(args, "small", 512, dtype="bfloat16",
+                           attention_implementation="cudnn")
+  assert cmd[cmd.index("--attention_implementation") + 1] == "cudnn"
+  plain = benchmark.slic_cmd(args, "small", 512)
+  assert plain[plain.index("--attention_implementation") + 1] == "default"
+  assert set(benchmark.CUDNN_ROWS) == {k for k in benchmark.SLIC_ROWS if k.endswith("_cudnn")}
+  assert all(benchmark.SLIC_CONFIGS[k][2] == "bfloat16" for k in benchmark.CUDNN_ROWS)
+  # the worker flag is refused side by side, where it would be ignored
+  with pytest.raises(SystemExit, match="add the rows slic_jax_2row_bf16_cudnn"):
+    benchmark.main(["--attention_implementation", "cudnn"])

@@ -96,7 +96,8 @@ DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
 T5X_ENV = "/tmp/t5x_env"
 SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat",
-             "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
+             "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc",
+             "slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -111,10 +112,15 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_2row_bf16_remat": ("chosen", 1, "bfloat16", "full"),
                 "slic_jax_2row_remat": ("chosen", 1, "float32", "full"),
                 "slic_jax_2row_glibc": ("chosen", 1, "float32", "none"),
-                "slic_jax_2row_bf16_glibc": ("chosen", 1, "bfloat16", "none")}
+                "slic_jax_2row_bf16_glibc": ("chosen", 1, "bfloat16", "none"),
+                "slic_jax_2row_bf16_cudnn": ("chosen", 1, "bfloat16", "none"),
+                "slic_jax_2row_bf16_remat_cudnn": ("chosen", 1, "bfloat16", "full")}
 # rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
 # others call `host_memory.reuse_freed_memory()` first, as slic_jax.train does.
 GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
+# rows with cuDNN's fused attention (`network.T5Config.attention_implementation='cudnn'`;
+# NVIDIA GPUs only, e.g. `tools/benchmark_gpu.sh`); all others use the default attention.
+CUDNN_ROWS = ("slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn")
 LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row": "slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL)",
           "slic_jax_2row_mb4": "slic_jax (2 rows, 4 microbatches)",
@@ -125,6 +131,8 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_remat": "slic_jax (2 rows, remat 'full')",
           "slic_jax_2row_glibc": "slic_jax (2 rows), glibc's default malloc",
           "slic_jax_2row_bf16_glibc": "slic_jax bf16 (2 rows), glibc's default malloc",
+          "slic_jax_2row_bf16_cudnn": "slic_jax bf16 (2 rows), cuDNN attention",
+          "slic_jax_2row_bf16_remat_cudnn": "slic_jax bf16 (2 rows, remat 'full'), cuDNN attention",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
           "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
@@ -193,12 +201,13 @@ def config_flops(cfg, batch: int, li: int, lt: int, n_targets: int = 3, **kw) ->
 # ----------------------------------------------------------------------------- slic_jax side
 def make_config(size: str, dtype: str = "float32", remat: str = "none",
                 logits_dtype: str = "float32", weight_grad_first: str = "auto",
-                attention_block_bytes: int = 0):
+                attention_block_bytes: int = 0, attention_implementation: str = "default"):
   from slic_jax import network
   first = {"auto": None, "on": True, "off": False}[weight_grad_first]
   return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat,
                           logits_dtype=logits_dtype, weight_grad_first=first,
-                          attention_block_bytes=attention_block_bytes)
+                          attention_block_bytes=attention_block_bytes,
+                          attention_implementation=attention_implementation)
 
 
 def random_pair_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, n: int = 3):
@@ -335,7 +344,8 @@ def worker_slic(args) -> dict:
 
   rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
-                    args.weight_grad_first, args.attention_block_bytes)
+                    args.weight_grad_first, args.attention_block_bytes,
+                    args.attention_implementation)
   np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
@@ -388,6 +398,7 @@ def worker_slic(args) -> dict:
   return {
       "framework": "slic_jax", "size": args.size, "dtype": args.dtype,
       "logits_dtype": args.logits_dtype, "remat": args.remat,
+      "attention_implementation": args.attention_implementation,
       "optimizer_implementation": args.optimizer_implementation,
       "reg_target": args.reg_target, "decoded_rows": n_rows, "microbatches": args.microbatches,
       "xla_options": ("xla_default" if args.xla_default else
@@ -511,13 +522,14 @@ def _brief(r: dict) -> str:
 
 def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
              reg_target="reference", xla_default=False, microbatches=1,
-             logits_dtype=None, host_malloc="reuse") -> list[str]:
+             logits_dtype=None, host_malloc="reuse",
+             attention_implementation="default") -> list[str]:
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target,
          "--microbatches", str(microbatches), "--logits_dtype", logits_dtype or dtype,
-         "--host_malloc", host_malloc]
+         "--host_malloc", host_malloc, "--attention_implementation", attention_implementation]
   return cmd + (["--xla_default"] if xla_default else [])
 
 
@@ -637,7 +649,10 @@ def orchestrate(args) -> dict:
         malloc = "default" if key in GLIBC_DEFAULT_ROWS else "reuse"
         runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype, remat=remat,
                                             reg_target=reg_target, microbatches=micro,
-                                            host_malloc=malloc), t))
+                                            host_malloc=malloc,
+                                            attention_implementation=(
+                                                "cudnn" if key in CUDNN_ROWS else "default")),
+                                    t))
       for pkey in peers:
         pc = None if args.no_peer else peer_cmd(
             args, size, args.li, bf16=pkey.startswith("trl_bf16"),
@@ -906,6 +921,11 @@ def parse_args(argv=None):
                   help="step worker: network.T5Config.weight_grad_first (auto: on with remat)")
   ap.add_argument("--attention_block_bytes", type=int, default=0,
                   help="step worker: network.T5Config.attention_block_bytes (0: unblocked)")
+  ap.add_argument("--attention_implementation", default="default",
+                  choices=["default", "cudnn", "xla"],
+                  help="step worker only: network.T5Config.attention_implementation "
+                       "('cudnn': cuDNN fused attention, NVIDIA GPUs, bfloat16); side by "
+                       "side, the *_cudnn rows")
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
@@ -988,6 +1008,9 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   sys.path.insert(0, REPO)
+  if args.attention_implementation != "default" and not args._worker:
+    raise SystemExit("--attention_implementation is a step worker's flag; side by side, "
+                     f"add the rows {', '.join(CUDNN_ROWS)} to --rows")
   if args._worker:
     fn = {"slic": worker_slic, "matmul": worker_matmul}[args._worker]
     print(json.dumps(fn(args)), flush=True)

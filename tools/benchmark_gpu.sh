@@ -8,7 +8,8 @@
 # (the peer): tools/benchmark.py runs slic_jax's step workers with it on jax's default
 # backend and the peer with --peer_python set to it and --peer_device cuda. For each
 # batch (default "32 4") it writes OUT_DIR/b<batch>/results.{json,md}: T5 1.1 small,
-# prompt 512, target 64, slic_jax float32 and bf16 (2 decoded rows, TRL CPO's loss) vs
+# prompt 512, target 64, slic_jax float32, bf16 and bf16 with cuDNN's fused attention
+# (network.T5Config.attention_implementation='cudnn'; 2 decoded rows, TRL CPO's loss) vs
 # TRL float32 and bf16 autocast, matmul peaks of both libraries at N=8192 on the GPU.
 # float32: XLA:GPU's default precision for float32 dots may use TF32, so TRL runs with
 # TF32 allowed too (--peer_tf32); the report's matmul table shows jax's float32 at its
@@ -30,7 +31,8 @@ cd "$(dirname "$0")/.."
 status=0
 for b in $BATCHES; do
   timeout "${RUN_TIMEOUT:-900}" "$PY" tools/benchmark.py --sizes small --batch "$b" \
-    --li 512 --lt 64 --rows slic_jax_2row,slic_jax_2row_bf16 --peer_bf16 --sweep '' \
+    --li 512 --lt 64 --rows slic_jax_2row,slic_jax_2row_bf16,slic_jax_2row_bf16_cudnn \
+    --peer_bf16 --sweep '' \
     --steps 10 --warmup 3 --peer_steps 10 --peer_warmup 3 --matmul_n 8192 --matmul_reps 10 \
     --peer_python "$(command -v "$PY")" --peer_device cuda --peer_tf32 --timeout 400 \
     --out_dir "$OUT_DIR/b$b" "$@" 2>&1 | grep -v '^|' || status=1

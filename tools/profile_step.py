@@ -349,6 +349,9 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--attention_block_bytes", type=int, default=0,
                   help="network.T5Config.attention_block_bytes (0: unblocked)")
+  ap.add_argument("--attention_implementation", default="default",
+                  choices=["default", "cudnn", "xla"],
+                  help="network.T5Config.attention_implementation")
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--top", type=int, default=30)
@@ -372,7 +375,8 @@ def main(argv=None) -> int:
   host_memory.reuse_freed_memory(enabled=args.host_malloc == "reuse")  # before jax starts
   import jax
   cfg = benchmark.make_config(args.size, args.dtype, logits_dtype=args.logits_dtype,
-                              attention_block_bytes=args.attention_block_bytes)
+                              attention_block_bytes=args.attention_block_bytes,
+                              attention_implementation=args.attention_implementation)
   np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
   shapes = {k: v.shape for k, v in np_batch.items()}
   step, init_state = benchmark.build_step(cfg, shapes, reg_target=args.reg_target,
