@@ -169,6 +169,12 @@ class T5Config:
       raise ValueError(
           f'attention_implementation must be one of {sorted(_ATTENTION_IMPLEMENTATIONS)}, '
           f'got {self.attention_implementation!r}')
+    if (self.attention_implementation == 'cudnn'
+        and self.dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+      raise ValueError(
+          f"attention_implementation='cudnn' (cuDNN's fused attention) needs dtype "
+          f"bfloat16 or float16, got dtype={self.dtype.name}; use 'default' or 'xla' "
+          f"for {self.dtype.name}")
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(
           f'remat_policy must be one of {sorted(_REMAT_POLICIES)}, '
@@ -740,6 +746,10 @@ class MultiHeadDotProductAttention(nn.Module):
           f'attention_implementation={self.implementation!r} has no dropout on the '
           f'attention weights; use attention_implementation="default" with '
           f'dropout_rate={self.dropout_rate} when training with dropout.')
+    if self.implementation == 'cudnn' and jax.default_backend() != 'gpu':
+      raise ValueError(
+          f"attention_implementation='cudnn' needs an NVIDIA GPU (jax's default backend "
+          f"is {jax.default_backend()!r}); use 'default' (or 'xla') there")
     rows, q_len = query.shape[:2]
     groups = rows // key.shape[0]
     if bias is not None and groups != 1:

@@ -99,10 +99,19 @@ def test_xla_implementation_under_remat_matches_the_default_attention():
   _assert_close(got, ref, rtol=2e-5, atol=1e-5)
 
 
-def test_unknown_implementation_and_dropout_are_refused():
+def test_unknown_implementation_float32_cudnn_cpu_cudnn_and_dropout_are_refused():
   with pytest.raises(ValueError, match="attention_implementation must be one of .*'cudnn'"):
     network.make_config('tiny', attention_implementation='flash')
+  with pytest.raises(ValueError, match="'cudnn'.* needs dtype bfloat16 or float16, got "
+                                     "dtype=float32"):
+    network.make_config('tiny', attention_implementation='cudnn')
   enc, dec_in, dec_t = _batch()
+  if jax.default_backend() != 'gpu':
+    model = network.Transformer(network.make_config(
+        'tiny', dtype='bfloat16', attention_implementation='cudnn'))
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU .*default backend is 'cpu'"):
+      model.init(jax.random.PRNGKey(0), enc, dec_in[::_GROUPS], dec_t[::_GROUPS],
+                 enable_dropout=False)
   model = network.Transformer(network.make_config(
       'tiny', attention_implementation='xla', dropout_rate=0.1))
   with pytest.raises(ValueError, match='no dropout on the attention weights'):
