@@ -53,7 +53,9 @@ def _clear_gin():
 
 
 def parse_for_t5x(gin_file, bindings=()):
-  """Parses as `python -m t5x.train` does (t5x.train as __main__, T5X's search path)."""
+  """Parses as `python -m t5x.train` does (t5x.train as __main__, T5X's search path);
+  `gin_file` is one file or a list, as repeated --gin_file flags."""
+  gin_files = [gin_file] if isinstance(gin_file, str) else list(gin_file)
   main = sys.modules["__main__"]
   sys.modules["__main__"] = t5x_train
   cwd = os.getcwd()
@@ -61,7 +63,7 @@ def parse_for_t5x(gin_file, bindings=()):
   try:
     os.chdir(REPO)
     with gin.config.interactive_mode():  # slic_jax's train() may be registered too
-      gin_utils.parse_gin_flags(["."] + [T5X_SEARCH_PATH], [gin_file], list(bindings),
+      gin_utils.parse_gin_flags(["."] + [T5X_SEARCH_PATH], gin_files, list(bindings),
                                 finalize_config=False)
   finally:
     gin.config._LOCATION_PREFIXES[:] = prefixes  # pylint: disable=protected-access
@@ -90,6 +92,12 @@ def test_slic_hf_gin_parses_for_t5x():
   assert ckpt.restore.fallback_to_scratch and (ckpt.save.period, ckpt.save.keep) == (500, 2)
   assert float(build("trainer.Trainer.learning_rate_fn")(0)) == pytest.approx(1e-4)
   assert build("train_script.train.total_steps") == 3000
+
+
+def test_gpu_bf16_gin_parses_for_t5x():
+  parse_for_t5x(["gin/slic_hf.gin", "gin/gpu_bf16.gin"])
+  cfg = build("%MODEL").module.config
+  assert (cfg.dtype.name, cfg.attention_implementation) == ("bfloat16", "cudnn")
 
 
 def test_sft_gin_parses_for_t5x_then_for_slic_jax():
