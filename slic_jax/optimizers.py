@@ -18,6 +18,8 @@ base rate and ``T`` the total steps:
 """
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -82,6 +84,7 @@ def clipped_adafactor(
     weight_decay_rate: float | None = None,
     min_dim_size_to_factor: int = 128,
     eps: float = 1e-30,
+    group_same_shapes: bool = False,
 ) -> optax.GradientTransformation:
   """``optax.chain(clip_by_global_norm(clip_norm), optax.adafactor(...))`` as one update.
 
@@ -108,6 +111,14 @@ def clipped_adafactor(
   tree of reduce-windows: 188 ms), and the statistics taken before the norm from the
   unscaled ĝ² (161 ms), which lets XLA:CPU's scheduler start them inside the backward
   pass: 979 → 1181 MB of XLA buffers at the bf16 step's peak (`tools/step_peak_buffers.sh`).
+
+  ``group_same_shapes=True`` (``create_optimizer(implementation='grouped')``) stacks the
+  arrays of one shape and dtype (the 8 layers' copies of each kernel) and updates each
+  stack at once (``jax.vmap`` of the per-array update), the gradient norm included: the
+  same arithmetic per array in a few large ops instead of many small ones. On an H200
+  the per-array update was 1550 of the bf16 step's 2546 kernels and 3.5 of its 19 ms of
+  kernel time (T5 1.1 small, 32 pairs; `benchmarks/NOTES.md`, session 25). The stacks
+  are copies: one more pass over the gradients, parameters and statistics.
   """
   reference = optax.chain(
       clip_by_global_norm(clip_norm),
@@ -129,7 +140,19 @@ def clipped_adafactor(
     else:
       lr = learning_rate
     leaves, treedef = jax.tree.flatten(grads)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
+    columns = [leaves] + [treedef.flatten_up_to(t) for t in (
+        params, fstate.v_row, fstate.v_col, fstate.v)]  # g, p, v_row, v_col, v
+    if group_same_shapes:  # [(leaf indices, stacked g, p, v_row, v_col, v)]
+      groups = collections.defaultdict(list)
+      for i, arrays in enumerate(zip(*columns)):
+        groups[tuple((a.shape, a.dtype) for a in arrays)].append(i)
+      parts = [(idx, [jnp.stack([c[i] for i in idx]) for c in columns])
+               for idx in groups.values()]
+    else:
+      parts = [([i], None) for i in range(len(leaves))]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(
+        (arrays[0] if arrays is not None else leaves[idx[0]]).astype(jnp.float32)))
+                        for idx, arrays in parts))
     scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
 
     def one(g, p, v_row, v_col, v):
@@ -167,8 +190,14 @@ def clipped_adafactor(
         update = update - weight_decay_rate * p
       return update.astype(p.dtype), v_row, v_col, v
 
-    out = [one(*a) for a in zip(leaves, *(treedef.flatten_up_to(t) for t in (
-        params, fstate.v_row, fstate.v_col, fstate.v)))]
+    out = [None] * len(leaves)
+    for idx, arrays in parts:
+      if arrays is None:
+        out[idx[0]] = one(*(c[idx[0]] for c in columns))
+      else:
+        stacked = jax.vmap(one)(*arrays)
+        for j, i in enumerate(idx):
+          out[i] = tuple(x[j] for x in stacked)
     unflat = lambda i: treedef.unflatten([o[i] for o in out])
     fstate = factorized.FactoredState(count=optax.safe_increment(fstate.count),
                                       v_row=unflat(1), v_col=unflat(2), v=unflat(3))
@@ -204,16 +233,19 @@ def create_optimizer(
     decay_rate, multiply_by_parameter_scale: Adafactor settings. T5X fine-tuning
       uses a constant 1e-3 step without parameter scaling; that is the default.
     implementation: Adafactor with clipping and without parameter scaling as
-      `clipped_adafactor` ('fused') or as the optax chain ('optax'); same state, same
-      updates up to float32 rounding.
+      `clipped_adafactor` ('fused'; 'grouped': the same with the arrays of one shape
+      updated together, ``group_same_shapes=True``) or as the optax chain ('optax'); same
+      state, same updates up to float32 rounding.
   """
-  if implementation not in ("fused", "optax"):
-    raise ValueError(f"unknown implementation {implementation!r}; expected 'fused' or 'optax'")
+  if implementation not in ("fused", "grouped", "optax"):
+    raise ValueError(f"unknown implementation {implementation!r}; expected 'fused', "
+                     "'grouped' or 'optax'")
   lr = learning_rate if learning_rate is not None else learning_rate_schedule()
-  if (name == "adafactor" and clip_norm and implementation == "fused"
+  if (name == "adafactor" and clip_norm and implementation in ("fused", "grouped")
       and not multiply_by_parameter_scale):
     return clipped_adafactor(lr, clip_norm=clip_norm, decay_rate=decay_rate,
-                             clipping_threshold=1.0, weight_decay_rate=weight_decay or None)
+                             clipping_threshold=1.0, weight_decay_rate=weight_decay or None,
+                             group_same_shapes=implementation == "grouped")
   if name == "adafactor":
     opt = optax.adafactor(
         learning_rate=lr,

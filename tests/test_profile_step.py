@@ -142,3 +142,83 @@ def test_optimizer_only_profiles_the_update_beside_a_bandwidth_pass(capsys, tmp_
   ratio = float(re.search(r"ratio ([0-9.]+)", out).group(1))
   assert ratio > 0.0
   assert "(no source: optimizer / runtime)" in out or "jit(update)" in out
+
+
+def _gpu_like_trace(fusion: str):
+  """A trace shaped as jax 0.11's GPU traces: a '/device:GPU:0' process whose 'Stream #N'
+  line holds the kernels (a fusion's kernel named with '_' for '.', launched from a CUDA
+  graph: hlo_op 'command_buffer_1'), library kernels, and host runtime events."""
+  kernel = re.sub(r"\.(\d+)$", r"_\1", fusion)
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 701, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 14,
+           "args": {"name": "Stream #14(Memset,Compute)"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 99,
+           "args": {"name": "XLA Ops"}}]
+  graph = {"hlo_op": "command_buffer_1", "hlo_module": "jit_f"}
+  dev = [{"ph": "X", "pid": 1, "tid": 14, "ts": 10000.0, "dur": 3000.0, "name": kernel,
+          "args": graph},
+         {"ph": "X", "pid": 1, "tid": 14, "ts": 13000.0, "dur": 2000.0,
+          "name": "nvjet_sm90_tss_128x128_64x6_1x2_h_bz_NTT", "args": graph},
+         {"ph": "X", "pid": 1, "tid": 14, "ts": 14000.0, "dur": 1000.0,  # overlaps the GEMM
+          "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7",
+          "args": graph},
+         {"ph": "X", "pid": 1, "tid": 14, "ts": 16000.0, "dur": 500.0,
+          "name": "Memset (Device)", "args": {}},
+         # A derived line of the same ops: not kernels, must not count twice.
+         {"ph": "X", "pid": 1, "tid": 99, "ts": 10000.0, "dur": 3000.0, "name": fusion}]
+  host = [{"ph": "X", "pid": 701, "tid": 5, "ts": 0.0, "dur": 20000.0,
+           "name": "$profile_step.py:394 one_step"},
+          {"ph": "X", "pid": 701, "tid": 5, "ts": 500.0, "dur": 9000.0,
+           "name": "command_buffer::update"},
+          {"ph": "X", "pid": 701, "tid": 5, "ts": 9600.0, "dur": 300.0, "name": "short"}]
+  return meta + dev + host
+
+
+def test_gpu_trace_kernels_join_hlo_by_name_and_libraries_by_kind():
+  f = lambda a: jnp.tanh(a) * 2.0 + 1.0
+  text = jax.jit(f).lower(jnp.ones((8, 16))).compile().as_text()
+  comps, insts, shapes = profile_step.parse_hlo(text)
+  # An instruction named 'x.N' (a kernel 'x_N'); the HLO's own names, renamed if it has none.
+  fusion = next((n for n in insts if re.fullmatch(r".*fusion.*\.\d+", n)), None)
+  if fusion is None:
+    old = next(n for n in insts if "fusion" in n)
+    text = re.sub(rf"%{re.escape(old)}\b(?!\.)", f"%{old}.7", text)
+    comps, insts, shapes = profile_step.parse_hlo(text)
+    fusion = f"{old}.7"
+  events = _gpu_like_trace(fusion)
+  assert profile_step.device_stream_lines(events) == {(1, 14)}
+  mapped, library = profile_step.split_device_kernels(events, insts)
+  assert [e["name"] for e in mapped] == [fusion]
+  assert [profile_step.library_kind(e["name"]) for e in library] == [
+      "cuBLAS / nvjet / CUTLASS GEMM", "cuDNN attention", "memset / memcpy"]
+  # Kernels [10, 15) and [16, 16.5) ms: 5.5 ms busy over a 6.5 ms span; the step 20 ms.
+  assert profile_step.busy_us(mapped + library) == 5500.0
+  assert profile_step.step_wall_us(events) == 20000.0
+  out = profile_step.device_summary(events, mapped, library, 20000.0, model_flops=11e9)
+  assert "4 kernels (1 joined to HLO ops, 3 library kernels), busy 5.50 ms over a 6.50 ms span" in out
+  assert "the device idle 14.50 ms of it (72%)" in out
+  assert "model FLOPs over the busy time: 2 TFLOP/s" in out
+  assert re.search(r"\n\s+2\.00\s+1  cuBLAS / nvjet / CUTLASS GEMM", out)
+  assert re.search(r"\n\s+9\.00\s+1  command_buffer::update", out)
+  assert "one_step" not in out and "short" not in out  # Python frames, < 1 ms
+  # A CPU trace has no device lines: nothing is taken as a kernel.
+  cpu = [e for e in events if e.get("pid") != 1]
+  assert profile_step.split_device_kernels(cpu, insts) == ([], [])
+
+
+def test_from_trace_reports_the_kept_h200_trace(capsys):
+  """The session 25 H200 trace and HLO kept in benchmarks/ (bf16 + cuDNN step, 32 pairs):
+  the figures of benchmarks/NOTES.md's session 25 finding come back from them."""
+  raw = os.path.join(os.path.dirname(_TOOLS), "benchmarks", "gpu_h200_session25", "raw", "call1")
+  assert profile_step.main(["--from_trace", os.path.join(raw, "trace"),
+                            "--hlo", os.path.join(raw, "hlo.txt.gz"), "--top", "3"]) == 0
+  out = capsys.readouterr().out
+  assert "traced step 50.47 ms wall" in out
+  assert "2546 kernels (2310 joined to HLO ops, 236 library kernels), busy 19.09 ms" in out
+  assert re.search(r"\n\s+4\.35\s+112  cuDNN attention", out)
+  assert re.search(r"\n\s+19\.30\s+1  command_buffer::update", out)
+  # The optimizer's kernels: the largest part of the coarse split (3.5 of 13 ms).
+  coarse = out.split("coarse split:")[1].split("\n")
+  assert coarse[2].split() == ["3.5", "0.0", "optimizer", "/", "other"]
+  assert "summed op time 13 ms" in out

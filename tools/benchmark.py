@@ -929,9 +929,11 @@ def parse_args(argv=None):
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
-  ap.add_argument("--optimizer_implementation", default="fused", choices=["fused", "optax"],
+  ap.add_argument("--optimizer_implementation", default="fused",
+                  choices=["fused", "grouped", "optax"],
                   help="step worker: optimizers.create_optimizer(implementation=...): "
-                       "Adafactor + clipping as one update (fused) or as the optax chain")
+                       "Adafactor + clipping as one update (fused), the same with arrays of one "
+                       "shape stacked (grouped), or as the optax chain")
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"],
                   help="SlicHFModel.reg_target: 'reference' decodes 3 rows (paper: y_ref = SFT "
                        "summary), 'chosen' 2 rows (y_ref = y+, TRL CPO's NLL term)")

@@ -22,7 +22,14 @@ independent ops concurrently, so per-op times of overlapping ops include content
 their sum exceeds the step's wall time (both are printed); each group's ``shared`` column
 is how much of its time ran beside another op, so a low GFLOP/s there is contention, not
 a slow matmul. Times are self times: an op traced inside another on the same thread (a
-conditional's branch) counts for itself, not again in its parent. Like ``slic_jax.train``, it first calls
+conditional's branch) counts for itself, not again in its parent. On a GPU the trace's kernels (the device's stream lines) are joined to the HLO by their
+names (XLA names a fusion's kernel after the fusion, '.' as '_'); kernels of libraries
+(cuBLAS / nvjet GEMMs, cuDNN attention) have no HLO name and are summed by kind. The
+report then starts with the device's view: kernels' busy time against the step's wall
+time (the rest is the GPU waiting for the host) and the longest host-side runtime
+events (e.g. XLA's CUDA-graph ``command_buffer::update``). ``--from_trace DIR --hlo FILE``
+reports a kept trace (``--trace_dir``) and HLO (``--dump_hlo``, gzipped or not) again,
+off the machine that made them. Like ``slic_jax.train``, it first calls
 `slic_jax.host_memory.reuse_freed_memory` (``--host_malloc default``: glibc's defaults, under
 which ops that first touch the step's temporaries also pay for their page faults).
 """
@@ -249,6 +256,141 @@ def summarize(trace_events, comps, insts, shapes, top: int) -> str:
   return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- device traces
+LIBRARY_KINDS = (("cuDNN attention", r"cudnn|fmha|sdpa|flash"),
+                 ("cuBLAS / nvjet / CUTLASS GEMM", r"gemm|nvjet|xmma|cutlass|cublas"),
+                 ("memset / memcpy", r"memset|memcpy"))
+
+
+def device_stream_lines(trace_events) -> set:
+  """(pid, tid) of the kernel lines of accelerator devices ('/device:GPU:0' processes;
+  their 'Stream #N' threads where named so, else every thread). Empty on XLA:CPU."""
+  pids = {e["pid"] for e in trace_events if e.get("ph") == "M" and e.get("name") ==
+          "process_name" and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+  named = {(e["pid"], e["tid"]): str(e.get("args", {}).get("name", "")) for e in trace_events
+           if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in pids}
+  lines = {(e["pid"], e.get("tid")) for e in trace_events
+           if e.get("ph") == "X" and e.get("pid") in pids}
+  streams = {k for k in lines if named.get(k, "").startswith("Stream")}
+  return streams or lines
+
+
+def kernel_hlo_op(event, insts) -> str | None:
+  """The HLO instruction a device kernel ran: its name as is, its name with the last '_N'
+  as '.N' ('input_reduce_fusion_335' -> 'input_reduce_fusion.335'), or its ``hlo_op``
+  argument (not the command buffer that launched it); None for library kernels."""
+  name = event.get("name", "")
+  if name in insts:
+    return name
+  m = re.fullmatch(r"(.+)_(\d+)", name)
+  if m and f"{m.group(1)}.{m.group(2)}" in insts:
+    return f"{m.group(1)}.{m.group(2)}"
+  op = event.get("args", {}).get("hlo_op")
+  return op if op in insts and not op.startswith("command_buffer") else None
+
+
+def library_kind(name: str) -> str:
+  for kind, pattern in LIBRARY_KINDS:
+    if re.search(pattern, name, re.IGNORECASE):
+      return kind
+  return "other library kernels"
+
+
+def split_device_kernels(trace_events, insts):
+  """(kernel events renamed to their HLO op, library kernel events) of the device lines.
+
+  The renamed kernels each get a line of their own, so `summarize`'s 'shared' column is
+  the time a kernel ran beside another (a CUDA graph runs independent branches at once)."""
+  lines = device_stream_lines(trace_events)
+  mapped, library = [], []
+  for e in trace_events:
+    if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in lines:
+      continue
+    op = kernel_hlo_op(e, insts)
+    if op:  # each kernel its own line: kernels of a CUDA graph's branches overlap on
+      # one stream line, which is concurrency, not nesting (`self_and_shared_times`)
+      mapped.append(dict(e, name=op, tid=("kernel", len(mapped))))
+    else:
+      library.append(e)
+  return mapped, library
+
+
+def busy_us(events) -> float:
+  """Length of the union of the events' [ts, ts + dur) intervals, µs."""
+  total, end = 0.0, None
+  for e in sorted(events, key=lambda e: e["ts"]):
+    start, stop = e["ts"], e["ts"] + e["dur"]
+    if end is None or start > end:
+      total += stop - start
+      end = stop
+    elif stop > end:
+      total += stop - end
+      end = stop
+  return total
+
+
+def step_wall_us(trace_events) -> float | None:
+  """Duration of this tool's traced ``one_step`` (its Python-frame event), if present."""
+  steps = [e["dur"] for e in trace_events if e.get("ph") == "X"
+           and str(e.get("name", "")).endswith(" one_step")]
+  return max(steps) if steps else None
+
+
+def device_summary(trace_events, mapped, library, wall_us: float | None,
+                   model_flops: float | None = None, host_top: int = 14) -> str:
+  """The device's view of one step: kernels, their busy time against the step's wall
+  time, the library kernels by kind, and the longest host-side runtime events."""
+  kernels = mapped + library
+  busy = busy_us(kernels)
+  span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+          if kernels else 0.0)
+  out = [f"device: {len(kernels)} kernels ({len(mapped)} joined to HLO ops, {len(library)} "
+         f"library kernels), busy {busy / 1e3:.2f} ms over a {span / 1e3:.2f} ms span"]
+  if wall_us:
+    out.append(f"step wall {wall_us / 1e3:.2f} ms: the device idle {(wall_us - busy) / 1e3:.2f} ms "
+               f"of it ({100 * (1 - busy / wall_us):.0f}%)")
+  if model_flops and busy:
+    out.append(f"model FLOPs over the busy time: {model_flops / busy / 1e6:.0f} TFLOP/s")
+  kinds = collections.defaultdict(lambda: [0.0, 0])
+  for e in library:
+    kinds[library_kind(e["name"])][0] += e["dur"]
+    kinds[library_kind(e["name"])][1] += 1
+  out += ["", "library kernels (no HLO name):", "     ms  kernels  kind"]
+  out += [f"{us / 1e3:7.2f} {n:8d}  {k}" for k, (us, n) in sorted(kinds.items(), key=lambda x: -x[1][0])]
+  lines = device_stream_lines(trace_events)
+  host = collections.defaultdict(lambda: [0.0, 0])
+  for e in trace_events:
+    name = str(e.get("name", ""))
+    if (e.get("ph") == "X" and (e.get("pid"), e.get("tid")) not in lines
+        and not name.startswith("$") and e.get("dur", 0) >= 1000):
+      host[name][0] += e["dur"]
+      host[name][1] += 1
+  out += ["", "host runtime events of 1 ms or more (nested ones included):", "     ms  calls  event"]
+  out += [f"{us / 1e3:7.2f} {n:6d}  {k[:100]}"
+          for k, (us, n) in sorted(host.items(), key=lambda x: -x[1][0])[:host_top]]
+  return "\n".join(out)
+
+
+def report(trace_events, hlo_text: str, args, wall_us: float | None = None,
+           model_flops: float | None = None) -> None:
+  """Print the profile of one traced step: the device's view first where the trace has
+  device kernel lines (a GPU), then the grouped ops (`summarize`) and, with
+  ``--top_ops``, the longest non-matmul ops."""
+  comps, insts, hlo_shapes = parse_hlo(hlo_text)
+  mapped, library = split_device_kernels(trace_events, insts)
+  if mapped or library:
+    print(device_summary(trace_events, mapped, library, wall_us, model_flops))
+    print()
+    trace_events = mapped
+  _report(trace_events, comps, insts, hlo_shapes, args, "longest non-matmul ops")
+
+
+def _read_text(path: str) -> str:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    return f.read()
+
+
 # ----------------------------------------------------------------------------- main
 def _traced(run, trace_dir: str | None):
   """``(run(), the trace's events)`` with jax's profiler on around ``run()``.
@@ -365,29 +507,50 @@ def main(argv=None) -> int:
   ap.add_argument("--optimizer_only", action="store_true",
                   help="profile the optimizer update alone (clipping + Adafactor + apply) on "
                        "the model's parameters, beside one elementwise pass over as many bytes")
-  ap.add_argument("--optimizer_implementation", default="fused", choices=["fused", "optax"],
+  ap.add_argument("--optimizer_implementation", default="fused",
+                  choices=["fused", "grouped", "optax"],
                   help="optimizers.create_optimizer(implementation=...)")
   ap.add_argument("--repeats", type=int, default=9,
                   help="--optimizer_only: timed calls (median) besides the traced one")
+  ap.add_argument("--from_trace", default=None, metavar="DIR",
+                  help="report the trace kept under DIR (an earlier --trace_dir) with --hlo, "
+                       "building and running nothing")
+  ap.add_argument("--hlo", default=None, metavar="FILE",
+                  help="--from_trace: the step's HLO text (an earlier --dump_hlo; .gz read too)")
   args = ap.parse_args(argv)
+
+  if args.from_trace:
+    if not args.hlo:
+      ap.error("--from_trace needs --hlo (the HLO text the traced step ran)")
+    events = _trace_events(args.from_trace)
+    if events is None:
+      return 1
+    wall_us = step_wall_us(events)
+    print(f"trace {args.from_trace}, HLO {args.hlo}: traced step "
+          f"{'%.2f ms wall' % (wall_us / 1e3) if wall_us else 'wall time not in the trace'}")
+    report(events, _read_text(args.hlo), args, wall_us)
+    return 0
 
   from slic_jax import host_memory
   host_memory.reuse_freed_memory(enabled=args.host_malloc == "reuse")  # before jax starts
   import jax
+  from slic_jax import partitioning
   cfg = benchmark.make_config(args.size, args.dtype, logits_dtype=args.logits_dtype,
                               attention_block_bytes=args.attention_block_bytes,
                               attention_implementation=args.attention_implementation)
   np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
   shapes = {k: v.shape for k, v in np_batch.items()}
-  step, init_state = benchmark.build_step(cfg, shapes, reg_target=args.reg_target,
-                                          xla_default=args.xla_default,
-                                          xla_options=benchmark.parse_xla_options(args.xla_option),
-                                          optimizer_implementation=args.optimizer_implementation)
-  state = jax.jit(init_state)(jax.random.PRNGKey(0))
-  batch = jax.device_put(np_batch)
-  if args.optimizer_only:
-    return profile_optimizer(state.params, args)
-  compiled = step.lower(state, batch).compile()
+  # The benchmark worker's step: one device, slic_jax's logical-axis rules.
+  with partitioning.Partitioner(devices=jax.devices()[:1]).activation_rules():
+    step, init_state = benchmark.build_step(
+        cfg, shapes, reg_target=args.reg_target, xla_default=args.xla_default,
+        xla_options=benchmark.parse_xla_options(args.xla_option),
+        optimizer_implementation=args.optimizer_implementation)
+    state = jax.jit(init_state)(jax.random.PRNGKey(0))
+    batch = jax.device_put(np_batch)
+    if args.optimizer_only:
+      return profile_optimizer(state.params, args)
+    compiled = step.lower(state, batch).compile()
   for _ in range(args.warmup):
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
@@ -400,16 +563,19 @@ def main(argv=None) -> int:
   if events is None:
     return 1
   hlo_text = compiled.as_text()
-  comps, insts, hlo_shapes = parse_hlo(hlo_text)
   if args.dump_hlo:
     with open(args.dump_hlo, "w") as f:
       f.write(hlo_text)
+  model_flops = benchmark.config_flops(
+      cfg, args.batch, args.li, args.lt,
+      n_targets=2 if args.reg_target == 'chosen' else 3)['train_step']
   print(f"{args.size}, {args.batch} pairs, Li {args.li}, Lt {args.lt}, reg_target "
-        f"{args.reg_target}, dtype {args.dtype} (logits {args.logits_dtype}), "
-        f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}: "
-        f"profiled step {wall:.2f} s wall; model GFLOP/step "
-        f"{benchmark.config_flops(cfg, args.batch, args.li, args.lt, n_targets=2 if args.reg_target == 'chosen' else 3)['train_step'] / 1e9:.0f}")
-  _report(events, comps, insts, hlo_shapes, args, "longest non-matmul ops")
+        f"{args.reg_target}, dtype {args.dtype} (logits {args.logits_dtype}), attention "
+        f"{args.attention_implementation}, "
+        f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}, backend "
+        f"{jax.default_backend()}: profiled step {wall:.3f} s wall; model GFLOP/step "
+        f"{model_flops / 1e9:.0f}")
+  report(events, hlo_text, args, wall * 1e6, model_flops)
   return 0
 
 
