@@ -753,7 +753,10 @@ class MultiHeadDotProductAttention(nn.Module):
     rows, q_len = query.shape[:2]
     groups = rows // key.shape[0]
     if bias is not None and groups != 1:
-      raise ValueError('a position bias with grouped (cross-)attention queries')
+      raise ValueError(
+          f'attention_implementation={self.implementation!r}: a position bias needs one query '
+          f'row per key row (self-attention); got {rows} query rows for {key.shape[0]} key '
+          f'rows (grouped cross-attention, which T5 gives no position bias)')
     keep = None if mask is None else mask > 0
     query, keep = _stack_groups(query, keep, groups)
     if bias is not None and self.implementation == 'cudnn':

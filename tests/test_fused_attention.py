@@ -123,3 +123,16 @@ def test_unknown_implementation_float32_cudnn_cpu_cudnn_and_dropout_are_refused(
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_cudnn_implementation_is_as_accurate_as_the_default_attention_on_the_gpu(remat):
   _assert_as_accurate_as_default_bfloat16('cudnn', remat)
+
+
+def test_position_bias_with_grouped_queries_is_refused_with_the_shapes():
+  """A position bias needs one query row per key row; grouped cross-attention (G
+  summaries per prompt) has none in T5, so such a call is a wiring error, named so."""
+  attn = network.MultiHeadDotProductAttention(num_heads=2, head_dim=4, implementation='xla')
+  q = jnp.zeros((4, 3, 2, 4))  # 4 query rows ...
+  kv = jnp.zeros((2, 5, 2, 4))  # ... for 2 key rows: 2 groups
+  with pytest.raises(ValueError, match=r"position bias needs one query row per key row.*"
+                                       r"got 4 query rows for 2 key rows"):
+    attn._fused_attention(q, kv, kv, None, jnp.zeros((1, 2, 3, 5)), True)
+  out = attn._fused_attention(q, kv, kv, None, None, True)  # without a bias: fine
+  assert out.shape == (4, 3, 2, 4)
