@@ -78,6 +78,30 @@ def _params_and_grads(seed, scale):
   return draw(), [jax.tree.map(lambda x: x * scale, draw()) for _ in range(3)]
 
 
+def _updates_against_the_optax_chain(implementation, params, grads, lr, weight_decay):
+  """Runs `implementation` and the optax chain over the gradient steps ``grads`` from
+  ``params``; asserts the same state structure, updates and statistics (float32 rounding
+  apart) and returns the last updates of `implementation`."""
+  make = lambda impl: optimizers.create_optimizer(
+      name="adafactor", learning_rate=lr, clip_norm=1.0, weight_decay=weight_decay,
+      implementation=impl)
+  ours, chain = make(implementation), make("optax")
+  s1, s2 = ours.init(params), chain.init(params)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  p1 = p2 = params
+  for g in grads:
+    u1, s1 = jax.jit(ours.update)(g, s1, p1)
+    u2, s2 = jax.jit(chain.update)(g, s2, p2)
+    for k in params:
+      np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=2e-5,
+                                 atol=2e-6 * float(jnp.max(jnp.abs(u2[k]))), err_msg=k)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5)
+  return u1
+
+
 @pytest.mark.parametrize("schedule", [False, True])
 @pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # clipping off / on
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
@@ -85,27 +109,11 @@ def test_clipped_adafactor_matches_the_optax_chain(schedule, grad_scale, weight_
   """Same state structure, updates and statistics as clip_by_global_norm → optax.adafactor
   over three steps (float32 rounding apart)."""
   lr = optimizers.learning_rate_schedule(learning_rate=1e-2, warmup_steps=2) if schedule else 1e-2
-  make = lambda impl: optimizers.create_optimizer(
-      name="adafactor", learning_rate=lr, clip_norm=1.0, weight_decay=weight_decay,
-      implementation=impl)
-  fused, chain = make("fused"), make("optax")
   params, grads = _params_and_grads(0, grad_scale)
-  s1, s2 = fused.init(params), chain.init(params)
-  assert jax.tree.structure(s1) == jax.tree.structure(s2)
-  p1 = p2 = params
-  for g in grads:
-    u1, s1 = jax.jit(fused.update)(g, s1, p1)
-    u2, s2 = jax.jit(chain.update)(g, s2, p2)
-    for k in _SHAPES:
-      np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=2e-5,
-                                 atol=2e-6 * float(jnp.max(jnp.abs(u2[k]))), err_msg=k)
-    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-  assert jax.tree.structure(s1) == jax.tree.structure(s2)
-  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5)
+  u = _updates_against_the_optax_chain("fused", params, grads, lr, weight_decay)
   # The updates are not trivially equal: clipping, the factored statistics and the
   # block-rms clip all act here (the first step's factored update has rms 1 by design).
-  assert float(jnp.max(jnp.abs(u1["rc"]))) > 0
+  assert float(jnp.max(jnp.abs(u["rc"]))) > 0
 
 
 @pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # clipping off / on
@@ -119,24 +127,9 @@ def test_grouped_adafactor_matches_the_optax_chain(grad_scale):
   draw = lambda scale: {k: jnp.asarray(rng.normal(size=s) * scale, jnp.float32)
                         for k, s in shapes.items()}
   params, grads = draw(1.0), [draw(grad_scale) for _ in range(3)]
-  make = lambda impl: optimizers.create_optimizer(
-      name="adafactor", learning_rate=1e-2, clip_norm=1.0, weight_decay=1e-2,
-      implementation=impl)
-  grouped, chain = make("grouped"), make("optax")
-  s1, s2 = grouped.init(params), chain.init(params)
-  p1 = p2 = params
-  for g in grads:
-    u1, s1 = jax.jit(grouped.update)(g, s1, p1)
-    u2, s2 = jax.jit(chain.update)(g, s2, p2)
-    for k in shapes:
-      np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=2e-5,
-                                 atol=2e-6 * float(jnp.max(jnp.abs(u2[k]))), err_msg=k)
-    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-  assert jax.tree.structure(s1) == jax.tree.structure(s2)
-  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5)
+  u = _updates_against_the_optax_chain("grouped", params, grads, 1e-2, 1e-2)
   # Arrays of one shape get different updates (no mix-up of a group's members).
-  assert float(jnp.max(jnp.abs(u1["rc_0"] - u1["rc_1"]))) > 0
+  assert float(jnp.max(jnp.abs(u["rc_0"] - u["rc_1"]))) > 0
 
 
 def test_grouped_adafactor_updates_a_group_in_one_set_of_ops():
