@@ -142,17 +142,17 @@ def clipped_adafactor(
     leaves, treedef = jax.tree.flatten(grads)
     columns = [leaves] + [treedef.flatten_up_to(t) for t in (
         params, fstate.v_row, fstate.v_col, fstate.v)]  # g, p, v_row, v_col, v
-    if group_same_shapes:  # [(leaf indices, stacked g, p, v_row, v_col, v)]
+    # [(leaf indices, their g, p, v_row, v_col, v: stacked along a new axis 0 or one leaf's)]
+    if group_same_shapes:
       groups = collections.defaultdict(list)
       for i, arrays in enumerate(zip(*columns)):
         groups[tuple((a.shape, a.dtype) for a in arrays)].append(i)
       parts = [(idx, [jnp.stack([c[i] for i in idx]) for c in columns])
                for idx in groups.values()]
     else:
-      parts = [([i], None) for i in range(len(leaves))]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(
-        (arrays[0] if arrays is not None else leaves[idx[0]]).astype(jnp.float32)))
-                        for idx, arrays in parts))
+      parts = [([i], [c[i] for c in columns]) for i in range(len(leaves))]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(arrays[0].astype(jnp.float32)))
+                        for _, arrays in parts))
     scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
 
     def one(g, p, v_row, v_col, v):
@@ -192,12 +192,12 @@ def clipped_adafactor(
 
     out = [None] * len(leaves)
     for idx, arrays in parts:
-      if arrays is None:
-        out[idx[0]] = one(*(c[idx[0]] for c in columns))
-      else:
+      if group_same_shapes:
         stacked = jax.vmap(one)(*arrays)
         for j, i in enumerate(idx):
           out[i] = tuple(x[j] for x in stacked)
+      else:
+        out[idx[0]] = one(*arrays)
     unflat = lambda i: treedef.unflatten([o[i] for o in out])
     fstate = factorized.FactoredState(count=optax.safe_increment(fstate.count),
                                       v_row=unflat(1), v_col=unflat(2), v=unflat(3))

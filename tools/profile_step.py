@@ -22,7 +22,9 @@ independent ops concurrently, so per-op times of overlapping ops include content
 their sum exceeds the step's wall time (both are printed); each group's ``shared`` column
 is how much of its time ran beside another op, so a low GFLOP/s there is contention, not
 a slow matmul. Times are self times: an op traced inside another on the same thread (a
-conditional's branch) counts for itself, not again in its parent. On a GPU the trace's kernels (the device's stream lines) are joined to the HLO by their
+conditional's branch) counts for itself, not again in its parent.
+
+On a GPU the trace's kernels (the device's stream lines) are joined to the HLO by their
 names (XLA names a fusion's kernel after the fusion, '.' as '_'); kernels of libraries
 (cuBLAS / nvjet GEMMs, cuDNN attention) have no HLO name and are summed by kind. The
 report then starts with the device's view: kernels' busy time against the step's wall
@@ -353,8 +355,9 @@ def device_summary(trace_events, mapped, library, wall_us: float | None,
     out.append(f"model FLOPs over the busy time: {model_flops / busy / 1e6:.0f} TFLOP/s")
   kinds = collections.defaultdict(lambda: [0.0, 0])
   for e in library:
-    kinds[library_kind(e["name"])][0] += e["dur"]
-    kinds[library_kind(e["name"])][1] += 1
+    kind = kinds[library_kind(e["name"])]
+    kind[0] += e["dur"]
+    kind[1] += 1
   out += ["", "library kernels (no HLO name):", "     ms  kernels  kind"]
   out += [f"{us / 1e3:7.2f} {n:8d}  {k}" for k, (us, n) in sorted(kinds.items(), key=lambda x: -x[1][0])]
   lines = device_stream_lines(trace_events)
