@@ -506,7 +506,8 @@ def main(argv=None) -> int:
   ap.add_argument("--dump_hlo", default=None, help="write the compiled step's HLO text here")
   ap.add_argument("--trace_dir", default=None, help="keep the trace here (default: a temp dir)")
   ap.add_argument("--host_malloc", default="reuse", choices=["reuse", "default"],
-                  help="host_memory.reuse_freed_memory() first (as slic_jax.train), or not")
+                  help="host_memory.reuse_freed_memory() first where the step runs on the "
+                       "CPU (as slic_jax.train), or not")
   ap.add_argument("--optimizer_only", action="store_true",
                   help="profile the optimizer update alone (clipping + Adafactor + apply) on "
                        "the model's parameters, beside one elementwise pass over as many bytes")
@@ -534,8 +535,11 @@ def main(argv=None) -> int:
     report(events, _read_text(args.hlo), args, wall_us)
     return 0
 
-  from slic_jax import host_memory
-  host_memory.reuse_freed_memory(enabled=args.host_malloc == "reuse")  # before jax starts
+  # Before jax starts, as the benchmark worker and slic_jax.train: slic_jax's malloc
+  # settings only where the step runs on the CPU. (They used to be forced here: on a GPU
+  # host, one malloc arena for XLA's many compile threads is the likely reason session 25's
+  # GPU profiles compiled for 100+ s where the workers took 28-32 s; not confirmed on a GPU.)
+  benchmark.apply_host_malloc(args.host_malloc)
   import jax
   from slic_jax import partitioning
   cfg = benchmark.make_config(args.size, args.dtype, logits_dtype=args.logits_dtype,
