@@ -133,6 +133,7 @@ def sequence_extents(batch: Mapping[str, np.ndarray]) -> dict[str, tuple[int, in
 
 def trim_padding(
     batch: Mapping[str, np.ndarray], num_buckets: int, needed: Mapping[str, int] | None = None,
+    *, extents: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
   """Cuts each sequence group's trailing padding down to the smallest bucket that fits.
 
@@ -146,6 +147,7 @@ def trim_padding(
   needed: ``{group: e}`` to cut for instead of this batch's own extents (several
     processes: the max over their slices, `HostBatchAgreement`); each must be at least
     the batch's own.
+  extents: this batch's `sequence_extents`, where the caller has them already.
 
   Fewer positions is less work (the encoder's cost grows with Li, its attention with Li²);
   each distinct shape is one more compile of the step, so ``num_buckets`` bounds them at
@@ -153,7 +155,8 @@ def trim_padding(
   """
   if num_buckets <= 1:
     return dict(batch)
-  extents = sequence_extents(batch)
+  if extents is None:
+    extents = sequence_extents(batch)
   out = dict(batch)
   for prefix, (full_length, own) in extents.items():
     extent = own if needed is None else needed[prefix]
@@ -283,14 +286,14 @@ def device_iterator(
             break
           batch = trim_padding(batch, length_buckets)
         else:
-          extents = None if batch is None else {
-              prefix: e for prefix, (_, e) in sequence_extents(batch).items()}
-          needed = agreement(extents)
+          extents = None if batch is None else sequence_extents(batch)
+          needed = agreement(None if extents is None else {
+              prefix: e for prefix, (_, e) in extents.items()})
           if needed is None:  # every process's data has ended
             break
           if batch is None:  # this one's has: all padding, weight 0
             batch = empty_batch(ds.element_spec, batch_size)
-          batch = trim_padding(batch, length_buckets, needed)
+          batch = trim_padding(batch, length_buckets, needed, extents=extents)
         q.put(shard_batch(batch, p))
       q.put(done)
     except BaseException as e:  # surfaced in the consumer
