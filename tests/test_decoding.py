@@ -28,10 +28,8 @@ def params():
   return init(jax.random.PRNGKey(0))['params']
 
 
-@functools.partial(jax.jit, static_argnames=('num_decodes', 'topk', 'max_decode_steps'))
-def _sample(params, inputs, rng, temperature, eos_id, num_decodes=1, topk=0,
-            max_decode_steps=None):
-  """temperature_sample on the tiny model with the cache; returns (seqs, log_probs)."""
+def _cached_decoder(params, num_decodes):
+  """ENC encoded once, repeated num_decodes times; returns (cache, tokens_to_logits)."""
   encoded = MODEL.apply({'params': params}, ENC, enable_dropout=False,
                         method=MODEL.encode)
   cache = network.init_decoder_cache(MODEL, BATCH, ENC.shape[1], LENGTH)
@@ -45,6 +43,14 @@ def _sample(params, inputs, rng, temperature, eos_id, num_decodes=1, topk=0,
         max_decode_length=LENGTH, mutable=['cache'], method=MODEL.decode)
     return _ban_pad(logits[:, 0]), variables['cache']
 
+  return cache, tokens_to_logits
+
+
+@functools.partial(jax.jit, static_argnames=('num_decodes', 'topk', 'max_decode_steps'))
+def _sample(params, inputs, rng, temperature, eos_id, num_decodes=1, topk=0,
+            max_decode_steps=None):
+  """temperature_sample on the tiny model with the cache; returns (seqs, log_probs)."""
+  cache, tokens_to_logits = _cached_decoder(params, num_decodes)
   return decoding.temperature_sample(
       inputs, cache, tokens_to_logits, eos_id, rng, num_decodes=num_decodes,
       temperature=temperature, topk=topk, max_decode_steps=max_decode_steps)
@@ -204,19 +210,7 @@ def test_cache_batch_repeat():
 
 @functools.partial(jax.jit, static_argnames=('num_decodes',))
 def _beam(params, eos_id, alpha, num_decodes):
-  encoded = MODEL.apply({'params': params}, ENC, enable_dropout=False,
-                        method=MODEL.encode)
-  cache = network.init_decoder_cache(MODEL, BATCH, ENC.shape[1], LENGTH)
-  encoded = decoding.batch_repeat(encoded, num_decodes)
-  raw = decoding.batch_repeat(ENC, num_decodes)
-
-  def tokens_to_logits(state):
-    logits, variables = MODEL.apply(
-        {'params': params, 'cache': state.cache}, encoded, raw, state.cur_token,
-        state.cur_token, enable_dropout=False, decode=True,
-        max_decode_length=LENGTH, mutable=['cache'], method=MODEL.decode)
-    return _ban_pad(logits[:, 0]), variables['cache']
-
+  cache, tokens_to_logits = _cached_decoder(params, num_decodes)
   return decoding.beam_search(jnp.zeros((BATCH, LENGTH), jnp.int32), cache,
                               tokens_to_logits, eos_id, num_decodes=num_decodes,
                               alpha=alpha)
