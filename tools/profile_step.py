@@ -12,7 +12,11 @@ options, Adafactor + clipping), runs ``--warmup`` steps, then traces one step wi
   contracted size), hence the op's achieved GFLOP/s;
 * its JAX source name (``op_name`` metadata, e.g.
   ``transpose(jvp(Transformer.encode))/encoder/layers_3/mlp/...``), with layer numbers
-  folded so the 8 layers of one kind add up.
+  folded so the 8 layers of one kind add up. Fusions XLA made without metadata take the
+  source of an instruction inside them, else of the op that feeds them (`op_source`).
+* with the input length (``--li``; live runs always), the split between the ops on the
+  encoder's [B, H, Li, Li] attention arrays, whose work grows with Li², and the rest
+  (`length_squared_times`).
 
 It prints the top ``--top`` groups by time (ops without a JAX source grouped by their
 HLO op family, e.g. XLA's ``wrapped_reduce-window`` rewrites of reductions) and a coarse
@@ -115,9 +119,32 @@ def op_flops(name: str, comps, insts, shapes) -> int:
 NO_SOURCE = "(no source: optimizer / runtime)"
 
 
-def op_source(name: str, insts) -> str:
-  m = re.search(r'op_name="([^"]*)"', insts[name][1])
-  return m.group(1) if m else NO_SOURCE
+def op_source(name: str, insts, comps=None, via_operand: bool = True) -> str:
+  """The op's JAX source (``op_name`` metadata). An op XLA built without metadata of its
+  own takes, in this order (the last two need ``comps``):
+
+  * the source of the last instruction inside its fused computation that has one (nearest
+    its output; e.g. a convert of activations merged with a layout copy);
+  * '<its first operand's source>/<its op family>' (``via_operand``; e.g. XLA's
+    rewrite of a softmax's max into a ``wrapped_reduce-window`` of the logits, or of a
+    reduction of the optimizer's);
+
+  NO_SOURCE where none of these has one (runtime copies of parameters)."""
+  line = insts[name][1]
+  m = re.search(r'op_name="([^"]*)"', line)
+  if m:
+    return m.group(1)
+  called = re.search(r"calls=%([\w.\-]+)", line)
+  for inner in reversed(comps.get(called.group(1), []) if comps and called else []):
+    m = re.search(r'op_name="([^"]*)"', inner)
+    if m:
+      return m.group(1)
+  operand = re.match(r"\s*(?:ROOT )?%\S+ = \S+ [a-z\-]+\(%([\w.\-]+)", line)
+  if comps is not None and via_operand and operand and operand.group(1) in insts:
+    source = op_source(operand.group(1), insts, comps, via_operand=False)
+    if source != NO_SOURCE:
+      return f"{source}/{op_family(name)}"
+  return NO_SOURCE
 
 
 def op_family(name: str) -> str:
@@ -217,13 +244,13 @@ def top_ops(trace_events, comps, insts, shapes, n: int) -> str:
   out = ["     ms calls  op: opcode, shape; source"]
   for name, (ms, calls) in sorted(acc.items(), key=lambda x: -x[1][0])[:n]:
     out.append(f"{ms:7.1f} {calls:5d}  {name}: {op_kind(name, insts)[:90]}; "
-               f"{fold(op_source(name, insts))[-80:]}")
+               f"{fold(op_source(name, insts, comps))[-80:]}")
   return "\n".join(out)
 
 
 def summarize(trace_events, comps, insts, shapes, top: int) -> str:
   ops, own, shared = traced_ops(trace_events, insts)
-  rows = [(ms / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts),
+  rows = [(ms / 1e3, op_flops(e["name"], comps, insts, shapes), op_source(e["name"], insts, comps),
            sh / 1e3) for e, ms, sh in zip(ops, own, shared)]
   names = [e["name"] for e in ops]
   if not rows:
@@ -255,6 +282,50 @@ def summarize(trace_events, comps, insts, shapes, top: int) -> str:
     parts[coarse(src)][1] += fl
   for k, (ms, fl) in sorted(parts.items(), key=lambda x: -x[1][0]):
     out.append(f"{ms:7.1f} {fl / 1e9:8.1f}  {k}")
+  return "\n".join(out)
+
+
+def _logits_shaped(shape: str, li: int, heads: int) -> bool:
+  """[.., H, .., Li, Li]: an attention logits-like array (not e.g. [B, Li, D] with D = Li)."""
+  dims = _dims(shape)
+  return dims[-2:] == [li, li] and heads in dims[:-2]
+
+
+def length_squared_times(trace_events, comps, insts, shapes, li: int, heads: int) -> dict:
+  """{(on [.., Li, Li] arrays, a matmul): [self µs, matmul FLOPs]} over the trace's ops.
+
+  An op is on [.., Li, Li] arrays when its result or an operand is [.., H, .., Li, Li]
+  (`heads` H among the leading dimensions): the encoder self-attention's [B, H, Li, Li]
+  logits, probabilities and their gradients, the position bias's [H, Li, Li] gradient,
+  and the reductions that read them (e.g. XLA's [.., Li, 32] reduce-windows of the
+  softmax max, its sums as dots). That work grows with Li²; the rest with Li or not at
+  all. The targets' length must differ from ``li`` (else the decoder's self-attention
+  counts too)."""
+  ops, own, _ = traced_ops(trace_events, insts)
+  acc = {key: [0.0, 0] for key in ((True, True), (True, False), (False, True), (False, False))}
+  for e, us in zip(ops, own):
+    comp, line = insts[e["name"]]
+    m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) [a-z\-]+\(([^)]*)\)", line)
+    square = bool(m) and any(_logits_shaped(x, li, heads) for x in [m.group(1)] + [
+        shapes.get((comp, x), "") for x in re.findall(r"%([\w.\-]+)", m.group(2))])
+    flops = op_flops(e["name"], comps, insts, shapes)
+    acc[(square, bool(flops))][0] += us
+    acc[(square, bool(flops))][1] += flops
+  return acc
+
+
+def length_squared_split(trace_events, comps, insts, shapes, li: int, heads: int) -> str:
+  """`length_squared_times` as a table: ms, share of the summed op time, GFLOP, GFLOP/s."""
+  acc = length_squared_times(trace_events, comps, insts, shapes, li, heads)
+  total = sum(us for us, _ in acc.values()) or 1.0
+  out = [f"ops on [.., Li, Li] arrays (Li {li}) against the rest:",
+         "     ms   share    GFLOP  GFLOP/s  ops"]
+  for key, label in (((True, True), "Li² matmuls (attention scores, p·v, their gradients)"),
+                     ((True, False), "Li² other ops (bias add, softmax, their gradients)"),
+                     ((False, True), "other matmuls"), ((False, False), "other ops")):
+    us, flops = acc[key]
+    rate = f"{flops / us / 1e3:8.0f}" if flops and us else "        "
+    out.append(f"{us / 1e3:7.1f} {100 * us / total:6.1f}% {flops / 1e9:8.1f} {rate}  {label}")
   return "\n".join(out)
 
 
@@ -298,12 +369,13 @@ def library_kind(name: str) -> str:
   return "other library kernels"
 
 
-def split_device_kernels(trace_events, insts):
-  """(kernel events renamed to their HLO op, library kernel events) of the device lines.
+def split_device_kernels(trace_events, insts, lines: set | None = None):
+  """(kernel events renamed to their HLO op, library kernel events) of the device lines
+  (`device_stream_lines`, computed here unless given).
 
   The renamed kernels each get a line of their own, so `summarize`'s 'shared' column is
   the time a kernel ran beside another (a CUDA graph runs independent branches at once)."""
-  lines = device_stream_lines(trace_events)
+  lines = device_stream_lines(trace_events) if lines is None else lines
   mapped, library = [], []
   for e in trace_events:
     if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in lines:
@@ -339,9 +411,11 @@ def step_wall_us(trace_events) -> float | None:
 
 
 def device_summary(trace_events, mapped, library, wall_us: float | None,
-                   model_flops: float | None = None, host_top: int = 14) -> str:
+                   model_flops: float | None = None, host_top: int = 14,
+                   lines: set | None = None) -> str:
   """The device's view of one step: kernels, their busy time against the step's wall
-  time, the library kernels by kind, and the longest host-side runtime events."""
+  time, the library kernels by kind, and the longest host-side runtime events (those
+  off the device lines, `device_stream_lines`, computed here unless given)."""
   kernels = mapped + library
   busy = busy_us(kernels)
   span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
@@ -360,7 +434,7 @@ def device_summary(trace_events, mapped, library, wall_us: float | None,
     kind[1] += 1
   out += ["", "library kernels (no HLO name):", "     ms  kernels  kind"]
   out += [f"{us / 1e3:7.2f} {n:8d}  {k}" for k, (us, n) in sorted(kinds.items(), key=lambda x: -x[1][0])]
-  lines = device_stream_lines(trace_events)
+  lines = device_stream_lines(trace_events) if lines is None else lines
   host = collections.defaultdict(lambda: [0.0, 0])
   for e in trace_events:
     name = str(e.get("name", ""))
@@ -380,9 +454,10 @@ def report(trace_events, hlo_text: str, args, wall_us: float | None = None,
   device kernel lines (a GPU), then the grouped ops (`summarize`) and, with
   ``--top_ops``, the longest non-matmul ops."""
   comps, insts, hlo_shapes = parse_hlo(hlo_text)
-  mapped, library = split_device_kernels(trace_events, insts)
+  lines = device_stream_lines(trace_events)
+  mapped, library = split_device_kernels(trace_events, insts, lines)
   if mapped or library:
-    print(device_summary(trace_events, mapped, library, wall_us, model_flops))
+    print(device_summary(trace_events, mapped, library, wall_us, model_flops, lines=lines))
     print()
     trace_events = mapped
   _report(trace_events, comps, insts, hlo_shapes, args, "longest non-matmul ops")
@@ -423,6 +498,10 @@ def _trace_events(trace_dir: str):
 
 def _report(events, comps, insts, hlo_shapes, args, top_ops_title: str) -> None:
   print(summarize(events, comps, insts, hlo_shapes, args.top))
+  if args.li and not args.optimizer_only:
+    print()
+    heads = benchmark.size_dims(args.size)["num_heads"]
+    print(length_squared_split(events, comps, insts, hlo_shapes, args.li, heads))
   if args.top_ops:
     print(f"\n{top_ops_title}:")
     print(top_ops(events, comps, insts, hlo_shapes, args.top_ops))
@@ -486,7 +565,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--size", default="small", choices=sorted(benchmark.SIZES))
   ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--li", type=int, default=512)
+  ap.add_argument("--li", type=int, default=None,
+                  help="input length (default 512); with --from_trace, the traced step's, "
+                       "for the split of the ops on [.., Li, Li] arrays")
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"])
   ap.add_argument("--xla_default", action="store_true")
@@ -535,6 +616,7 @@ def main(argv=None) -> int:
     report(events, _read_text(args.hlo), args, wall_us)
     return 0
 
+  args.li = args.li or 512
   # Before jax starts, as the benchmark worker and slic_jax.train: slic_jax's malloc
   # settings only where the step runs on the CPU. (They used to be forced here: on a GPU
   # host, one malloc arena for XLA's many compile threads is the likely reason session 25's
