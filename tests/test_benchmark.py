@@ -156,6 +156,38 @@ def test_markdown_report_has_all_rows():
   assert "- parameters: small TRL 77.0M, lm_head separate" in md
 
 
+def test_sweep_runs_the_lengths_in_turn_and_shows_each_lengths_fastest(tmp_path, monkeypatch):
+  """--repeats R: the sweep's processes run 128 256 128 256 ..., each length's row is its
+  fastest run (all runs kept), and the table gives each length's cost per FLOP against
+  the cheapest length's."""
+  calls, times = [], {128: [2.0, 1.0, 1.5], 256: [2.4, 3.0, 2.8]}
+
+  def fake_run_json(cmd, timeout, env=None):
+    if cmd[cmd.index("--_worker") + 1] == "matmul":
+      return {"jax_float32_flops_per_s": 1e11}
+    li = int(cmd[cmd.index("--li") + 1])
+    calls.append(li)
+    s = times[li][sum(1 for c in calls if c == li) - 1]
+    return {"step_s_median": s, "step_s_min": s * 0.9, "pairs_per_s": 4 / s,
+            "model_flops_per_step": li * 1e9, "achieved_model_flops_per_s": li * 1e9 / s,
+            "peak_rss_mb": 100.0, "dtype": "float32"}
+
+  monkeypatch.setattr(benchmark, "_run_json", fake_run_json)
+  monkeypatch.setattr(benchmark, "peer_cmd", lambda *a, **k: None)
+  args = benchmark.parse_args(["--sizes", "", "--sweep", "128,256", "--repeats", "3",
+                               "--out_dir", str(tmp_path)])
+  res = benchmark.orchestrate(args)
+  assert calls == [128, 256] * 3
+  rows = {row["li"]: row["slic_jax"] for row in res["sweep"]}
+  assert rows[128]["step_s_median"] == 1.0 and rows[256]["step_s_median"] == 2.4
+  assert [r["step_s_median"] for r in rows[256]["runs"]] == [2.4, 3.0, 2.8]
+  md = (tmp_path / "results.md").read_text()
+  assert "each length the fastest of 3 runs in turn" in md
+  # s per model TFLOP: 128: 1.0 / 0.128 = 7.81; 256: 2.4 / 0.256 = 9.38, +20% on 128
+  assert "| mini | 128 | slic_jax | 1.00 | 0.90 | 128 | 7.81 / 7.03 | +0.0% / +0.0% |" in md
+  assert "| mini | 256 | slic_jax | 2.40 | 2.16 | 256 | 9.38 / 8.44 | +20.0% / +20.0% |" in md
+
+
 def test_parse_xla_options():
   """--xla_option KEY=VALUE items become step_compiler_options overrides ('' kept: XLA's default)."""
   assert benchmark.parse_xla_options([]) is None

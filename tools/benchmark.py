@@ -600,6 +600,16 @@ def _machine() -> dict:
   return info
 
 
+def _fastest(runs: list) -> dict:
+  """The run with the lowest median step (the first run where none has one), with every
+  run's median, best step, peak RSS and error under "runs"."""
+  ok = [r for r in runs if "step_s_median" in r]
+  out = dict(min(ok, key=lambda r: r["step_s_median"]) if ok else runs[0])
+  out["runs"] = [{k: r.get(k) for k in ("step_s_median", "step_s_min", "peak_rss_mb", "error")}
+                 for r in runs]
+  return out
+
+
 def orchestrate(args) -> dict:
   from slic_jax import host_memory
   sizes = [s for s in args.sizes.split(",") if s]
@@ -665,10 +675,7 @@ def orchestrate(args) -> dict:
           peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
         runs[pkey].append(peer)
     for key, rs in runs.items():
-      ok = [r for r in rs if "step_s_median" in r]
-      row[key] = dict(min(ok, key=lambda r: r["step_s_median"]) if ok else rs[0])
-      row[key]["runs"] = [{k: r.get(k) for k in ("step_s_median", "step_s_min", "peak_rss_mb",
-                                                 "error")} for r in rs]
+      row[key] = _fastest(rs)
       add_peak(row[key])
     peer = row["trl"]
     for key in keys:
@@ -682,24 +689,38 @@ def orchestrate(args) -> dict:
     res["comparison"].append(row)
     _write(args, res)
 
-  # Input-length sweep.
-  for li in [int(x) for x in args.sweep.split(",") if x]:
-    size = args.sweep_size
-    reuse = "slic_jax" if args.sweep_dtype == "float32" else "slic_jax_bf16"
-    ours = next((c.get(reuse) for c in res["comparison"]
-                 if c["size"] == size and li == args.li), None) or _run_json(
-                     slic_cmd(args, size, li, dtype=args.sweep_dtype), t)
-    add_peak(ours)
-    row = {"size": size, "li": li, "slic_jax": ours}
-    if args.sweep_peer and not args.no_peer:
-      peer = next((c["trl"] for c in res["comparison"]
-                   if c["size"] == size and li == args.li), None)
-      if peer is None:
-        pc = peer_cmd(args, size, li)
-        peer = _run_json(pc, t) if pc else {"error": "peer env missing"}
-      row["trl"] = peer
+  # Input-length sweep. With --repeats R the lengths' processes run R times in turn
+  # (128 256 512 1024 128 256 ...), so the VM's drift reaches every length alike; each
+  # length shows its fastest run (`_fastest`). The side by side's run of the same size and
+  # length is reused (already the fastest of its R).
+  lengths = [int(x) for x in args.sweep.split(",") if x]
+  size = args.sweep_size
+  reused = {"slic_jax": "slic_jax" if args.sweep_dtype == "float32" else "slic_jax_bf16",
+            "trl": "trl"}
+  frameworks = ["slic_jax"] + ["trl"] * (args.sweep_peer and not args.no_peer)
+  sweep_runs = {(li, fw): [] for li in lengths for fw in frameworks}
+  for _ in range(max(args.repeats, 1)) if lengths else ():
+    for li in lengths:
+      for fw in frameworks:
+        if li == args.li and any(c["size"] == size and reused[fw] in c
+                                 for c in res["comparison"]):
+          continue
+        if fw == "slic_jax":
+          r = _run_json(slic_cmd(args, size, li, dtype=args.sweep_dtype), t)
+        else:
+          pc = peer_cmd(args, size, li)
+          r = _run_json(pc, t) if pc else {"error": "peer env missing"}
+        sweep_runs[(li, fw)].append(r)
+  for li in lengths:
+    row = {"size": size, "li": li}
+    for fw in frameworks:
+      row[fw] = next((c[reused[fw]] for c in res["comparison"] if li == args.li
+                      and c["size"] == size and reused[fw] in c), None) or _fastest(
+                          sweep_runs[(li, fw)])
+      if fw == "slic_jax":
+        add_peak(row[fw])
     res["sweep"].append(row)
-    _write(args, res)
+  _write(args, res)
 
   # Levers: dtype x remat (and batch) on the lever size.
   if args.levers:
@@ -835,23 +856,41 @@ def to_markdown(res: dict) -> str:
           f"{_g(r.get('minor_faults_per_step'), 1, '{:.0f}')} | "
           f"{_g(r.get('kernel_s_per_step'), 1, '{:.2f}')} |")
   if res["sweep"]:
+    repeats = s.get("repeats") or 1
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
-              f"{s.get('sweep_dtype', 'float32')})", "",
+              f"{s.get('sweep_dtype', 'float32')}"
+              f"{f'; each length the fastest of {repeats} runs in turn' if repeats > 1 else ''})",
+              "",
               "| model | Li | framework | s/step (median) | s/step (best) | model GFLOP/step | "
-              "s per model TFLOP (median / best) | model GFLOP/s (median) | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "s per model TFLOP (median / best) | against the cheapest Li (median / best) | "
+              "model GFLOP/s (median) | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    def cost(row, fw):  # (model FLOPs per step, s per model TFLOP: median, best)
+      r = row[fw]
+      fl = r.get("model_flops_per_step") or peer_flops(
+          row["size"], s["batch_pairs"], row["li"], s["lt"])["train_step"]
+      return fl, r["step_s_median"] / fl * 1e12, r["step_s_min"] / fl * 1e12
+
+    measured = [(row, fw) for row in res["sweep"] for fw in ("slic_jax", "trl")
+                if fw in row and "error" not in row[fw]]
+    cheapest = {}  # (size, framework) -> (median, best) s per model TFLOP, lowest over Li
+    for row, fw in measured:
+      _, med, best = cost(row, fw)
+      low = cheapest.get((row["size"], fw), (med, best))
+      cheapest[(row["size"], fw)] = (min(low[0], med), min(low[1], best))
     for row in res["sweep"]:
       for fw in ("slic_jax", "trl"):
         r = row.get(fw)
         if r is None:
           continue
         if "error" in r:
-          lines.append(f"| {row['size']} | {row['li']} | {fw} | error: {r['error']} | | | | | |")
+          lines.append(f"| {row['size']} | {row['li']} | {fw} | error: {r['error']} | | | | | | |")
           continue
-        fl = r.get("model_flops_per_step") or peer_flops(row["size"], s["batch_pairs"], row["li"], s["lt"])["train_step"]
+        fl, med, best = cost(row, fw)
+        low = cheapest[(row["size"], fw)]
         lines.append(f"| {row['size']} | {row['li']} | {fw} | {r['step_s_median']:.2f} | "
-                     f"{r['step_s_min']:.2f} | {fl / 1e9:.0f} | {r['step_s_median'] / fl * 1e12:.1f} / "
-                     f"{r['step_s_min'] / fl * 1e12:.1f} | "
+                     f"{r['step_s_min']:.2f} | {fl / 1e9:.0f} | {med:.2f} / {best:.2f} | "
+                     f"{100 * (med / low[0] - 1):+.1f}% / {100 * (best / low[1] - 1):+.1f}% | "
                      f"{fl / r['step_s_median'] / 1e9:.1f} | {r['peak_rss_mb']:.0f} |")
   if res["levers"]:
     lines += ["", "## Levers (slic_jax)", "",
@@ -952,7 +991,8 @@ def parse_args(argv=None):
   ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                   help="slic_jax rows of the side-by-side (" + ", ".join(SLIC_ROWS) + ")")
   ap.add_argument("--repeats", type=int, default=1,
-                  help="side-by-side processes per framework, run in turn; the fastest is shown")
+                  help="side-by-side processes per framework (and the sweep's per length), run "
+                       "in turn; the fastest is shown")
   ap.add_argument("--peer_warmup", type=int, default=1)
   ap.add_argument("--peer_reuse_malloc", action="store_true",
                   help="also run TRL (float32) with slic_jax's glibc malloc settings "
