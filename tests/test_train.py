@@ -141,7 +141,12 @@ def test_checkpoint_is_t5x_layout_with_optax_state(tmp_path):
   ck = checkpointing.Checkpointer(str(tmp_path), checkpointing.SaveCheckpointConfig())
   assert ck.maybe_save(7, params, opt, force=True)
   ck.close()
-  tree = ocp.PyTreeCheckpointer().restore(str(tmp_path / "checkpoint_7" / "state"))
+  # Read back with orbax itself (not slic_jax's restore), as numpy arrays: the on-disk tree.
+  on_disk = ocp.PyTreeCheckpointer()
+  state_dir = str(tmp_path / "checkpoint_7" / "state")
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                          on_disk.metadata(state_dir).item_metadata.tree)
+  tree = on_disk.restore(state_dir, restore_args=as_numpy)
   assert set(tree) == {"target", "state"} and set(tree["state"]) == {"step", "param_states"}
   assert int(tree["state"]["step"]) == 7
   expected = checkpointing.opt_state_to_t5x(opt)  # e.g. {'1': {'0': {'count', 'v_row', ...}}}
