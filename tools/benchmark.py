@@ -698,12 +698,16 @@ def orchestrate(args) -> dict:
   reused = {"slic_jax": "slic_jax" if args.sweep_dtype == "float32" else "slic_jax_bf16",
             "trl": "trl"}
   frameworks = ["slic_jax"] + ["trl"] * (args.sweep_peer and not args.no_peer)
+
+  def side_by_side(li, fw):  # the side by side's row for this length, if it ran one
+    return next((c[reused[fw]] for c in res["comparison"] if li == args.li
+                 and c["size"] == size and reused[fw] in c), None)
+
   sweep_runs = {(li, fw): [] for li in lengths for fw in frameworks}
   for _ in range(max(args.repeats, 1)) if lengths else ():
     for li in lengths:
       for fw in frameworks:
-        if li == args.li and any(c["size"] == size and reused[fw] in c
-                                 for c in res["comparison"]):
+        if side_by_side(li, fw) is not None:
           continue
         if fw == "slic_jax":
           r = _run_json(slic_cmd(args, size, li, dtype=args.sweep_dtype), t)
@@ -714,9 +718,7 @@ def orchestrate(args) -> dict:
   for li in lengths:
     row = {"size": size, "li": li}
     for fw in frameworks:
-      row[fw] = next((c[reused[fw]] for c in res["comparison"] if li == args.li
-                      and c["size"] == size and reused[fw] in c), None) or _fastest(
-                          sweep_runs[(li, fw)])
+      row[fw] = side_by_side(li, fw) or _fastest(sweep_runs[(li, fw)])
       if fw == "slic_jax":
         add_peak(row[fw])
     res["sweep"].append(row)

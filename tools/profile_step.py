@@ -121,7 +121,7 @@ NO_SOURCE = "(no source: optimizer / runtime)"
 
 def op_source(name: str, insts, comps=None, via_operand: bool = True) -> str:
   """The op's JAX source (``op_name`` metadata). An op XLA built without metadata of its
-  own takes, in this order (the last two need ``comps``):
+  own takes, in this order (both need ``comps``):
 
   * the source of the last instruction inside its fused computation that has one (nearest
     its output; e.g. a convert of activations merged with a layout copy);
