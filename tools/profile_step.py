@@ -83,6 +83,12 @@ def parse_hlo(text: str):
   return comps, insts, shapes
 
 
+def _operands(line: str) -> tuple[str, list[str]] | None:
+  """(result shape, operand names) of one HLO instruction line; None if it is not one."""
+  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) [a-z\-]+\(([^)]*)\)", line)
+  return (m.group(1), re.findall(r"%([\w.\-]+)", m.group(2))) if m else None
+
+
 def _dims(shape: str) -> list[int]:
   m = re.search(r"\[([0-9,]*)\]", shape)
   return [int(x) for x in m.group(1).split(",") if x] if m else []
@@ -139,9 +145,9 @@ def op_source(name: str, insts, comps=None, via_operand: bool = True) -> str:
     m = re.search(r'op_name="([^"]*)"', inner)
     if m:
       return m.group(1)
-  operand = re.match(r"\s*(?:ROOT )?%\S+ = \S+ [a-z\-]+\(%([\w.\-]+)", line)
-  if comps is not None and via_operand and operand and operand.group(1) in insts:
-    source = op_source(operand.group(1), insts, comps, via_operand=False)
+  operands = (_operands(line) or ("", []))[1]
+  if comps is not None and via_operand and operands and operands[0] in insts:
+    source = op_source(operands[0], insts, comps, via_operand=False)
     if source != NO_SOURCE:
       return f"{source}/{op_family(name)}"
   return NO_SOURCE
@@ -305,9 +311,9 @@ def length_squared_times(trace_events, comps, insts, shapes, li: int, heads: int
   acc = {key: [0.0, 0] for key in ((True, True), (True, False), (False, True), (False, False))}
   for e, us in zip(ops, own):
     comp, line = insts[e["name"]]
-    m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) [a-z\-]+\(([^)]*)\)", line)
-    square = bool(m) and any(_logits_shaped(x, li, heads) for x in [m.group(1)] + [
-        shapes.get((comp, x), "") for x in re.findall(r"%([\w.\-]+)", m.group(2))])
+    shape, operands = _operands(line) or ("", [])
+    square = any(_logits_shaped(x, li, heads)
+                 for x in [shape] + [shapes.get((comp, x), "") for x in operands])
     flops = op_flops(e["name"], comps, insts, shapes)
     acc[(square, bool(flops))][0] += us
     acc[(square, bool(flops))][1] += flops
