@@ -939,9 +939,9 @@ def _softmax_weighted_values_bwd(dtype, res, g):
   row = jnp.einsum('bqhd,bqhd->bhq', g.astype(jnp.float32), o.astype(jnp.float32))[..., None]
   # dlogits is rounded to `dtype` here, once: the q·k matmul's VJP takes it in `dtype`
   # anyway, and the position bias's gradient (Σ_b dlogits, float32 sums) then reads that
-  # `dtype` array instead of recomputing p ⊙ (dp − row) from the float32 dp (at Li 1024
-  # 100 MB less read per layer: the bf16 step's [B, H, Li, Li] passes 296 -> 255 ms,
-  # `tools/profile_step.py --li 1024`, `benchmarks/NOTES.md`, session 28).
+  # `dtype` array instead of recomputing p ⊙ (dp − row) from the float32 dp (T5 1.1 small,
+  # 4 pairs, Li 1024: 100 MB less read per layer, the step's other ops on [B, H, Li, Li]
+  # arrays 11–19% faster, `tools/profile_step.py`; `benchmarks/NOTES.md`, session 28).
   dlogits = (p.astype(jnp.float32) * (dp - row)).astype(dtype)
   return dlogits.astype(logits_tag.dtype), dv.astype(value_tag.dtype)
 
