@@ -188,9 +188,10 @@ class HostBatchAgreement:
   reads every other process's. It returns the max extents over the processes that still
   have data; those whose data has ended feed all-padding slices (weight 0: T5X's eval
   sharding leaves hosts with different numbers of examples) until every process's has;
-  then it returns None. Calls are numbered: every process must make them in the same
-  order (one per batch of the same iterator), which the trainer's identical loop on each
-  host guarantees.
+  then it returns None, and each process removes its last key once every process has
+  read it (a barrier), so that nothing of the agreement stays in the store. Calls are
+  numbered: every process must make them in the same order (one per batch of the same
+  iterator), which the trainer's identical loop on each host guarantees.
 
   name: unique per iterator among those alive in the run (e.g. 'train', 'eval/1000').
   timeout_s: how long to wait for a slower process before failing with an error that
@@ -209,7 +210,7 @@ class HostBatchAgreement:
     self._count = jax.process_count()
     self._calls = 0
 
-  def _key(self, call: int, process: int) -> str:
+  def _key(self, call: int, process: int | str) -> str:
     return f"slic_jax/batch_agreement/{self._name}/{call}/{process}"
 
   def __call__(self, extents: Mapping[str, int] | None) -> dict[str, int] | None:
@@ -238,6 +239,12 @@ class HostBatchAgreement:
     if call > 0:
       # Every process has published batch `call`, so all have read batch `call - 1`.
       self._client.key_value_delete(self._key(call - 1, self._index))
+    if agreed is None:
+      # The last call: no later one tells that the others have read this one, so wait for
+      # them here (every process makes this call and reaches this line), then leave the
+      # store as it was before the first call.
+      self._client.wait_at_barrier(self._key(call, 'end'), self._timeout_ms)
+      self._client.key_value_delete(self._key(call, self._index))
     return agreed
 
 

@@ -76,6 +76,11 @@ for b in range(3):  # process 1's prompts and summaries grow longer each batch
 # (process 1's lengths), then both see the end.
 shapes.append(agree(None if i == 0 else {"encoder_": 5, "decoder_": 2}))
 shapes.append(agree(None))
+# Nothing of the agreement is left in the store once both processes are past the end.
+from jax._src import distributed
+client = distributed.global_state.client
+client.wait_at_barrier("test/both_done", 60000)
+shapes.append(client.key_value_dir_get("slic_jax/batch_agreement/test/"))
 print("RESULT" + json.dumps(shapes))
 """
 
@@ -88,7 +93,7 @@ def test_processes_agree_on_each_batch():
   # Encoder extents: process 0 always 10 → bucket 16; process 1 10, 30, 50 → 16, 32, 64.
   # Decoder: process 0 always 3; process 1 3, 6, 9 → 8, 8, 16 (L 16, 4 buckets: 8, 16);
   # decoder_loss_weights (all zero) follows its group.
-  expected = [[16, 8, 8], [32, 8, 8], [64, 16, 16], {"encoder_": 5, "decoder_": 2}, None]
+  expected = [[16, 8, 8], [32, 8, 8], [64, 16, 16], {"encoder_": 5, "decoder_": 2}, None, []]
   assert results[0] == expected
   assert results[1] == expected
 
