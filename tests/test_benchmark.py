@@ -188,6 +188,53 @@ def test_sweep_runs_the_lengths_in_turn_and_shows_each_lengths_fastest(tmp_path,
   assert "| mini | 256 | slic_jax | 2.40 | 2.16 | 256 | 9.38 / 8.44 | +20.0% / +20.0% |" in md
 
 
+def test_sweep_rounds_compare_each_length_with_the_other_lengths_of_its_round(
+    tmp_path, monkeypatch):
+  """The per-round table: round k is every length's k-th run; each length's cost per FLOP
+  against the round's cheapest; a length reused from the side by side (its runs are not
+  the rounds') and a round with a failed run are left out."""
+  def row(li, medians):
+    return {"size": "small", "li": li, "slic_jax": {
+        "model_flops_per_step": li * 1e9, "runs": [{"step_s_median": m} for m in medians]}}
+
+  res = {"settings": {"li": 512}, "comparison": [{"size": "small"}], "sweep": [
+      row(256, [1.0, 1.2, 1.0, 2.0]),
+      row(512, [9.0, 9.0, 9.0, 9.0]),       # the side by side's row: not in the rounds
+      row(1024, [4.4, 4.2, None, 8.8])]}    # round 3 failed at 1024
+  rel = benchmark.sweep_rounds(res)[("small", "slic_jax")]
+  assert sorted(rel) == [256, 1024]
+  # s per GFLOP: 256: 1/256, 1.2/256, 2/256; 1024: 4.4/1024, 4.2/1024, 8.8/1024
+  assert rel[256] == pytest.approx([0.0, 1.2 / 1.05 - 1, 0.0])
+  assert rel[1024] == pytest.approx([0.1, 0.0, 0.1])
+  res["comparison"] = []  # no side by side: 512 joins the rounds and is dearest in each
+  rel = benchmark.sweep_rounds(res)[("small", "slic_jax")]
+  assert rel[512] == pytest.approx([9.0 / 2 - 1, 9.0 / 2.1 - 1, 9.0 / 4 - 1])
+  for r in res["sweep"]:  # one round only (repeats 1): no table
+    r["slic_jax"]["runs"] = r["slic_jax"]["runs"][:1]
+  assert benchmark.sweep_rounds(res) == {}
+
+  # The report of a sweep-only run: the table, and no empty side-by-side section.
+  times = {256: iter([1.0, 1.2, 2.0]), 1024: iter([4.4, 4.2, 8.8])}
+
+  def fake_run_json(cmd, timeout, env=None):
+    if cmd[cmd.index("--_worker") + 1] == "matmul":
+      return {"jax_float32_flops_per_s": 1e11}
+    li = int(cmd[cmd.index("--li") + 1])
+    s = next(times[li])
+    return {"step_s_median": s, "step_s_min": s, "pairs_per_s": 4 / s,
+            "model_flops_per_step": li * 1e9, "achieved_model_flops_per_s": li * 1e9 / s,
+            "peak_rss_mb": 100.0, "dtype": "float32"}
+
+  monkeypatch.setattr(benchmark, "_run_json", fake_run_json)
+  monkeypatch.setattr(benchmark, "peer_cmd", lambda *a, **k: None)
+  benchmark.orchestrate(benchmark.parse_args(
+      ["--sizes", "", "--sweep", "256,1024", "--repeats", "3", "--out_dir", str(tmp_path)]))
+  md = (tmp_path / "results.md").read_text()
+  assert "| mini | slic_jax | 256 | +0.0% | +14.3% | +0.0% | +0.0% |" in md
+  assert "| mini | slic_jax | 1024 | +10.0% | +0.0% | +10.0% | +10.0% |" in md
+  assert "## Side by side" not in md
+
+
 def test_matmul_peaks_are_measured_again_at_the_end_and_the_higher_one_is_used(tmp_path, monkeypatch):
   """A run that timed steps measures the matmul peaks at its start and its end; every
   "% of peak" is against the higher best of the two (a peak caught in a slow phase of the

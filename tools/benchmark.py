@@ -682,8 +682,9 @@ def orchestrate(args) -> dict:
 
   # Input-length sweep. With --repeats R the lengths' processes run R times in turn
   # (128 256 512 1024 128 256 ...), so the VM's drift reaches every length alike; each
-  # length shows its fastest run (`_fastest`). The side by side's run of the same size and
-  # length is reused (already the fastest of its R).
+  # length shows its fastest run (`_fastest`), and the report also compares each length
+  # with the other lengths of the same round (`sweep_rounds`). The side by side's run of
+  # the same size and length is reused (already the fastest of its R).
   lengths = [int(x) for x in args.sweep.split(",") if x]
   size = args.sweep_size
   reused = {"slic_jax": "slic_jax" if args.sweep_dtype == "float32" else "slic_jax_bf16",
@@ -874,12 +875,13 @@ def to_markdown(res: dict) -> str:
                    + (f" {_g(again.get(f'{key}_flops_per_s'), 1e9, '{:.1f}')}"
                       f" | {_g(again.get(f'{key}_flops_per_s_median'), 1e9, '{:.1f}')} |"
                       if end else ""))
-  lines += ["", "## Side by side", "",
-            "| model | framework | s/step (median) | s/step (best) | pairs/s (median) | speed-up "
-            "(median / best) | model GFLOP/step | XLA GFLOP/step | model GFLOP/s (median / best) | "
-            "% of matmul peak of its dtype (median / best) | peak used | peak RSS MB | "
-            "peak device MB | compile s | page faults / step | kernel s / step |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  if res["comparison"]:  # (none in a sweep-only run: --sizes '')
+    lines += ["", "## Side by side", "",
+              "| model | framework | s/step (median) | s/step (best) | pairs/s (median) | speed-up "
+              "(median / best) | model GFLOP/step | XLA GFLOP/step | model GFLOP/s (median / best) | "
+              "% of matmul peak of its dtype (median / best) | peak used | peak RSS MB | "
+              "peak device MB | compile s | page faults / step | kernel s / step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
     for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse", "trl_nockpt", "trl_bf16_nockpt"):
       r = c.get(fw)
@@ -948,6 +950,7 @@ def to_markdown(res: dict) -> str:
                      f"{r['step_s_min']:.2f} | {fl / 1e9:.0f} | {med:.2f} / {best:.2f} | "
                      f"{100 * (med / low[0] - 1):+.1f}% / {100 * (best / low[1] - 1):+.1f}% | "
                      f"{fl / r['step_s_median'] / 1e9:.1f} | {r['peak_rss_mb']:.0f} |")
+    lines += _sweep_rounds_markdown(res)
   if res["levers"]:
     lines += ["", "## Levers (slic_jax)", "",
               "| model | dtype | remat | XLA options | pairs | microbatches | s/step (median) | s/step (best) | "
@@ -993,6 +996,65 @@ def to_markdown(res: dict) -> str:
             "that of the step process, which does not import SeqIO/TensorFlow "
             "(`python -m slic_jax.train` does, for its input pipeline: about +0.6 GB).", ""]
   return "\n".join(lines)
+
+
+def sweep_rounds(res: dict) -> dict:
+  """Each sweep length's cost per FLOP in each round, against that round's cheapest length.
+
+  With --repeats R the sweep runs its lengths in turn R times (round k: every length's
+  k-th run), so a length's run is compared with the other lengths' runs of minutes
+  before and after it rather than with their fastest runs, which the VM's drift may have
+  put in another phase. Returns {(size, framework): {li: [s per model FLOP of the round's
+  median step / the round's lowest − 1, one per round]}} over the rounds in which every
+  length of that size and framework has a median step; lengths whose row is reused from
+  the side by side (not run in the rounds) are left out, and so is a size and framework
+  with fewer than two rounds or two lengths.
+  """
+  s = res["settings"]
+  reused = {c.get("size") for c in res["comparison"]}
+  runs = {}  # (size, framework) -> {li: [(model FLOPs, median step or None), ...]}
+  for row in res["sweep"]:
+    if row["li"] == s.get("li") and row["size"] in reused:
+      continue
+    for fw in ("slic_jax", "trl"):
+      r = row.get(fw)
+      fl = r and r.get("model_flops_per_step")
+      if not fl or not r.get("runs"):
+        continue
+      runs.setdefault((row["size"], fw), {})[row["li"]] = [
+          (fl, x.get("step_s_median")) for x in r["runs"]]
+  out = {}
+  for key, by_li in runs.items():
+    n = min(len(v) for v in by_li.values())
+    rounds = [k for k in range(n) if all(v[k][1] for v in by_li.values())]
+    if len(rounds) < 2 or len(by_li) < 2:
+      continue
+    rel = {li: [] for li in by_li}
+    for k in rounds:
+      cost = {li: v[k][1] / v[k][0] for li, v in by_li.items()}
+      low = min(cost.values())
+      for li in by_li:
+        rel[li].append(cost[li] / low - 1)
+    out[key] = rel
+  return out
+
+
+def _sweep_rounds_markdown(res: dict) -> list[str]:
+  """The table of `sweep_rounds`, or nothing where it is empty."""
+  table = sweep_rounds(res)
+  if not table:
+    return []
+  n = max(len(v) for rel in table.values() for v in rel.values())
+  lines = ["", "Per round (the lengths ran in turn; each length's s per model TFLOP by its "
+           "median step, against the cheapest length of the same round):", "",
+           "| model | framework | Li | " + " | ".join(f"round {k + 1}" for k in range(n))
+           + " | median over rounds |", "|---|---|---|" + "---|" * (n + 1)]
+  for (size, fw), rel in table.items():
+    for li in sorted(rel):
+      cells = [f"{100 * x:+.1f}%" for x in rel[li]] + [""] * (n - len(rel[li]))
+      lines.append(f"| {size} | {fw} | {li} | " + " | ".join(cells)
+                   + f" | {100 * statistics.median(rel[li]):+.1f}% |")
+  return lines
 
 
 def _write(args, res):
