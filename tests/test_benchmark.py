@@ -197,7 +197,7 @@ def test_sweep_rounds_compare_each_length_with_the_other_lengths_of_its_round(
     return {"size": "small", "li": li, "slic_jax": {
         "model_flops_per_step": li * 1e9, "runs": [{"step_s_median": m} for m in medians]}}
 
-  res = {"settings": {"li": 512}, "comparison": [{"size": "small"}], "sweep": [
+  res = {"settings": {"li": 512}, "comparison": [{"size": "small", "slic_jax": {}}], "sweep": [
       row(256, [1.0, 1.2, 1.0, 2.0]),
       row(512, [9.0, 9.0, 9.0, 9.0]),       # the side by side's row: not in the rounds
       row(1024, [4.4, 4.2, None, 8.8])]}    # round 3 failed at 1024
@@ -206,7 +206,9 @@ def test_sweep_rounds_compare_each_length_with_the_other_lengths_of_its_round(
   # s per GFLOP: 256: 1/256, 1.2/256, 2/256; 1024: 4.4/1024, 4.2/1024, 8.8/1024
   assert rel[256] == pytest.approx([0.0, 1.2 / 1.05 - 1, 0.0])
   assert rel[1024] == pytest.approx([0.1, 0.0, 0.1])
-  res["comparison"] = []  # no side by side: 512 joins the rounds and is dearest in each
+  # The side by side's bf16 row is not the float32 sweep's: 512 ran in the rounds, the
+  # dearest length in each.
+  res["comparison"] = [{"size": "small", "slic_jax_bf16": {}}]
   rel = benchmark.sweep_rounds(res)[("small", "slic_jax")]
   assert rel[512] == pytest.approx([9.0 / 2 - 1, 9.0 / 2.1 - 1, 9.0 / 4 - 1])
   for r in res["sweep"]:  # one round only (repeats 1): no table

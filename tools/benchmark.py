@@ -687,13 +687,10 @@ def orchestrate(args) -> dict:
   # the same size and length is reused (already the fastest of its R).
   lengths = [int(x) for x in args.sweep.split(",") if x]
   size = args.sweep_size
-  reused = {"slic_jax": "slic_jax" if args.sweep_dtype == "float32" else "slic_jax_bf16",
-            "trl": "trl"}
   frameworks = ["slic_jax"] + ["trl"] * (args.sweep_peer and not args.no_peer)
 
-  def side_by_side(li, fw):  # the side by side's row for this length, if it ran one
-    return next((c[reused[fw]] for c in res["comparison"] if li == args.li
-                 and c["size"] == size and reused[fw] in c), None)
+  def side_by_side(li, fw):
+    return _side_by_side_row(res, size, li, fw)
 
   sweep_runs = {(li, fw): [] for li in lengths for fw in frameworks}
   for _ in range(max(args.repeats, 1)) if lengths else ():
@@ -998,6 +995,17 @@ def to_markdown(res: dict) -> str:
   return "\n".join(lines)
 
 
+def _side_by_side_row(res: dict, size: str, li: int, framework: str) -> dict | None:
+  """The side by side's row that the sweep reuses for this size, length and framework
+  ('slic_jax' in the sweep's dtype, or 'trl'), or None where it ran none."""
+  s = res["settings"]
+  key = {"slic_jax": ("slic_jax" if s.get("sweep_dtype", "float32") == "float32"
+                      else "slic_jax_bf16"), "trl": "trl"}[framework]
+  if li != s.get("li"):
+    return None
+  return next((c[key] for c in res["comparison"] if c.get("size") == size and key in c), None)
+
+
 def sweep_rounds(res: dict) -> dict:
   """Each sweep length's cost per FLOP in each round, against that round's cheapest length.
 
@@ -1010,16 +1018,13 @@ def sweep_rounds(res: dict) -> dict:
   the side by side (not run in the rounds) are left out, and so is a size and framework
   with fewer than two rounds or two lengths.
   """
-  s = res["settings"]
-  reused = {c.get("size") for c in res["comparison"]}
   runs = {}  # (size, framework) -> {li: [(model FLOPs, median step or None), ...]}
   for row in res["sweep"]:
-    if row["li"] == s.get("li") and row["size"] in reused:
-      continue
     for fw in ("slic_jax", "trl"):
       r = row.get(fw)
       fl = r and r.get("model_flops_per_step")
-      if not fl or not r.get("runs"):
+      if (not fl or not r.get("runs")
+          or _side_by_side_row(res, row["size"], row["li"], fw) is not None):
         continue
       runs.setdefault((row["size"], fw), {})[row["li"]] = [
           (fl, x.get("step_s_median")) for x in r["runs"]]
