@@ -1013,10 +1013,10 @@ def sweep_rounds(res: dict) -> dict:
   k-th run), so a length's run is compared with the other lengths' runs of minutes
   before and after it rather than with their fastest runs, which the VM's drift may have
   put in another phase. Returns {(size, framework): {li: [s per model FLOP of the round's
-  median step / the round's lowest − 1, one per round]}} over the rounds in which every
-  length of that size and framework has a median step; lengths whose row is reused from
-  the side by side (not run in the rounds) are left out, and so is a size and framework
-  with fewer than two rounds or two lengths.
+  median step / the round's lowest − 1, one per round]}}, None in a round where some
+  length of that size and framework has no median step (a failed run); lengths whose row
+  is reused from the side by side (not run in the rounds) are left out, and so is a size
+  and framework with fewer than two complete rounds or two lengths.
   """
   runs = {}  # (size, framework) -> {li: [(model FLOPs, median step or None), ...]}
   for row in res["sweep"]:
@@ -1034,12 +1034,12 @@ def sweep_rounds(res: dict) -> dict:
     rounds = [k for k in range(n) if all(v[k][1] for v in by_li.values())]
     if len(rounds) < 2 or len(by_li) < 2:
       continue
-    rel = {li: [] for li in by_li}
+    rel = {li: [None] * n for li in by_li}
     for k in rounds:
       cost = {li: v[k][1] / v[k][0] for li, v in by_li.items()}
       low = min(cost.values())
       for li in by_li:
-        rel[li].append(cost[li] / low - 1)
+        rel[li][k] = cost[li] / low - 1
     out[key] = rel
   return out
 
@@ -1051,14 +1051,17 @@ def _sweep_rounds_markdown(res: dict) -> list[str]:
     return []
   n = max(len(v) for rel in table.values() for v in rel.values())
   lines = ["", "Per round (the lengths ran in turn; each length's s per model TFLOP by its "
-           "median step, against the cheapest length of the same round):", "",
+           "median step, against the cheapest length of the same round; –: a run of that "
+           "round failed):", "",
            "| model | framework | Li | " + " | ".join(f"round {k + 1}" for k in range(n))
            + " | median over rounds |", "|---|---|---|" + "---|" * (n + 1)]
   for (size, fw), rel in table.items():
     for li in sorted(rel):
-      cells = [f"{100 * x:+.1f}%" for x in rel[li]] + [""] * (n - len(rel[li]))
+      done = [x for x in rel[li] if x is not None]
+      cells = ([f"{100 * x:+.1f}%" if x is not None else "–" for x in rel[li]]
+               + [""] * (n - len(rel[li])))
       lines.append(f"| {size} | {fw} | {li} | " + " | ".join(cells)
-                   + f" | {100 * statistics.median(rel[li]):+.1f}% |")
+                   + f" | {100 * statistics.median(done):+.1f}% |")
   return lines
 
 
