@@ -689,14 +689,11 @@ def orchestrate(args) -> dict:
   size = args.sweep_size
   frameworks = ["slic_jax"] + ["trl"] * (args.sweep_peer and not args.no_peer)
 
-  def side_by_side(li, fw):
-    return _side_by_side_row(res, size, li, fw)
-
   sweep_runs = {(li, fw): [] for li in lengths for fw in frameworks}
   for _ in range(max(args.repeats, 1)) if lengths else ():
     for li in lengths:
       for fw in frameworks:
-        if side_by_side(li, fw) is not None:
+        if _side_by_side_row(res, size, li, fw) is not None:
           continue
         if fw == "slic_jax":
           r = _run_json(slic_cmd(args, size, li, dtype=args.sweep_dtype), t)
@@ -707,7 +704,8 @@ def orchestrate(args) -> dict:
   for li in lengths:
     row = {"size": size, "li": li}
     for fw in frameworks:
-      row[fw] = side_by_side(li, fw) or _fastest(sweep_runs[(li, fw)])
+      reused = _side_by_side_row(res, size, li, fw)
+      row[fw] = reused if reused is not None else _fastest(sweep_runs[(li, fw)])
       if fw == "slic_jax":
         add_peak(row[fw])
     res["sweep"].append(row)
