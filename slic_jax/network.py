@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slic_jax import blocked_attention
+from slic_jax import fused_softmax
 from slic_jax import matmul
 
 param_with_axes = nn_partitioning.param_with_axes
@@ -118,6 +119,15 @@ class T5Config:
       'xla': the same call with jax's XLA implementation (float32 logits; any backend),
       the reference the 'cudnn' path is checked against. Both need deterministic
       attention (no dropout on the weights) and ignore `attention_block_bytes`.
+      'fused_softmax': the encoder's self-attention (unpacked inputs) with the softmax
+      passes between its two matmuls fused into one CPU kernel per direction
+      (`fused_softmax`, compiled from `slic_jax/csrc/fused_softmax.cc` on first use;
+      dtype bfloat16 or float32, float32 logits, deterministic attention); the position
+      bias as one value per diagonal. Everything else as 'default'. T5 1.1 small, 4 pairs,
+      bf16, on a 2-core AMD EPYC Zen 4: 3.58 against 3.79 s per step at Li 1024 (median
+      of six runs each), the same at Li 512 (2.11 against 2.125 s); float32 was slower at
+      Li 512 (3.47 against 3.25 s) and the same at Li 1024, so float32 keeps 'default'
+      (`tools/benchmark.py --sweep_attention`; `benchmarks/NOTES.md`, session 32).
       On an NVIDIA H200 (T5 1.1 small, bf16, 32 pairs, Li 512, Lt 64; two calls of
       `benchmarks/gpu_h200_session24/`): 'cudnn' 1073 / 1091 against 818 / 882 pairs/s,
       peak device memory 3982 against 6854 MB; with remat 'full' 1002 against 800
@@ -175,13 +185,20 @@ class T5Config:
           f"attention_implementation='cudnn' (cuDNN's fused attention) needs dtype "
           f"bfloat16 or float16, got dtype={self.dtype.name}; use 'default' or 'xla' "
           f"for {self.dtype.name}")
+    if self.attention_implementation == 'fused_softmax' and (
+        self.dtype.name not in ('bfloat16', 'float32') or not self.float32_attention_logits):
+      raise ValueError(
+          f"attention_implementation='fused_softmax' (the CPU softmax kernels) takes "
+          f"float32 logits and gives probabilities in dtype: it needs dtype bfloat16 or "
+          f"float32 and float32_attention_logits=True, got dtype={self.dtype.name}, "
+          f"float32_attention_logits={self.float32_attention_logits}; use 'default'")
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(
           f'remat_policy must be one of {sorted(_REMAT_POLICIES)}, '
           f'got {self.remat_policy!r}')
 
 
-_ATTENTION_IMPLEMENTATIONS = ('default', 'cudnn', 'xla')
+_ATTENTION_IMPLEMENTATIONS = ('default', 'cudnn', 'xla', 'fused_softmax')
 
 _REMAT_POLICIES = {
     'none': None,
@@ -572,7 +589,9 @@ class RelativePositionBiases(nn.Module):
   """T5 relative position attention bias, bias[0, h, q, k] = E[h, bucket(k - q)].
 
   Parameter `rel_embedding` E [H, num_buckets] ('heads', 'relpos_buckets').
-  Returns [1, H, qlen, klen] in `dtype` (`relative_bias`).
+  Returns [1, H, qlen, klen] in `dtype` (`relative_bias`); with `diagonals=True` one
+  value per diagonal instead, [H, qlen + klen - 1] with entry k - q + qlen - 1 =
+  E[h, bucket(k - q)] (the form the 'fused_softmax' kernels take).
   """
 
   num_buckets: int
@@ -582,12 +601,17 @@ class RelativePositionBiases(nn.Module):
   weight_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, qlen: int, klen: int, bidirectional: bool = True):
+  def __call__(self, qlen: int, klen: int, bidirectional: bool = True,
+               diagonals: bool = False):
     table = param_with_axes('rel_embedding', _relpos_init,
                             (self.num_heads, self.num_buckets), self.weight_dtype,
                             axes=('heads', 'relpos_buckets'))
-    return relative_bias(table.astype(self.dtype), qlen, klen, bidirectional,
-                         self.max_distance)[None]
+    table = table.astype(self.dtype)
+    if diagonals:  # [H, qlen + klen - 1]: entry d + qlen - 1 is the bias of k - q = d
+      bucket = _bucket_of(qlen, klen, bidirectional, self.num_buckets, self.max_distance,
+                          diagonals=True)
+      return jnp.take(table, jnp.asarray(bucket), axis=1)
+    return relative_bias(table, qlen, klen, bidirectional, self.max_distance)[None]
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -680,7 +704,11 @@ class MultiHeadDotProductAttention(nn.Module):
         if bias is not None:
           bias = lax.dynamic_slice_in_dim(bias, i, 1, axis=-2)  # [1, H, 1, L]
 
-    if self.implementation != 'default' and not decode:
+    if (self.implementation == 'fused_softmax' and bias is not None and bias.ndim == 2
+        and not decode):
+      x = self._fused_softmax(query, key, value, mask, bias, deterministic)
+      return self._output(x.reshape(x.shape[:2] + (heads * depth,)), inputs_q.shape[-1])
+    if self.implementation in ('cudnn', 'xla') and not decode:
       x = self._fused_attention(query, key, value, mask, bias, deterministic)
       return self._output(x.reshape(x.shape[:2] + (heads * depth,)), inputs_q.shape[-1])
 
@@ -764,6 +792,29 @@ class MultiHeadDotProductAttention(nn.Module):
     x = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=keep, scale=1.0,
                                      implementation=self.implementation)
     return x.reshape((rows, q_len) + x.shape[2:])
+
+  def _fused_softmax(self, query, key, value, valid, diagonal_bias, deterministic: bool):
+    """Self-attention with the softmax passes in the CPU kernels (`fused_softmax`).
+
+    query/key/value [B, L, H, K]; valid [B, L] (> 0: a token; None: all) masks keys and
+    queries; diagonal_bias [H, 2L - 1] (`RelativePositionBiases(diagonals=True)`).
+    Returns [B, L, H, K] in `dtype`.
+    """
+    if not (deterministic or self.dropout_rate == 0.0):
+      raise ValueError(
+          f"attention_implementation='fused_softmax' has no dropout on the attention "
+          f"weights; use attention_implementation='default' with "
+          f"dropout_rate={self.dropout_rate} when training with dropout.")
+    if jax.default_backend() != 'cpu':
+      raise ValueError(
+          f"attention_implementation='fused_softmax' is a pair of CPU kernels (jax's default "
+          f"backend is {jax.default_backend()!r}); use 'cudnn' on NVIDIA GPUs or 'default'")
+    logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
+                           out_dtype=jnp.float32, float32_vjp=self.float32_vjp)
+    valid = (jnp.ones(query.shape[:2], jnp.float32) if valid is None
+             else (valid > 0).astype(jnp.float32))
+    return fused_softmax.softmax_weighted_values(logits, value, diagonal_bias, valid, valid,
+                                                 self.dtype)
 
   def _output(self, x, features: int):
     """The output projection W_o: [B, Lq, H·K] -> [B, Lq, D]."""
@@ -1082,7 +1133,11 @@ def _maybe_remat(cls, cfg: T5Config, static_argnums, decode: bool = False):
 
 
 class Encoder(nn.Module):
-  """Embedding -> layers -> final RMS norm. tokens [B, Li] -> [B, Li, D]."""
+  """Embedding -> layers -> final RMS norm. tokens [B, Li] -> [B, Li, D].
+
+  `encoder_mask`: [B, 1, Li, Li] (> 0: attend), or with attention_implementation
+  'fused_softmax' the tokens' validity [B, Li] (a padding mask; `Transformer.encode`).
+  """
 
   config: T5Config
   shared_embedding: nn.Module
@@ -1092,7 +1147,11 @@ class Encoder(nn.Module):
                deterministic: bool = True):
     cfg = self.config
     length = encoder_input_tokens.shape[-1]
-    bias = _relpos(cfg)(length, length, True)  # [1, H, Li, Li]
+    # 'fused_softmax' takes a padding mask as the tokens' validity [B, Li] (`encode`) and
+    # the position bias per diagonal, [H, 2 Li - 1]; otherwise [1, H, Li, Li].
+    diagonals = (cfg.attention_implementation == 'fused_softmax'
+                 and (encoder_mask is None or encoder_mask.ndim == 2))
+    bias = _relpos(cfg)(length, length, True, diagonals=diagonals)
     x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
     x = _constrain(_dropout(cfg, x, deterministic).astype(cfg.dtype))
     layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
@@ -1198,6 +1257,11 @@ class Transformer(nn.Module):
       raise ValueError(f'encoder_input_tokens must be [batch, length], got '
                        f'{encoder_input_tokens.shape}')
     valid = encoder_input_tokens > 0
+    if cfg.attention_implementation == 'fused_softmax' and encoder_segment_ids is None:
+      # The kernels mask keys and queries by validity [B, Li]; packed inputs (segment
+      # masks) keep the [B, 1, Li, Li] mask and the default attention.
+      return self.encoder(encoder_input_tokens, valid.astype(cfg.dtype),
+                          deterministic=not enable_dropout)
     mask = make_attention_mask(valid, valid, dtype=cfg.dtype)
     if encoder_segment_ids is not None:
       mask = combine_masks(mask, make_attention_mask(

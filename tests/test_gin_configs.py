@@ -67,14 +67,16 @@ def test_experiment_builds_model_data_and_run_config(gin_file, model_cls, task):
   assert gin.query_parameter("%DROPOUT_RATE") == 0.0  # experiment overrides finetune.gin's 0.1
 
 
-def test_gpu_bf16_file_switches_dtype_and_attention_for_either_experiment():
+@pytest.mark.parametrize("add_on,attention", [("gin/gpu_bf16.gin", "cudnn"),
+                                               ("gin/cpu_bf16.gin", "fused_softmax")])
+def test_bf16_add_on_files_switch_dtype_and_attention_for_either_experiment(add_on, attention):
   for experiment in ("gin/slic_hf.gin", "gin/sft.gin"):
     gin.clear_config()
-    train.parse_experiment([experiment, "gin/gpu_bf16.gin"], [])
+    train.parse_experiment([experiment, add_on], [])
     cfg = build("%MODEL").module.config
     assert (cfg.dtype.name, cfg.attention_implementation, cfg.logits_dtype.name) == (
-        "bfloat16", "cudnn", "float32"), experiment
-    assert cfg.dropout_rate == 0.0  # cuDNN attention has no dropout on the weights
+        "bfloat16", attention, "float32"), experiment
+    assert cfg.dropout_rate == 0.0  # neither attention has dropout on the weights
 
 
 def test_demo_style_overrides():

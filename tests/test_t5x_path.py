@@ -100,6 +100,12 @@ def test_gpu_bf16_gin_parses_for_t5x():
   assert (cfg.dtype.name, cfg.attention_implementation) == ("bfloat16", "cudnn")
 
 
+def test_cpu_bf16_gin_parses_for_t5x():
+  parse_for_t5x(["gin/slic_hf.gin", "gin/cpu_bf16.gin"])
+  cfg = build("%MODEL").module.config
+  assert (cfg.dtype.name, cfg.attention_implementation) == ("bfloat16", "fused_softmax")
+
+
 def test_sft_gin_parses_for_t5x_then_for_slic_jax():
   parse_for_t5x("gin/sft.gin")
   assert type(build("%MODEL")) is models.EncoderDecoderModel

@@ -97,7 +97,8 @@ T5X_ENV = "/tmp/t5x_env"
 SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat",
              "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc",
-             "slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn")
+             "slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn",
+             "slic_jax_2row_bf16_fused_softmax")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -114,13 +115,22 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_2row_glibc": ("chosen", 1, "float32", "none"),
                 "slic_jax_2row_bf16_glibc": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_bf16_cudnn": ("chosen", 1, "bfloat16", "none"),
-                "slic_jax_2row_bf16_remat_cudnn": ("chosen", 1, "bfloat16", "full")}
+                "slic_jax_2row_bf16_remat_cudnn": ("chosen", 1, "bfloat16", "full"),
+                "slic_jax_2row_bf16_fused_softmax": ("chosen", 1, "bfloat16", "none")}
 # rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
 # others call `host_memory.reuse_freed_memory()` first, as slic_jax.train does.
 GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
 # rows with cuDNN's fused attention (`network.T5Config.attention_implementation='cudnn'`;
 # NVIDIA GPUs only, e.g. `tools/benchmark_gpu.sh`); all others use the default attention.
 CUDNN_ROWS = ("slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn")
+# rows with the CPU softmax kernels (`attention_implementation='fused_softmax'`).
+FUSED_SOFTMAX_ROWS = ("slic_jax_2row_bf16_fused_softmax",)
+
+
+def row_attention(key: str) -> str:
+  """The attention_implementation of a side-by-side row."""
+  return ("cudnn" if key in CUDNN_ROWS else
+          "fused_softmax" if key in FUSED_SOFTMAX_ROWS else "default")
 LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row": "slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL)",
           "slic_jax_2row_mb4": "slic_jax (2 rows, 4 microbatches)",
@@ -133,6 +143,7 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_bf16_glibc": "slic_jax bf16 (2 rows), glibc's default malloc",
           "slic_jax_2row_bf16_cudnn": "slic_jax bf16 (2 rows), cuDNN attention",
           "slic_jax_2row_bf16_remat_cudnn": "slic_jax bf16 (2 rows, remat 'full'), cuDNN attention",
+          "slic_jax_2row_bf16_fused_softmax": "slic_jax bf16 (2 rows), fused softmax kernels",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
           "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
@@ -620,7 +631,7 @@ def orchestrate(args) -> dict:
       "settings": {"batch_pairs": args.batch, "li": args.li, "lt": args.lt,
                    "steps": args.steps, "warmup": args.warmup, "peer_steps": args.peer_steps,
                    "peer_warmup": args.peer_warmup, "seed": args.seed, "repeats": args.repeats,
-                   "sweep_dtype": args.sweep_dtype},
+                   "sweep_dtype": args.sweep_dtype, "sweep_attention": args.sweep_attention},
       "matmul": {}, "comparison": [], "sweep": [], "levers": [],
       "t5x": {"status": "not run", "note": "--trainers not given"},
   }
@@ -651,8 +662,7 @@ def orchestrate(args) -> dict:
         runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype, remat=remat,
                                             reg_target=reg_target, microbatches=micro,
                                             host_malloc=malloc,
-                                            attention_implementation=(
-                                                "cudnn" if key in CUDNN_ROWS else "default")),
+                                            attention_implementation=row_attention(key)),
                                     t))
       for pkey in peers:
         pc = None if args.no_peer else peer_cmd(
@@ -696,7 +706,8 @@ def orchestrate(args) -> dict:
         if _side_by_side_row(res, size, li, fw) is not None:
           continue
         if fw == "slic_jax":
-          r = _run_json(slic_cmd(args, size, li, dtype=args.sweep_dtype), t)
+          r = _run_json(slic_cmd(args, size, li, dtype=args.sweep_dtype,
+                                 attention_implementation=args.sweep_attention), t)
         else:
           pc = peer_cmd(args, size, li)
           r = _run_json(pc, t) if pc else {"error": "peer env missing"}
@@ -912,6 +923,7 @@ def to_markdown(res: dict) -> str:
     repeats = s.get("repeats") or 1
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
               f"{s.get('sweep_dtype', 'float32')}"
+              f"{'' if s.get('sweep_attention', 'default') == 'default' else ', attention_implementation=' + repr(s['sweep_attention'])}"
               f"{f'; each length the fastest of {repeats} runs in turn' if repeats > 1 else ''})",
               "",
               "| model | Li | framework | s/step (median) | s/step (best) | model GFLOP/step | "
@@ -999,7 +1011,7 @@ def _side_by_side_row(res: dict, size: str, li: int, framework: str) -> dict | N
   s = res["settings"]
   key = {"slic_jax": ("slic_jax" if s.get("sweep_dtype", "float32") == "float32"
                       else "slic_jax_bf16"), "trl": "trl"}[framework]
-  if li != s.get("li"):
+  if li != s.get("li") or s.get("sweep_attention", "default") != "default":
     return None
   return next((c[key] for c in res["comparison"] if c.get("size") == size and key in c), None)
 
@@ -1085,7 +1097,7 @@ def parse_args(argv=None):
   ap.add_argument("--attention_block_bytes", type=int, default=0,
                   help="step worker: network.T5Config.attention_block_bytes (0: unblocked)")
   ap.add_argument("--attention_implementation", default="default",
-                  choices=["default", "cudnn", "xla"],
+                  choices=["default", "cudnn", "xla", "fused_softmax"],
                   help="step worker only: network.T5Config.attention_implementation "
                        "('cudnn': cuDNN fused attention, NVIDIA GPUs, bfloat16); side by "
                        "side, the *_cudnn rows")
@@ -1131,6 +1143,9 @@ def parse_args(argv=None):
   ap.add_argument("--sweep", default="128,256,512,1024", help="input lengths ('' = none)")
   ap.add_argument("--sweep_size", default="mini")
   ap.add_argument("--sweep_peer", action="store_true", help="also sweep the TRL peer")
+  ap.add_argument("--sweep_attention", default="default",
+                  choices=["default", "fused_softmax"],
+                  help="network.T5Config.attention_implementation of the sweep's runs")
   ap.add_argument("--sweep_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="slic_jax's compute dtype in the sweep (bfloat16: logits too)")
   ap.add_argument("--levers", action="store_true", help="dtype/remat/batch variants")
@@ -1176,7 +1191,8 @@ def main(argv=None):
   sys.path.insert(0, REPO)
   if args.attention_implementation != "default" and not args._worker:
     raise SystemExit("--attention_implementation is a step worker's flag; side by side, "
-                     f"add the rows {', '.join(CUDNN_ROWS)} to --rows")
+                     f"add the rows {', '.join(CUDNN_ROWS + FUSED_SOFTMAX_ROWS)} to --rows"
+                     "; in the sweep, --sweep_attention")
   if args._worker:
     fn = {"slic": worker_slic, "matmul": worker_matmul}[args._worker]
     print(json.dumps(fn(args)), flush=True)

@@ -1,0 +1,204 @@
+"""Self-attention's softmax passes as two fused XLA:CPU kernels (`jax.ffi`).
+
+`network.T5Config.attention_implementation = 'fused_softmax'` routes the encoder's
+self-attention through `softmax_weighted_values` here: the q·k and p·v matmuls (and
+their gradients) stay XLA's, and everything between them is one pass over the
+[B, H, Lq, Lk] arrays per direction (`slic_jax/csrc/fused_softmax.cc`):
+
+    forward   p = bf16(softmax_k(logits + E[h, bucket(k − q)], over the valid keys))
+    backward  dlogits = bf16(p ⊙ (dp − Σ_d do ⊙ o)),
+              dE_diag[h, k − q] = Σ_b Σ_(q, k) dlogits        (per diagonal, [H, Lq + Lk − 1])
+
+XLA:CPU runs these as five to seven separate loops (the logits + biases add, the max,
+the exp, the sum, the bf16 rounding; the cotangent, its sum over the batch and the
+relative-position-bias reduction), which leave the caches at long inputs (T5 1.1 small,
+4 pairs, Li 1024: a [4, 6, 1024, 1024] float32 array is 100 MB). The position bias enters
+as one value per diagonal (`network.RelativePositionBiases(..., diagonals=True)`), never
+as an [H, Lq, Lk] array.
+
+The kernels are compiled from source on first use with the C++ compiler in `$CXX`
+(default `g++`) for the host CPU (`-march=native`, or `$SLIC_JAX_KERNEL_ARCH_FLAGS`:
+AVX-512 BF16 intrinsics where the target has them, plain loops otherwise) into `$SLIC_JAX_KERNEL_CACHE` (default
+`~/.cache/slic_jax/kernels`), keyed by the source, jaxlib's version, the compiler and the
+CPU, and registered with XLA as CPU custom calls. The probabilities are in the compute
+dtype (bfloat16 or float32), as in `network.softmax_weighted_values`. Under a multi-device
+mesh XLA does not partition the custom calls (it gathers their operands); this is a
+single-device CPU lever.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from slic_jax import matmul
+
+SOURCE = Path(__file__).parent / "csrc" / "fused_softmax.cc"
+# The custom calls by the probabilities' dtype.
+FORWARD_TARGETS = {"bfloat16": "slic_fused_softmax_fwd_bf16", "float32": "slic_fused_softmax_fwd_f32"}
+BACKWARD_TARGETS = {"bfloat16": "slic_fused_softmax_bwd_bf16", "float32": "slic_fused_softmax_bwd_f32"}
+_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c++17")
+
+
+class KernelUnavailable(RuntimeError):
+  """The fused softmax kernels cannot be built or loaded on this machine."""
+
+
+def _cpu_signature() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
+    return "".join(sorted(set(lines)))
+  except OSError:
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get("SLIC_JAX_KERNEL_CACHE",
+                             Path.home() / ".cache" / "slic_jax" / "kernels"))
+
+
+def library_path() -> Path:
+  """Builds the kernels' shared library if needed; returns its path.
+
+  Raises `KernelUnavailable` (naming the compiler or the source file and the compiler's
+  message) when there is no compiler or the build fails.
+  """
+  cxx = os.environ.get("CXX", "g++")
+  compiler = shutil.which(cxx)
+  if compiler is None:
+    raise KernelUnavailable(
+        f"attention_implementation='fused_softmax' compiles {SOURCE} on first use and "
+        f"needs a C++17 compiler: {cxx!r} (from $CXX, default g++) is not on PATH")
+  flags = _FLAGS + tuple(os.environ.get("SLIC_JAX_KERNEL_ARCH_FLAGS", "-march=native").split())
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+               " ".join(flags).encode(), _cpu_signature().encode(),
+               platform.machine().encode()):
+    key.update(part)
+  out = _cache_dir() / f"fused_softmax-{key.hexdigest()[:20]}.so"
+  if out.exists():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  os.close(fd)
+  cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise KernelUnavailable(
+          f"building {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    os.replace(tmp, out)  # atomic: concurrent builders each leave a whole library
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def register() -> Path:
+  """Builds (once per machine) and registers the two CPU custom calls; idempotent."""
+  path = library_path()
+  lib = ctypes.CDLL(str(path))
+  for name in (*FORWARD_TARGETS.values(), *BACKWARD_TARGETS.values()):
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+  return path
+
+
+def available() -> bool:
+  """True if the kernels build and load here (used by tests to skip, counted)."""
+  try:
+    register()
+  except KernelUnavailable:
+    return False
+  return True
+
+
+def _kind(dtype) -> str:
+  name = jnp.dtype(dtype).name
+  if name not in FORWARD_TARGETS:
+    raise ValueError(f"fused_softmax computes bfloat16 or float32 probabilities, not {name}")
+  return name
+
+
+def probabilities(logits, diagonal_bias, key_valid, query_valid, dtype=jnp.bfloat16):
+  """p = softmax over valid keys of logits + bias, in `dtype` (the forward kernel alone).
+
+  logits f32 [B, H, Q, K]; diagonal_bias f32 [H, Q + K − 1], entry k − q + Q − 1 the bias
+  of relative position k − q; key_valid [B, K], query_valid [B, Q] (nonzero: attend).
+  A query row that is invalid, or has no valid key, is uniform 1/K (T5X's −1e10 mask
+  bias gives the same). Returns p [B, H, Q, K] in `dtype` (bfloat16 or float32).
+  """
+  register()
+  kind = _kind(dtype)
+  return jax.ffi.ffi_call(FORWARD_TARGETS[kind], jax.ShapeDtypeStruct(logits.shape, kind))(
+      logits.astype(jnp.float32), diagonal_bias.astype(jnp.float32),
+      key_valid.astype(jnp.float32), query_valid.astype(jnp.float32))
+
+
+def probabilities_grad(dp, probs, row):
+  """dlogits = p (dp − row) in p's dtype and its per-diagonal sums over b and the rows.
+
+  dp f32 [B, H, Q, K], probs bf16 or f32 [B, H, Q, K], row f32 [B, H, Q]. Returns dlogits
+  [B, H, Q, K] in probs' dtype (bf16: rounded once) and ddiag f32 [H, Q + K − 1] (sums of
+  dlogits as returned).
+  """
+  register()
+  kind = _kind(probs.dtype)
+  b, h, q, k = dp.shape
+  return jax.ffi.ffi_call(
+      BACKWARD_TARGETS[kind], (jax.ShapeDtypeStruct(dp.shape, kind),
+                               jax.ShapeDtypeStruct((h, q + k - 1), jnp.float32)))(
+      dp.astype(jnp.float32), probs, row.astype(jnp.float32))
+
+
+def softmax_weighted_values(logits, value, diagonal_bias, key_valid, query_valid, dtype):
+  """o = softmax(logits + bias, masked) · v with the fused kernels.
+
+  logits f32 [B, H, Q, K] (q·k, no bias), value [B, K, H, D], diagonal_bias f32
+  [H, Q + K − 1], key_valid [B, K], query_valid [B, Q]. Returns o [B, Q, H, D] in `dtype`
+  (bfloat16 or float32: the probabilities' and the p·v matmul's dtype, float32
+  accumulation). The VJP is `network.softmax_weighted_values`'s (dp = do · vᵀ in float32,
+  row = Σ_d do ⊙ o, dv = pᵀ · do) with the elementwise part in the backward kernel; the
+  bias gets its per-diagonal sums, the validity masks no gradient.
+  """
+  return _softmax_weighted_values(logits, value, diagonal_bias, key_valid, query_valid,
+                                  _kind(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _softmax_weighted_values(logits, value, diagonal_bias, key_valid, query_valid, kind):
+  return _fwd(logits, value, diagonal_bias, key_valid, query_valid, kind)[0]
+
+
+def _fwd(logits, value, diagonal_bias, key_valid, query_valid, kind):
+  p = probabilities(logits, diagonal_bias, key_valid, query_valid, kind)
+  v = value.astype(kind)
+  o = jnp.einsum('bhqk,bkhd->bqhd', p, v, preferred_element_type=jnp.float32).astype(kind)
+  tags = tuple(jnp.zeros((0,), x.dtype) for x in (logits, value, diagonal_bias))
+  return o, (p, v, o, key_valid, query_valid, tags)
+
+
+def _bwd(kind, res, g):
+  p, v, o, key_valid, query_valid, (logits_tag, value_tag, bias_tag) = res
+  g = g.astype(kind)
+  dv = matmul.contract('bhqk,bqhd->bkhd', p, g, dtype=kind)
+  dp = matmul.contract('bqhd,bkhd->bhqk', g, v, dtype=kind)
+  row = jnp.einsum('bqhd,bqhd->bhq', g.astype(jnp.float32), o.astype(jnp.float32))
+  dlogits, ddiag = probabilities_grad(dp, p, row)
+  return (dlogits.astype(logits_tag.dtype), dv.astype(value_tag.dtype),
+          ddiag.astype(bias_tag.dtype), jnp.zeros_like(key_valid),
+          jnp.zeros_like(query_valid))
+
+
+_softmax_weighted_values.defvjp(_fwd, _bwd)

@@ -1,0 +1,178 @@
+"""The CPU softmax kernels (`slic_jax.fused_softmax`) against the attention they replace."""
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slic_jax import fused_softmax, network
+
+needs_kernels = pytest.mark.skipif(
+    not fused_softmax.available(),
+    reason="the fused softmax kernels need a C++17 compiler ($CXX, default g++)")
+
+
+def _reference_probs(logits, diag, key_valid, query_valid):
+  """softmax over the valid keys of logits + bias[h, k − q], uniform for masked rows."""
+  b, h, q, k = logits.shape
+  rel = np.arange(k)[None, :] - np.arange(q)[:, None] + q - 1
+  x = logits + diag[:, rel][None]
+  x = np.where(key_valid[:, None, None, :] > 0, x, -np.inf)
+  x = x - x.max(-1, keepdims=True)
+  e = np.exp(x)
+  p = e / e.sum(-1, keepdims=True)
+  return np.where(query_valid[:, None, :, None] > 0, p, 1.0 / k)
+
+
+def _inputs(q, k, seed=0):
+  rng = np.random.default_rng(seed)
+  logits = (rng.normal(size=(3, 2, q, k)) * 4).astype(np.float32)
+  diag = rng.normal(size=(2, q + k - 1)).astype(np.float32)
+  key_valid = np.ones((3, k), np.float32)
+  key_valid[1, k - 7:] = 0
+  key_valid[2, 3:] = 0
+  query_valid = np.ones((3, q), np.float32)
+  query_valid[1, q - 5:] = 0
+  query_valid[2, :2] = 0
+  return logits, diag, key_valid, query_valid
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,rtol", [(jnp.bfloat16, 2 ** -8), (jnp.float32, 2e-6)])
+@pytest.mark.parametrize("q,k", [(37, 37), (20, 53), (64, 32)])
+def test_forward_kernel_is_the_masked_softmax_with_the_diagonal_bias(q, k, dtype, rtol):
+  logits, diag, key_valid, query_valid = _inputs(q, k)
+  got = jax.jit(fused_softmax.probabilities, static_argnums=4)(
+      logits, diag, key_valid, query_valid, dtype)
+  assert got.dtype == dtype
+  got = np.asarray(got, np.float32)
+  want = _reference_probs(logits, diag, key_valid, query_valid)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7)
+  assert np.all(got[1, :, :q - 5, k - 7:] == 0)  # masked keys get exactly 0
+  np.testing.assert_array_equal(got[2, :, :2], np.float32(jnp.asarray(1.0 / k, dtype)))
+  np.testing.assert_allclose(got.sum(-1), 1.0, atol=k * rtol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_backward_kernel_rounds_like_xla_and_sums_each_diagonal(dtype):
+  q, k = 29, 45
+  rng = np.random.default_rng(1)
+  probs = jnp.asarray(rng.random((3, 2, q, k)), dtype)
+  dp = rng.normal(size=(3, 2, q, k)).astype(np.float32)
+  row = rng.normal(size=(3, 2, q)).astype(np.float32)
+  dlogits, ddiag = jax.jit(fused_softmax.probabilities_grad)(dp, probs, row)
+  assert dlogits.dtype == dtype
+  want = (probs.astype(jnp.float32) * (dp - row[..., None])).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(dlogits, np.float32), np.asarray(want, np.float32))
+  rel = (np.arange(k)[None, :] - np.arange(q)[:, None] + q - 1).ravel()
+  want_diag = np.zeros((2, q + k - 1))
+  summed = np.asarray(want, np.float64).sum(0).reshape(2, -1)
+  for h in range(2):
+    np.add.at(want_diag[h], rel, summed[h])
+  np.testing.assert_allclose(np.asarray(ddiag), want_diag, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_loss_and_grads(impl, tokens, targets, params=None, dtype="bfloat16"):
+  cfg = network.make_config("tiny", dtype=dtype, attention_implementation=impl)
+  model = network.Transformer(cfg)
+  if params is None:
+    params = model.init(jax.random.PRNGKey(0), tokens, targets, targets,
+                        enable_dropout=False)["params"]
+
+  def loss(params):
+    logits = model.apply({"params": params}, tokens, targets, targets, enable_dropout=False)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    return -jnp.sum(lp * (targets > 0))
+
+  return params, jax.jit(jax.value_and_grad(loss))(params)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_model_with_fused_softmax_matches_default_attention_with_padding(dtype):
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(1, 500, size=(3, 45))
+  tokens[1, 30:] = 0
+  tokens[2, 5:] = 0
+  targets = rng.integers(1, 500, size=(3, 9))
+  targets[0, 6:] = 0
+  params, (loss_d, grads_d) = _tiny_loss_and_grads("default", tokens, targets, dtype=dtype)
+  _, (loss_f, grads_f) = _tiny_loss_and_grads("fused_softmax", tokens, targets, params, dtype)
+  np.testing.assert_allclose(float(loss_f), float(loss_d), rtol=1e-5)
+  for (path, gd), gf in zip(jax.tree_util.tree_leaves_with_path(grads_d),
+                            jax.tree.leaves(grads_f)):
+    err = float(jnp.linalg.norm(gf - gd) / jnp.linalg.norm(gd))
+    assert err < 1e-4, (jax.tree_util.keystr(path), err)
+  # The encoder's position bias gets a gradient through the kernels' diagonal sums.
+  assert float(jnp.abs(grads_f["encoder"]["relpos_bias"]["rel_embedding"]).sum()) > 0
+
+
+@needs_kernels
+def test_fused_softmax_runs_the_kernels_in_the_encoder_only():
+  cfg = network.make_config("tiny", dtype="bfloat16", attention_implementation="fused_softmax")
+  model = network.Transformer(cfg)
+  tokens = jnp.ones((2, 16), jnp.int32)
+  targets = jnp.ones((2, 8), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), tokens, targets, targets,
+                      enable_dropout=False)["params"]
+  grad = jax.grad(lambda p: model.apply({"params": p}, tokens, targets, targets,
+                                        enable_dropout=False).sum())
+  hlo = jax.jit(grad).lower(params).as_text()
+  assert hlo.count(fused_softmax.FORWARD_TARGETS["bfloat16"]) == cfg.num_encoder_layers
+  assert hlo.count(fused_softmax.BACKWARD_TARGETS["bfloat16"]) == cfg.num_encoder_layers
+  # Packed inputs (segment masks) keep the default attention.
+  packed = jax.jit(lambda p: model.apply(
+      {"params": p}, tokens, targets, targets, jnp.ones_like(tokens), jnp.ones_like(targets),
+      enable_dropout=False)).lower(params).as_text()
+  assert "slic_fused_softmax" not in packed
+
+
+def test_fused_softmax_needs_bfloat16_or_float32_and_float32_logits():
+  with pytest.raises(ValueError, match="fused_softmax.*dtype=float16"):
+    network.make_config("tiny", dtype="float16", attention_implementation="fused_softmax")
+  with pytest.raises(ValueError, match="float32_attention_logits=False"):
+    network.make_config("tiny", dtype="bfloat16", float32_attention_logits=False,
+                        attention_implementation="fused_softmax")
+
+
+def test_missing_compiler_is_named(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", "no-such-compiler-here")
+  monkeypatch.setenv("SLIC_JAX_KERNEL_CACHE", str(tmp_path))
+  with pytest.raises(fused_softmax.KernelUnavailable, match="'no-such-compiler-here'.*not on PATH"):
+    fused_softmax.library_path()
+  assert list(tmp_path.iterdir()) == []
+
+
+_PORTABLE_CHECK = """
+import numpy as np, jax, jax.numpy as jnp, sys
+sys.path.insert(0, {tests!r})
+from test_fused_softmax import _inputs, _reference_probs
+from slic_jax import fused_softmax
+logits, diag, kv, qv = _inputs(37, 37)
+for dtype, rtol in ((jnp.bfloat16, 2 ** -8), (jnp.float32, 2e-6)):
+  got = np.asarray(fused_softmax.probabilities(logits, diag, kv, qv, dtype), np.float32)
+  np.testing.assert_allclose(got, _reference_probs(logits, diag, kv, qv), rtol=rtol, atol=1e-7)
+  probs = jnp.asarray(_reference_probs(logits, diag, kv, qv), dtype)
+  dl, _ = fused_softmax.probabilities_grad(logits, probs, logits[..., 0])
+  want = (probs.astype(jnp.float32) * (logits - logits[..., :1])).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(dl, np.float32), np.asarray(want, np.float32))
+print(fused_softmax.register())
+"""
+
+
+@needs_kernels
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 target flags")
+def test_portable_loops_without_avx512_give_the_same_results(tmp_path):
+  """The plain loops (a CPU without AVX-512 BF16), built with -march=x86-64-v3."""
+  env = {**os.environ, "SLIC_JAX_KERNEL_ARCH_FLAGS": "-march=x86-64-v3",
+         "SLIC_JAX_KERNEL_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(
+      [sys.executable, "-c", _PORTABLE_CHECK.format(tests=os.path.dirname(__file__))],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert str(tmp_path) in out.stdout  # built with the flags above, not the shared cache
