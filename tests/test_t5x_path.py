@@ -130,12 +130,14 @@ def world(tmp_path_factory):
 
 
 def run_t5x(gin_file, model_dir, world, extra):
-  """`python -m t5x.train` in a subprocess (cwd = repo root); returns its log."""
+  """`python -m t5x.train` in a subprocess (cwd = repo root); returns its log. `gin_file`:
+  one file or a list (repeated --gin_file flags)."""
   env = dict(os.environ, SLIC_JAX_TLDR_DIR=world, TF_CPP_MIN_LOG_LEVEL="2",
              TF_ENABLE_ONEDNN_OPTS="0", XLA_FLAGS="", CUDA_VISIBLE_DEVICES="")
   flags = [f"--gin.{k}={v}" for k, v in {**TINY, "MODEL_DIR": repr(model_dir), **extra}.items()]
-  proc = subprocess.run([sys.executable, "-m", "t5x.train", f"--gin_file={gin_file}",
-                         *flags, "--alsologtostderr"],
+  gin_files = [gin_file] if isinstance(gin_file, str) else gin_file
+  proc = subprocess.run([sys.executable, "-m", "t5x.train",
+                         *[f"--gin_file={g}" for g in gin_files], *flags, "--alsologtostderr"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   log = proc.stdout + proc.stderr
   assert proc.returncode == 0, log[-5000:]
@@ -205,3 +207,10 @@ def test_t5x_trains_slic_hf_like_slic_jax_and_checkpoints_cross_restore(world, t
   assert set(tree) >= {"target", "state"} and int(tree["state"]["step"]) == 10
   assert isinstance(models.SlicHFModel, type) and t5x_bridge.t5x_loaded()
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree["target"]))
+
+
+def test_t5x_trains_with_the_cpu_softmax_kernels(world, tmp_path):
+  """gin/cpu_bf16.gin under `python -m t5x.train`: the kernels build, load and train."""
+  log = run_t5x(["gin/slic_hf.gin", "gin/cpu_bf16.gin"], str(tmp_path / "kernels"), world,
+                {"TRAIN_STEPS": "2", "EVAL_PERIOD": "2", "CHECKPOINT_PERIOD": "2"})
+  assert np.isfinite(t5x_train_losses(log)[2])
