@@ -89,8 +89,13 @@ def library_path() -> Path:
   out = _cache_dir() / f"fused_softmax-{key.hexdigest()[:20]}.so"
   if out.exists():
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+  except OSError as e:
+    raise KernelUnavailable(
+        f"cannot write the kernel cache {out.parent} ({e}); set $SLIC_JAX_KERNEL_CACHE to a "
+        f"writable directory") from e
   os.close(fd)
   cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
   try:
@@ -107,7 +112,8 @@ def library_path() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def register() -> Path:
-  """Builds (once per machine) and registers the two CPU custom calls; idempotent."""
+  """Builds (once per machine) and registers the CPU custom calls (forward and backward,
+  bf16 and float32); idempotent."""
   path = library_path()
   lib = ctypes.CDLL(str(path))
   for name in (*FORWARD_TARGETS.values(), *BACKWARD_TARGETS.values()):

@@ -148,6 +148,15 @@ def test_missing_compiler_is_named(monkeypatch, tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+def test_unwritable_cache_is_named(monkeypatch, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  monkeypatch.setenv("SLIC_JAX_KERNEL_CACHE", str(blocker / "kernels"))
+  monkeypatch.setenv("CXX", sys.executable)  # any program on PATH: never reached
+  with pytest.raises(fused_softmax.KernelUnavailable, match="cannot write the kernel cache"):
+    fused_softmax.library_path()
+
+
 _PORTABLE_CHECK = """
 import numpy as np, jax, jax.numpy as jnp, sys
 sys.path.insert(0, {tests!r})
