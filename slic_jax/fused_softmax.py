@@ -21,9 +21,14 @@ The kernels are compiled from source on first use with the C++ compiler in `$CXX
 AVX-512 BF16 intrinsics where the target has them, plain loops otherwise) into `$SLIC_JAX_KERNEL_CACHE` (default
 `~/.cache/slic_jax/kernels`), keyed by the source, jaxlib's version, the compiler and the
 CPU, and registered with XLA as CPU custom calls. The probabilities are in the compute
-dtype (bfloat16 or float32), as in `network.softmax_weighted_values`. Under a multi-device
-mesh XLA does not partition the custom calls (it gathers their operands); this is a
-single-device CPU lever.
+dtype (bfloat16 or float32), as in `network.softmax_weighted_values`.
+
+Under a device mesh both calls are partitioned (`jax.experimental.custom_partitioning`):
+every row is independent, so the batch and head axes keep the mesh axes they arrive
+with and each device runs the kernels on its own shard; the query and key axes are
+gathered if they come sharded (the softmax needs whole rows, the bias index k − q whole
+diagonals). The bias gradient, summed over the batch inside the backward kernel, is
+summed over the batch's mesh axes (`psum`) after it.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from slic_jax import matmul
 
@@ -144,12 +151,12 @@ def probabilities(logits, diagonal_bias, key_valid, query_valid, dtype=jnp.bfloa
   of relative position k − q; key_valid [B, K], query_valid [B, Q] (nonzero: attend).
   A query row that is invalid, or has no valid key, is uniform 1/K (T5X's −1e10 mask
   bias gives the same). Returns p [B, H, Q, K] in `dtype` (bfloat16 or float32).
+  Partitioned over B and H under a mesh (the module docstring).
   """
   register()
-  kind = _kind(dtype)
-  return jax.ffi.ffi_call(FORWARD_TARGETS[kind], jax.ShapeDtypeStruct(logits.shape, kind))(
-      logits.astype(jnp.float32), diagonal_bias.astype(jnp.float32),
-      key_valid.astype(jnp.float32), query_valid.astype(jnp.float32))
+  return _partitioned_forward(logits.astype(jnp.float32), diagonal_bias.astype(jnp.float32),
+                              key_valid.astype(jnp.float32), query_valid.astype(jnp.float32),
+                              _kind(dtype))
 
 
 def probabilities_grad(dp, probs, row):
@@ -157,15 +164,92 @@ def probabilities_grad(dp, probs, row):
 
   dp f32 [B, H, Q, K], probs bf16 or f32 [B, H, Q, K], row f32 [B, H, Q]. Returns dlogits
   [B, H, Q, K] in probs' dtype (bf16: rounded once) and ddiag f32 [H, Q + K − 1] (sums of
-  dlogits as returned).
+  dlogits as returned). Partitioned over B and H under a mesh, ddiag summed over B's
+  mesh axes.
   """
   register()
   kind = _kind(probs.dtype)
+  return _partitioned_backward(dp.astype(jnp.float32), probs, row.astype(jnp.float32), kind)
+
+
+def _forward_call(logits, diagonal_bias, key_valid, query_valid, kind):
+  return jax.ffi.ffi_call(FORWARD_TARGETS[kind], jax.ShapeDtypeStruct(logits.shape, kind))(
+      logits, diagonal_bias, key_valid, query_valid)
+
+
+def _backward_call(dp, probs, row, kind):
   b, h, q, k = dp.shape
   return jax.ffi.ffi_call(
       BACKWARD_TARGETS[kind], (jax.ShapeDtypeStruct(dp.shape, kind),
                                jax.ShapeDtypeStruct((h, q + k - 1), jnp.float32)))(
-      dp.astype(jnp.float32), probs, row.astype(jnp.float32))
+      dp, probs, row)
+
+
+# --- partitioning: rows are independent, so B and H keep their mesh axes -----------------
+
+def _row_axes(mesh, sharding):
+  """(batch axes, head axes) of a [B, H, Q, K] operand's sharding; None: replicated."""
+  if not isinstance(sharding, NamedSharding):
+    return None, None
+  spec = tuple(sharding.spec) + (None, None)
+  return spec[0], spec[1]
+
+
+def _forward_shardings(mesh, batch, heads):
+  rows = NamedSharding(mesh, P(batch, heads, None, None))
+  args = (rows, NamedSharding(mesh, P(heads, None)), NamedSharding(mesh, P(batch, None)),
+          NamedSharding(mesh, P(batch, None)))
+  return rows, args
+
+
+def _forward_infer(kind, mesh, arg_shapes, result_shape):
+  return _forward_shardings(mesh, *_row_axes(mesh, arg_shapes[0].sharding))[0]
+
+
+def _forward_partition(kind, mesh, arg_shapes, result_shape):
+  out, args = _forward_shardings(mesh, *_row_axes(mesh, arg_shapes[0].sharding))
+
+  def lower(logits, diagonal_bias, key_valid, query_valid):
+    return _forward_call(logits, diagonal_bias, key_valid, query_valid, kind)
+
+  return mesh, lower, out, args
+
+
+_partitioned_forward = custom_partitioning(_forward_call, static_argnums=(4,))
+_partitioned_forward.def_partition(
+    infer_sharding_from_operands=_forward_infer, partition=_forward_partition,
+    sharding_rule="b h q k, h n, b k, b q -> b h q k",
+    need_replication_factors=("q", "k", "n"))
+
+
+def _backward_shardings(mesh, batch, heads):
+  rows = NamedSharding(mesh, P(batch, heads, None, None))
+  out = (rows, NamedSharding(mesh, P(heads, None)))
+  return out, (rows, rows, NamedSharding(mesh, P(batch, heads, None)))
+
+
+def _backward_infer(kind, mesh, arg_shapes, result_shape):
+  return _backward_shardings(mesh, *_row_axes(mesh, arg_shapes[0].sharding))[0]
+
+
+def _backward_partition(kind, mesh, arg_shapes, result_shape):
+  batch, heads = _row_axes(mesh, arg_shapes[0].sharding)
+  out, args = _backward_shardings(mesh, batch, heads)
+
+  def lower(dp, probs, row):
+    dlogits, ddiag = _backward_call(dp, probs, row, kind)
+    if batch is not None:  # each device summed its own rows of the batch
+      ddiag = jax.lax.psum(ddiag, batch)
+    return dlogits, ddiag
+
+  return mesh, lower, out, args
+
+
+_partitioned_backward = custom_partitioning(_backward_call, static_argnums=(3,))
+_partitioned_backward.def_partition(
+    infer_sharding_from_operands=_backward_infer, partition=_backward_partition,
+    sharding_rule="b h q k, b h q k, b h q -> b h q k, h n",
+    need_replication_factors=("q", "k"))
 
 
 def softmax_weighted_values(logits, value, diagonal_bias, key_valid, query_valid, dtype):

@@ -1,6 +1,7 @@
 """The CPU softmax kernels (`slic_jax.fused_softmax`) against the attention they replace."""
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from slic_jax import fused_softmax, network
 
@@ -130,6 +132,57 @@ def test_fused_softmax_runs_the_kernels_in_the_encoder_only():
       {"params": p}, tokens, targets, targets, jnp.ones_like(tokens), jnp.ones_like(targets),
       enable_dropout=False)).lower(params).as_text()
   assert "slic_fused_softmax" not in packed
+
+
+def _custom_call_shapes(hlo, target):
+  """The result types of the compiled HLO's custom calls to `target`."""
+  return re.findall(r"= \(?([a-z0-9]+\[[0-9,]*\])[^\n]*custom_call_target=\"%s\"" % target,
+                    hlo)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_run_on_each_devices_shard_of_the_batch_and_heads(dtype):
+  """On a ('data', 'model') mesh of 4 × 2 fake CPU devices, batch over 'data' and heads
+  over 'model': each device runs both kernels on its [B/4, H/2, Q, K] shard (nothing is
+  gathered), and the output and every gradient are the single device's (the bias
+  gradient summed over the batch's devices)."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+  b, h, q, d = 8, 4, 24, 8
+  rng = np.random.default_rng(3)
+  logits = (rng.normal(size=(b, h, q, q)) * 3).astype(np.float32)
+  value = rng.normal(size=(b, q, h, d)).astype(np.float32)
+  diag = rng.normal(size=(h, 2 * q - 1)).astype(np.float32)
+  valid = np.ones((b, q), np.float32)
+  valid[1, 17:] = 0
+  valid[6, 5:] = 0
+  weight = rng.normal(size=(b, q, h, d)).astype(np.float32)
+
+  def loss(logits, value, diag, valid, weight):
+    o = fused_softmax.softmax_weighted_values(logits, value, diag, valid, valid, dtype)
+    return jnp.sum(o.astype(jnp.float32) * weight)
+
+  step = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  args = (logits, value, diag, valid, weight)
+  want = jax.jit(step)(*args)
+  specs = (P("data", "model"), P("data", None, "model"), P("model"), P("data"),
+           P("data", None, "model"))
+  sharded = jax.jit(step, in_shardings=tuple(NamedSharding(mesh, s) for s in specs))
+  hlo = sharded.lower(*args).compile().as_text()
+  kind = jnp.dtype(dtype).name
+  shard = "%s[2,2,%d,%d]" % ({"bfloat16": "bf16", "float32": "f32"}[kind], q, q)
+  assert _custom_call_shapes(hlo, fused_softmax.FORWARD_TARGETS[kind]) == [shard]
+  assert _custom_call_shapes(hlo, fused_softmax.BACKWARD_TARGETS[kind]) == [shard]
+  # No [B, H, Q, K] array is gathered (the kernels' operands and results stay shards).
+  gathered = re.findall(r"= ([a-z0-9]+\[[0-9,]*\])[^\n]* all-gather\(", hlo)
+  assert not [t for t in gathered if t.endswith(",%d,%d]" % (q, q))], gathered
+  got = sharded(*args)
+  assert got[1][0].sharding.spec[:2] == ("data", "model")  # dlogits stay sharded
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_fused_softmax_needs_bfloat16_or_float32_and_float32_logits():

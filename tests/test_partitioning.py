@@ -6,6 +6,7 @@ import pytest
 import seqio
 from jax.sharding import PartitionSpec as P
 
+from slic_jax import fused_softmax
 from slic_jax import models
 from slic_jax import network
 from slic_jax import optimizers
@@ -80,7 +81,8 @@ def test_params_and_optimizer_state_shardings_from_logical_axes():
   assert ((256,), P("model")) in wi  # v_col: [mlp]
 
 
-def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG):
+def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG, hlo=None):
+  """One train step; appends the compiled step's HLO text to `hlo` if given."""
   model = _model(cfg)
   tx = model.optimizer_def
   shapes = {k: v.shape for k, v in batch.items()}
@@ -102,7 +104,10 @@ def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG):
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
     sharded = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
-    state, metrics = step(state, sharded)
+    compiled = step.lower(state, sharded).compile()
+    if hlo is not None:
+      hlo.append(compiled.as_text())
+    state, metrics = compiled(state, sharded)
   return state, {k: float(v.compute()) for k, v in metrics.items()}
 
 
@@ -155,3 +160,30 @@ def test_bfloat16_step_on_the_mesh_matches_one_device():
     diff += int(np.sum(~np.isclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-3)))
     total += a.size
   assert diff <= 0.01 * total, (diff, total)
+
+
+@pytest.mark.skipif(not fused_softmax.available(), reason="the fused softmax kernels need a "
+                    "C++17 compiler ($CXX, default g++)")
+def test_fused_softmax_step_on_the_mesh_runs_the_kernels_per_shard():
+  """attention_implementation='fused_softmax' under the (4, 2) mesh: the encoder's kernels
+  run on each device's [B/4, H/2, Li, Li] shard, and the step is the one device's."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, attention_implementation="fused_softmax")
+  batch = _batch(3)
+  batch["encoder_input_tokens"][2, 11:] = 0  # padding: the kernels mask keys and queries
+  one_state, one_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch,
+                                     cfg=cfg)
+  hlo = []
+  mesh_state, mesh_metrics = _run_step(partitioning.Partitioner(num_partitions=2), batch,
+                                       cfg=cfg, hlo=hlo)
+  heads_per_device = CFG.num_heads // 2
+  for target in (fused_softmax.FORWARD_TARGETS["float32"],
+                 fused_softmax.BACKWARD_TARGETS["float32"]):
+    calls = [l for l in hlo[0].splitlines() if f'custom_call_target="{target}"' in l]
+    assert len(calls) == CFG.num_encoder_layers, target
+    assert all(f"f32[{B // 4},{heads_per_device},{LI},{LI}]" in l for l in calls), calls
+  np.testing.assert_allclose(one_metrics["loss"], mesh_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(one_metrics["grad_norm"], mesh_metrics["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  assert one_metrics["grad_norm"] > 0
