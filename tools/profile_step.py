@@ -582,7 +582,7 @@ def main(argv=None) -> int:
   ap.add_argument("--attention_block_bytes", type=int, default=0,
                   help="network.T5Config.attention_block_bytes (0: unblocked)")
   ap.add_argument("--attention_implementation", default="default",
-                  choices=["default", "cudnn", "xla"],
+                  choices=["default", "cudnn", "xla", "fused_softmax"],
                   help="network.T5Config.attention_implementation")
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--warmup", type=int, default=2)
