@@ -363,3 +363,7 @@ def test_cudnn_rows_ask_their_workers_for_cudnn_attention_and_only_they_do():
   # the worker flag is refused side by side, where it would be ignored
   with pytest.raises(SystemExit, match="add the rows slic_jax_2row_bf16_cudnn"):
     benchmark.main(["--attention_implementation", "cudnn"])
+  # the CPU softmax kernels' rows, bf16 and float32, and no other row
+  assert {k for k in benchmark.SLIC_ROWS if benchmark.row_attention(k) == "fused_softmax"} == {
+      "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax"}
+  assert benchmark.SLIC_CONFIGS["slic_jax_2row_fused_softmax"][2] == "float32"

@@ -137,6 +137,15 @@ def test_length_squared_split_separates_the_attention_logits_work():
   assert "Li² matmuls" in table and f"(Li {li})" in table
 
 
+def test_an_op_with_a_tuple_result_counts_on_its_shapes():
+  """The fused softmax kernels' backward returns (dlogits [B, H, Li, Li], ddiag [H, 2Li − 1])."""
+  line = ('  %ffi_call.40 = (f32[4,6,512,512]{3,2,1,0}, f32[6,1023]{1,0}) custom-call(%a.1, '
+          '%b, %c), custom_call_target="slic_fused_softmax_bwd_f32"')
+  shape, operands = profile_step._operands(line)
+  assert operands == ["a.1", "b", "c"]
+  assert profile_step._logits_shaped(shape, 512, 6)
+
+
 def test_self_and_shared_times_split_nesting_from_concurrency():
   # Thread 1: A [0, 10); C [15, 25) holding a nested branch D [17, 22); E [30, 40).
   # Thread 2: B [5, 20); F [38, 39).

@@ -98,7 +98,7 @@ SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat",
              "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc",
              "slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn",
-             "slic_jax_2row_bf16_fused_softmax")
+             "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -116,7 +116,8 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_2row_bf16_glibc": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_bf16_cudnn": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_bf16_remat_cudnn": ("chosen", 1, "bfloat16", "full"),
-                "slic_jax_2row_bf16_fused_softmax": ("chosen", 1, "bfloat16", "none")}
+                "slic_jax_2row_bf16_fused_softmax": ("chosen", 1, "bfloat16", "none"),
+                "slic_jax_2row_fused_softmax": ("chosen", 1, "float32", "none")}
 # rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
 # others call `host_memory.reuse_freed_memory()` first, as slic_jax.train does.
 GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
@@ -124,7 +125,7 @@ GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
 # NVIDIA GPUs only, e.g. `tools/benchmark_gpu.sh`); all others use the default attention.
 CUDNN_ROWS = ("slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn")
 # rows with the CPU softmax kernels (`attention_implementation='fused_softmax'`).
-FUSED_SOFTMAX_ROWS = ("slic_jax_2row_bf16_fused_softmax",)
+FUSED_SOFTMAX_ROWS = ("slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax")
 
 
 def row_attention(key: str) -> str:
@@ -144,6 +145,7 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_bf16_cudnn": "slic_jax bf16 (2 rows), cuDNN attention",
           "slic_jax_2row_bf16_remat_cudnn": "slic_jax bf16 (2 rows, remat 'full'), cuDNN attention",
           "slic_jax_2row_bf16_fused_softmax": "slic_jax bf16 (2 rows), fused softmax kernels",
+          "slic_jax_2row_fused_softmax": "slic_jax (2 rows), fused softmax kernels",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
           "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",

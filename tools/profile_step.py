@@ -84,8 +84,11 @@ def parse_hlo(text: str):
 
 
 def _operands(line: str) -> tuple[str, list[str]] | None:
-  """(result shape, operand names) of one HLO instruction line; None if it is not one."""
-  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) [a-z\-]+\(([^)]*)\)", line)
+  """(result shape, operand names) of one HLO instruction line; None if it is not one.
+
+  A tuple result (e.g. a custom call with two outputs) comes back as its whole text,
+  "(f32[..], f32[..])"."""
+  m = re.match(r"\s*(?:ROOT )?%\S+ = (\([^)]*\)|\S+) [a-z\-]+\(([^)]*)\)", line)
   return (m.group(1), re.findall(r"%([\w.\-]+)", m.group(2))) if m else None
 
 
