@@ -134,6 +134,7 @@ def test_markdown_report_has_all_rows():
                          "slic_jax_2row_bf16_cudnn": run(1.9, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_bf16_remat_cudnn": run(2.3, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_bf16_fused_softmax": run(1.8, 4e11, dtype="bfloat16"),
+                         "slic_jax_2row_fused_softmax": run(3.1, 4e11),
                          "trl": run(6.0, 7.5e11),
                          "trl_bf16": run(2.5, 7.5e11),
                          "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
