@@ -5,7 +5,7 @@ self-attention through `softmax_weighted_values` here: the q·k and p·v matmuls
 their gradients) stay XLA's, and everything between them is one pass over the
 [B, H, Lq, Lk] arrays per direction (`slic_jax/csrc/fused_softmax.cc`):
 
-    forward   p = bf16(softmax_k(logits + E[h, bucket(k − q)], over the valid keys))
+    forward   p = bf16(softmax_k(logits + E[h, bucket(k − q)], over the keys of q's segment))
     backward  dlogits = bf16(p ⊙ (dp − Σ_d do ⊙ o)),
               dE_diag[h, k − q] = Σ_b Σ_(q, k) dlogits        (per diagonal, [H, Lq + Lk − 1])
 
@@ -144,18 +144,22 @@ def _kind(dtype) -> str:
   return name
 
 
-def probabilities(logits, diagonal_bias, key_valid, query_valid, dtype=jnp.bfloat16):
-  """p = softmax over valid keys of logits + bias, in `dtype` (the forward kernel alone).
+def probabilities(logits, diagonal_bias, key_segments, query_segments, dtype=jnp.bfloat16):
+  """p = softmax of logits + bias over the keys of each query's segment, in `dtype` (the
+  forward kernel alone).
 
   logits f32 [B, H, Q, K]; diagonal_bias f32 [H, Q + K − 1], entry k − q + Q − 1 the bias
-  of relative position k − q; key_valid [B, K], query_valid [B, Q] (nonzero: attend).
-  A query row that is invalid, or has no valid key, is uniform 1/K (T5X's −1e10 mask
-  bias gives the same). Returns p [B, H, Q, K] in `dtype` (bfloat16 or float32).
+  of relative position k − q; key_segments [B, K], query_segments [B, Q]: query q attends
+  to the keys whose segment equals its own; segment 0 is padding. Unpacked inputs pass
+  their validity (1: a token, 0: padding); packed ones SeqIO's segment ids (1, 2, ...;
+  exact in float32 below 2^24). A padding query row, or one with no key in its segment,
+  is uniform 1/K (T5X's −1e10 mask bias gives the same). Returns p [B, H, Q, K] in
+  `dtype` (bfloat16 or float32).
   Partitioned over B and H under a mesh (the module docstring).
   """
   register()
   return _partitioned_forward(logits.astype(jnp.float32), diagonal_bias.astype(jnp.float32),
-                              key_valid.astype(jnp.float32), query_valid.astype(jnp.float32),
+                              key_segments.astype(jnp.float32), query_segments.astype(jnp.float32),
                               _kind(dtype))
 
 
@@ -172,9 +176,9 @@ def probabilities_grad(dp, probs, row):
   return _partitioned_backward(dp.astype(jnp.float32), probs, row.astype(jnp.float32), kind)
 
 
-def _forward_call(logits, diagonal_bias, key_valid, query_valid, kind):
+def _forward_call(logits, diagonal_bias, key_segments, query_segments, kind):
   return jax.ffi.ffi_call(FORWARD_TARGETS[kind], jax.ShapeDtypeStruct(logits.shape, kind))(
-      logits, diagonal_bias, key_valid, query_valid)
+      logits, diagonal_bias, key_segments, query_segments)
 
 
 def _backward_call(dp, probs, row, kind):
@@ -209,8 +213,8 @@ def _forward_infer(kind, mesh, arg_shapes, result_shape):
 def _forward_partition(kind, mesh, arg_shapes, result_shape):
   out, args = _forward_shardings(mesh, *_row_axes(mesh, arg_shapes[0].sharding))
 
-  def lower(logits, diagonal_bias, key_valid, query_valid):
-    return _forward_call(logits, diagonal_bias, key_valid, query_valid, kind)
+  def lower(logits, diagonal_bias, key_segments, query_segments):
+    return _forward_call(logits, diagonal_bias, key_segments, query_segments, kind)
 
   return mesh, lower, out, args
 
@@ -252,43 +256,45 @@ _partitioned_backward.def_partition(
     need_replication_factors=("q", "k"))
 
 
-def softmax_weighted_values(logits, value, diagonal_bias, key_valid, query_valid, dtype):
+def softmax_weighted_values(logits, value, diagonal_bias, key_segments, query_segments,
+                            dtype):
   """o = softmax(logits + bias, masked) · v with the fused kernels.
 
   logits f32 [B, H, Q, K] (q·k, no bias), value [B, K, H, D], diagonal_bias f32
-  [H, Q + K − 1], key_valid [B, K], query_valid [B, Q]. Returns o [B, Q, H, D] in `dtype`
+  [H, Q + K − 1], key_segments [B, K], query_segments [B, Q] (as `probabilities`: a query
+  attends to its segment's keys; 0 is padding). Returns o [B, Q, H, D] in `dtype`
   (bfloat16 or float32: the probabilities' and the p·v matmul's dtype, float32
   accumulation). The VJP is `network.softmax_weighted_values`'s (dp = do · vᵀ in float32,
   row = Σ_d do ⊙ o, dv = pᵀ · do) with the elementwise part in the backward kernel; the
-  bias gets its per-diagonal sums, the validity masks no gradient.
+  bias gets its per-diagonal sums, the segments no gradient.
   """
-  return _softmax_weighted_values(logits, value, diagonal_bias, key_valid, query_valid,
+  return _softmax_weighted_values(logits, value, diagonal_bias, key_segments, query_segments,
                                   _kind(dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _softmax_weighted_values(logits, value, diagonal_bias, key_valid, query_valid, kind):
-  return _fwd(logits, value, diagonal_bias, key_valid, query_valid, kind)[0]
+def _softmax_weighted_values(logits, value, diagonal_bias, key_segments, query_segments, kind):
+  return _fwd(logits, value, diagonal_bias, key_segments, query_segments, kind)[0]
 
 
-def _fwd(logits, value, diagonal_bias, key_valid, query_valid, kind):
-  p = probabilities(logits, diagonal_bias, key_valid, query_valid, kind)
+def _fwd(logits, value, diagonal_bias, key_segments, query_segments, kind):
+  p = probabilities(logits, diagonal_bias, key_segments, query_segments, kind)
   v = value.astype(kind)
   o = jnp.einsum('bhqk,bkhd->bqhd', p, v, preferred_element_type=jnp.float32).astype(kind)
   tags = tuple(jnp.zeros((0,), x.dtype) for x in (logits, value, diagonal_bias))
-  return o, (p, v, o, key_valid, query_valid, tags)
+  return o, (p, v, o, key_segments, query_segments, tags)
 
 
 def _bwd(kind, res, g):
-  p, v, o, key_valid, query_valid, (logits_tag, value_tag, bias_tag) = res
+  p, v, o, key_segments, query_segments, (logits_tag, value_tag, bias_tag) = res
   g = g.astype(kind)
   dv = matmul.contract('bhqk,bqhd->bkhd', p, g, dtype=kind)
   dp = matmul.contract('bqhd,bkhd->bhqk', g, v, dtype=kind)
   row = jnp.einsum('bqhd,bqhd->bhq', g.astype(jnp.float32), o.astype(jnp.float32))
   dlogits, ddiag = probabilities_grad(dp, p, row)
   return (dlogits.astype(logits_tag.dtype), dv.astype(value_tag.dtype),
-          ddiag.astype(bias_tag.dtype), jnp.zeros_like(key_valid),
-          jnp.zeros_like(query_valid))
+          ddiag.astype(bias_tag.dtype), jnp.zeros_like(key_segments),
+          jnp.zeros_like(query_segments))
 
 
 _softmax_weighted_values.defvjp(_fwd, _bwd)

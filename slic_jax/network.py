@@ -119,15 +119,16 @@ class T5Config:
       'xla': the same call with jax's XLA implementation (float32 logits; any backend),
       the reference the 'cudnn' path is checked against. Both need deterministic
       attention (no dropout on the weights) and ignore `attention_block_bytes`.
-      'fused_softmax': the encoder's self-attention (unpacked inputs) with the softmax
+      'fused_softmax': the encoder's self-attention (packed or not) with the softmax
       passes between its two matmuls fused into one CPU kernel per direction
       (`fused_softmax`, compiled from `slic_jax/csrc/fused_softmax.cc` on first use;
       dtype bfloat16 or float32, float32 logits, deterministic attention); the position
       bias as one value per diagonal. Everything else as 'default'. T5 1.1 small, 4 pairs,
       bf16, on a 2-core AMD EPYC Zen 4: 3.58 against 3.79 s per step at Li 1024 (median
-      of six runs each), the same at Li 512 (2.11 against 2.125 s); float32 was slower at
-      Li 512 (3.47 against 3.25 s) and the same at Li 1024, so float32 keeps 'default'
-      (`tools/benchmark.py --sweep_attention`; `benchmarks/NOTES.md`, session 32).
+      of six runs each), the same at Li 512 (2.11 against 2.125 s); float32, the two run
+      in turn: 2.88 against 2.94 s at Li 512, 5.46 against 5.86 s at Li 1024 (fastest of
+      four; `tools/benchmark.py --sweep_attention`, `--rows`; `benchmarks/NOTES.md`,
+      sessions 32–33).
       On an NVIDIA H200 (T5 1.1 small, bf16, 32 pairs, Li 512, Lt 64; two calls of
       `benchmarks/gpu_h200_session24/`): 'cudnn' 1073 / 1091 against 818 / 882 pairs/s,
       peak device memory 3982 against 6854 MB; with remat 'full' 1002 against 800
@@ -793,12 +794,13 @@ class MultiHeadDotProductAttention(nn.Module):
                                      implementation=self.implementation)
     return x.reshape((rows, q_len) + x.shape[2:])
 
-  def _fused_softmax(self, query, key, value, valid, diagonal_bias, deterministic: bool):
+  def _fused_softmax(self, query, key, value, segments, diagonal_bias, deterministic: bool):
     """Self-attention with the softmax passes in the CPU kernels (`fused_softmax`).
 
-    query/key/value [B, L, H, K]; valid [B, L] (> 0: a token; None: all) masks keys and
-    queries; diagonal_bias [H, 2L - 1] (`RelativePositionBiases(diagonals=True)`).
-    Returns [B, L, H, K] in `dtype`.
+    query/key/value [B, L, H, K]; segments [B, L] (a token attends to the tokens of its
+    own segment; 0: padding; None: one segment) masks keys and queries; diagonal_bias
+    [H, 2L - 1] (`RelativePositionBiases(diagonals=True)`). Returns [B, L, H, K] in
+    `dtype`.
     """
     if not (deterministic or self.dropout_rate == 0.0):
       raise ValueError(
@@ -811,10 +813,10 @@ class MultiHeadDotProductAttention(nn.Module):
           f"backend is {jax.default_backend()!r}); use 'cudnn' on NVIDIA GPUs or 'default'")
     logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
                            out_dtype=jnp.float32, float32_vjp=self.float32_vjp)
-    valid = (jnp.ones(query.shape[:2], jnp.float32) if valid is None
-             else (valid > 0).astype(jnp.float32))
-    return fused_softmax.softmax_weighted_values(logits, value, diagonal_bias, valid, valid,
-                                                 self.dtype)
+    segments = (jnp.ones(query.shape[:2], jnp.float32) if segments is None
+                else segments.astype(jnp.float32))
+    return fused_softmax.softmax_weighted_values(logits, value, diagonal_bias, segments,
+                                                 segments, self.dtype)
 
   def _output(self, x, features: int):
     """The output projection W_o: [B, Lq, H·K] -> [B, Lq, D]."""
@@ -1136,7 +1138,8 @@ class Encoder(nn.Module):
   """Embedding -> layers -> final RMS norm. tokens [B, Li] -> [B, Li, D].
 
   `encoder_mask`: [B, 1, Li, Li] (> 0: attend), or with attention_implementation
-  'fused_softmax' the tokens' validity [B, Li] (a padding mask; `Transformer.encode`).
+  'fused_softmax' the tokens' segments [B, Li] in float32 (a token attends to the tokens
+  of its own segment; 0: padding; `Transformer.encode`).
   """
 
   config: T5Config
@@ -1147,8 +1150,8 @@ class Encoder(nn.Module):
                deterministic: bool = True):
     cfg = self.config
     length = encoder_input_tokens.shape[-1]
-    # 'fused_softmax' takes a padding mask as the tokens' validity [B, Li] (`encode`) and
-    # the position bias per diagonal, [H, 2 Li - 1]; otherwise [1, H, Li, Li].
+    # 'fused_softmax' takes the tokens' segments [B, Li] (`encode`) and the position bias
+    # per diagonal, [H, 2 Li - 1]; otherwise [1, H, Li, Li].
     diagonals = (cfg.attention_implementation == 'fused_softmax'
                  and (encoder_mask is None or encoder_mask.ndim == 2))
     bias = _relpos(cfg)(length, length, True, diagonals=diagonals)
@@ -1257,10 +1260,13 @@ class Transformer(nn.Module):
       raise ValueError(f'encoder_input_tokens must be [batch, length], got '
                        f'{encoder_input_tokens.shape}')
     valid = encoder_input_tokens > 0
-    if cfg.attention_implementation == 'fused_softmax' and encoder_segment_ids is None:
-      # The kernels mask keys and queries by validity [B, Li]; packed inputs (segment
-      # masks) keep the [B, 1, Li, Li] mask and the default attention.
-      return self.encoder(encoder_input_tokens, valid.astype(cfg.dtype),
+    if cfg.attention_implementation == 'fused_softmax':
+      # The kernels mask keys and queries by segment [B, Li] (float32: exact ids): the
+      # validity of unpacked tokens (1: a token, 0: padding) or packed tokens' segment
+      # ids (0 on padding), never a [B, 1, Li, Li] mask.
+      segments = (valid if encoder_segment_ids is None
+                  else jnp.where(valid, encoder_segment_ids, 0))
+      return self.encoder(encoder_input_tokens, segments.astype(jnp.float32),
                           deterministic=not enable_dropout)
     mask = make_attention_mask(valid, valid, dtype=cfg.dtype)
     if encoder_segment_ids is not None:

@@ -18,16 +18,20 @@ needs_kernels = pytest.mark.skipif(
     reason="the fused softmax kernels need a C++17 compiler ($CXX, default g++)")
 
 
-def _reference_probs(logits, diag, key_valid, query_valid):
-  """softmax over the valid keys of logits + bias[h, k − q], uniform for masked rows."""
+def _reference_probs(logits, diag, key_segments, query_segments):
+  """softmax of logits + bias[h, k − q] over the keys of each query's segment, uniform for
+  padding rows (segment 0) and rows with no key in their segment."""
   b, h, q, k = logits.shape
   rel = np.arange(k)[None, :] - np.arange(q)[:, None] + q - 1
   x = logits + diag[:, rel][None]
-  x = np.where(key_valid[:, None, None, :] > 0, x, -np.inf)
+  same = key_segments[:, None, :] == query_segments[:, :, None]  # [B, Q, K]
+  x = np.where(same[:, None], x, -np.inf)
+  empty = ~same.any(-1)[:, None, :, None] | (query_segments[:, None, :, None] == 0)
+  x = np.where(empty, 0.0, x)
   x = x - x.max(-1, keepdims=True)
   e = np.exp(x)
   p = e / e.sum(-1, keepdims=True)
-  return np.where(query_valid[:, None, :, None] > 0, p, 1.0 / k)
+  return np.where(empty, 1.0 / k, p)
 
 
 def _inputs(q, k, seed=0):
@@ -57,6 +61,27 @@ def test_forward_kernel_is_the_masked_softmax_with_the_diagonal_bias(q, k, dtype
   assert np.all(got[1, :, :q - 5, k - 7:] == 0)  # masked keys get exactly 0
   np.testing.assert_array_equal(got[2, :, :2], np.float32(jnp.asarray(1.0 / k, dtype)))
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=k * rtol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,rtol", [(jnp.bfloat16, 2 ** -8), (jnp.float32, 2e-6)])
+def test_forward_kernel_keeps_each_packed_segment_to_itself(dtype, rtol):
+  """Packed rows (SeqIO segment ids 1, 2, 3, then padding 0): a query attends to its own
+  segment's keys only, and a padding query is uniform."""
+  q = 40
+  logits, diag, _, _ = _inputs(q, q, seed=4)
+  segments = np.zeros((3, q), np.float32)
+  segments[0, :12], segments[0, 12:30], segments[0, 30:37] = 1, 2, 3
+  segments[1, :] = 1
+  segments[2, :5], segments[2, 5:6] = 1, 2  # a one-token segment, then padding
+  got = np.asarray(jax.jit(fused_softmax.probabilities, static_argnums=4)(
+      logits, diag, segments, segments, dtype), np.float32)
+  want = _reference_probs(logits, diag, segments, segments)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7)
+  assert np.all(got[0, :, :12, 12:] == 0) and np.all(got[0, :, 12:30, :12] == 0)
+  assert np.all(got[0, :, 12:30, 30:] == 0)
+  np.testing.assert_array_equal(got[2, :, 5, 5], 1.0)  # its own segment's only key
+  np.testing.assert_array_equal(got[2, :, 6:], np.float32(jnp.asarray(1.0 / q, dtype)))
 
 
 @needs_kernels
@@ -115,6 +140,52 @@ def test_model_with_fused_softmax_matches_default_attention_with_padding(dtype):
 
 
 @needs_kernels
+def test_model_with_fused_softmax_matches_default_attention_on_packed_inputs():
+  """Two examples packed per row (encoder and decoder segment ids and positions, as
+  SeqIO's packing feature converters give them): loss and gradients as the default
+  attention's."""
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(2, 500, size=(2, 30))
+  enc_seg = np.zeros((2, 30), np.int32)
+  enc_seg[0, :13], enc_seg[0, 13:27] = 1, 2
+  enc_seg[1, :20], enc_seg[1, 20:22] = 1, 2
+  tokens[enc_seg == 0] = 0
+  targets = rng.integers(2, 500, size=(2, 10))
+  dec_seg = np.zeros((2, 10), np.int32)
+  dec_seg[0, :4], dec_seg[0, 4:9] = 1, 2
+  dec_seg[1, :6], dec_seg[1, 6:8] = 1, 2
+  targets[dec_seg == 0] = 0
+  dec_pos = np.zeros_like(dec_seg)
+  for r in range(2):
+    for sid in (1, 2):
+      idx = np.flatnonzero(dec_seg[r] == sid)
+      dec_pos[r, idx] = np.arange(len(idx))
+  inputs = np.where(dec_pos == 0, 0, np.roll(targets, 1, axis=1))
+
+  def run(impl, params=None):
+    cfg = network.make_config("tiny", dtype="float32", attention_implementation=impl)
+    model = network.Transformer(cfg)
+    args = (tokens, inputs, targets, enc_seg, dec_seg, None, dec_pos)
+    if params is None:
+      params = model.init(jax.random.PRNGKey(0), *args, enable_dropout=False)["params"]
+
+    def loss(params):
+      logits = model.apply({"params": params}, *args, enable_dropout=False)
+      lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+      return -jnp.sum(lp * (targets > 0))
+
+    return params, jax.jit(jax.value_and_grad(loss))(params)
+
+  params, (loss_d, grads_d) = run("default")
+  _, (loss_f, grads_f) = run("fused_softmax", params)
+  np.testing.assert_allclose(float(loss_f), float(loss_d), rtol=1e-5)
+  for (path, gd), gf in zip(jax.tree_util.tree_leaves_with_path(grads_d),
+                            jax.tree.leaves(grads_f)):
+    err = float(jnp.linalg.norm(gf - gd) / jnp.linalg.norm(gd))
+    assert err < 1e-4, (jax.tree_util.keystr(path), err)
+
+
+@needs_kernels
 def test_fused_softmax_runs_the_kernels_in_the_encoder_only():
   cfg = network.make_config("tiny", dtype="bfloat16", attention_implementation="fused_softmax")
   model = network.Transformer(cfg)
@@ -127,11 +198,11 @@ def test_fused_softmax_runs_the_kernels_in_the_encoder_only():
   hlo = jax.jit(grad).lower(params).as_text()
   assert hlo.count(fused_softmax.FORWARD_TARGETS["bfloat16"]) == cfg.num_encoder_layers
   assert hlo.count(fused_softmax.BACKWARD_TARGETS["bfloat16"]) == cfg.num_encoder_layers
-  # Packed inputs (segment masks) keep the default attention.
+  # Packed inputs (segment ids) run the kernels too.
   packed = jax.jit(lambda p: model.apply(
       {"params": p}, tokens, targets, targets, jnp.ones_like(tokens), jnp.ones_like(targets),
       enable_dropout=False)).lower(params).as_text()
-  assert "slic_fused_softmax" not in packed
+  assert packed.count(fused_softmax.FORWARD_TARGETS["bfloat16"]) == cfg.num_encoder_layers
 
 
 def _custom_call_shapes(hlo, target):
@@ -216,9 +287,12 @@ sys.path.insert(0, {tests!r})
 from test_fused_softmax import _inputs, _reference_probs
 from slic_jax import fused_softmax
 logits, diag, kv, qv = _inputs(37, 37)
+packed = np.zeros((3, 37), np.float32)
+packed[:, :10], packed[:, 10:25], packed[1, 25:] = 1, 2, 3
 for dtype, rtol in ((jnp.bfloat16, 2 ** -8), (jnp.float32, 2e-6)):
-  got = np.asarray(fused_softmax.probabilities(logits, diag, kv, qv, dtype), np.float32)
-  np.testing.assert_allclose(got, _reference_probs(logits, diag, kv, qv), rtol=rtol, atol=1e-7)
+  for ks, qs in ((kv, qv), (packed, packed)):
+    got = np.asarray(fused_softmax.probabilities(logits, diag, ks, qs, dtype), np.float32)
+    np.testing.assert_allclose(got, _reference_probs(logits, diag, ks, qs), rtol=rtol, atol=1e-7)
   probs = jnp.asarray(_reference_probs(logits, diag, kv, qv), dtype)
   dl, _ = fused_softmax.probabilities_grad(logits, probs, logits[..., 0])
   want = (probs.astype(jnp.float32) * (logits - logits[..., :1])).astype(dtype)
@@ -230,7 +304,8 @@ print(fused_softmax.register())
 @needs_kernels
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 target flags")
 def test_portable_loops_without_avx512_give_the_same_results(tmp_path):
-  """The plain loops (a CPU without AVX-512 BF16), built with -march=x86-64-v3."""
+  """The plain loops (a CPU without AVX-512 BF16), built with -march=x86-64-v3: padded
+  and packed rows, both dtypes."""
   env = {**os.environ, "SLIC_JAX_KERNEL_ARCH_FLAGS": "-march=x86-64-v3",
          "SLIC_JAX_KERNEL_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(

@@ -8,12 +8,14 @@
 // These two kernels do each direction in one pass, a row of Lk values at a time in L1:
 //
 //   slic_fused_softmax_fwd_{bf16,f32}(logits f32 [B, H, Q, K], diag f32 [H, Q + K - 1],
-//                                     key_valid f32 [B, K], query_valid f32 [B, Q])
+//                                     key_segments f32 [B, K], query_segments f32 [B, Q])
 //       -> probs bf16 / f32 [B, H, Q, K]
 //     x[k] = logits[b, h, q, k] + diag[h, k - q + Q - 1]   (bias of relative position k - q)
-//     probs[b, h, q, :] = softmax over the keys with key_valid[b, k] != 0 of x
-//                         (0 for the others); uniform 1 / K when query_valid[b, q] == 0
-//                         or no key is valid (what T5X's -1e10 mask bias gives)
+//     probs[b, h, q, :] = softmax of x over the keys with key_segments[b, k] ==
+//                         query_segments[b, q] (0 for the others); uniform 1 / K when
+//                         query_segments[b, q] == 0 (padding) or no key is in its segment
+//                         (what T5X's -1e10 mask bias gives). Unpacked inputs pass their
+//                         validity (1: a token, 0: padding) as the segments.
 //
 //   slic_fused_softmax_bwd_{bf16,f32}(dp f32 [B, H, Q, K], probs [B, H, Q, K], row f32 [B, H, Q])
 //       -> dlogits [B, H, Q, K] (the probs' dtype), ddiag f32 [H, Q + K - 1]
@@ -118,19 +120,20 @@ inline __m512 Exp(__m512 x) {
 }
 #endif
 
-// One row: x = logits + bias over the valid keys, probs = softmax(x) in T (uint16_t:
-// bf16 bits, or float). `scratch` holds K floats. Returns false (row untouched) if no key
-// is valid.
+// One row: x = logits + bias over the keys of the row's segment (key_segments[k] ==
+// segment), probs = softmax(x) in T (uint16_t: bf16 bits, or float). `scratch` holds K
+// floats. Returns false (row untouched) if no key is in the segment.
 template <typename T>
-bool SoftmaxRow(const float* logits, const float* bias, const float* key_valid,
-                float* scratch, T* probs, int64_t K) {
+bool SoftmaxRow(const float* logits, const float* bias, const float* key_segments,
+                float segment, float* scratch, T* probs, int64_t K) {
 #ifdef SLIC_AVX512_BF16
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  const __m512 seg = _mm512_set1_ps(segment);
   __m512 m = neg_inf;
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 t = TailMask(K - k);
-    const __mmask16 valid = _mm512_mask_cmpneq_ps_mask(
-        t, _mm512_maskz_loadu_ps(t, key_valid + k), _mm512_setzero_ps());
+    const __mmask16 valid = _mm512_mask_cmpeq_ps_mask(
+        t, _mm512_maskz_loadu_ps(t, key_segments + k), seg);
     __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(t, logits + k),
                              _mm512_maskz_loadu_ps(t, bias + k));
     x = _mm512_mask_blend_ps(valid, neg_inf, x);
@@ -164,7 +167,7 @@ bool SoftmaxRow(const float* logits, const float* bias, const float* key_valid,
 #else
   float row_max = -INFINITY;
   for (int64_t k = 0; k < K; ++k) {
-    const float x = key_valid[k] != 0.f ? logits[k] + bias[k] : -INFINITY;
+    const float x = key_segments[k] == segment ? logits[k] + bias[k] : -INFINITY;
     scratch[k] = x;
     row_max = std::max(row_max, x);
   }
@@ -238,9 +241,9 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> diag
     return ffi::Error::InvalidArgument("the diagonal bias must be [H, Q + K - 1]");
   if (forward) {
     if (a.size() != 2 || a[0] != B || a[1] != K)
-      return ffi::Error::InvalidArgument("key_valid must be [B, K]");
+      return ffi::Error::InvalidArgument("key_segments must be [B, K]");
     if (b.size() != 2 || b[0] != B || b[1] != Q)
-      return ffi::Error::InvalidArgument("query_valid must be [B, Q]");
+      return ffi::Error::InvalidArgument("query_segments must be [B, Q]");
   } else if (a.size() != 4 || !std::equal(a.begin(), a.end(), d.begin()) ||
              b.size() != 3 || b[0] != B || b[1] != H || b[2] != Q) {
     return ffi::Error::InvalidArgument("probs must be [B, H, Q, K] and row [B, H, Q]");
@@ -250,19 +253,19 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> d, ffi::Span<const int64_t> diag
 
 template <ffi::DataType P>
 ffi::Error FusedSoftmaxFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
-                           ffi::Buffer<ffi::F32> diag, ffi::Buffer<ffi::F32> key_valid,
-                           ffi::Buffer<ffi::F32> query_valid, ffi::ResultBuffer<P> probs) {
+                           ffi::Buffer<ffi::F32> diag, ffi::Buffer<ffi::F32> key_segments,
+                           ffi::Buffer<ffi::F32> query_segments, ffi::ResultBuffer<P> probs) {
   using T = ffi::NativeType<P>;
   const auto d = logits.dimensions();
-  if (auto e = CheckShapes(d, diag.dimensions(), key_valid.dimensions(),
-                           query_valid.dimensions(), true);
+  if (auto e = CheckShapes(d, diag.dimensions(), key_segments.dimensions(),
+                           query_segments.dimensions(), true);
       e.failure())
     return e;
   const int64_t B = d[0], H = d[1], Q = d[2], K = d[3], D = Q + K - 1;
   const float* x = logits.typed_data();
   const float* dg = diag.typed_data();
-  const float* kv = key_valid.typed_data();
-  const float* qv = query_valid.typed_data();
+  const float* ks = key_segments.typed_data();
+  const float* qs = query_segments.typed_data();
   T* p = probs->typed_data();
   T uniform;
   if constexpr (std::is_same_v<T, float>) {
@@ -277,8 +280,9 @@ ffi::Error FusedSoftmaxFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
     std::vector<float> scratch(K + 16);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t at = (bh * Q + q) * K;
-      if (qv[b * Q + q] == 0.f ||
-          !SoftmaxRow(x + at, dg + h * D + (Q - 1 - q), kv + b * K, scratch.data(), p + at, K))
+      const float segment = qs[b * Q + q];
+      if (segment == 0.f || !SoftmaxRow(x + at, dg + h * D + (Q - 1 - q), ks + b * K, segment,
+                                        scratch.data(), p + at, K))
         std::fill(p + at, p + at + K, uniform);
     }
   });
