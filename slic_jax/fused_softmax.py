@@ -191,7 +191,7 @@ def _backward_call(dp, probs, row, kind):
 
 # --- partitioning: rows are independent, so B and H keep their mesh axes -----------------
 
-def _row_axes(mesh, sharding):
+def _row_axes(sharding):
   """(batch axes, head axes) of a [B, H, Q, K] operand's sharding; None: replicated."""
   if not isinstance(sharding, NamedSharding):
     return None, None
@@ -207,11 +207,11 @@ def _forward_shardings(mesh, batch, heads):
 
 
 def _forward_infer(kind, mesh, arg_shapes, result_shape):
-  return _forward_shardings(mesh, *_row_axes(mesh, arg_shapes[0].sharding))[0]
+  return _forward_shardings(mesh, *_row_axes(arg_shapes[0].sharding))[0]
 
 
 def _forward_partition(kind, mesh, arg_shapes, result_shape):
-  out, args = _forward_shardings(mesh, *_row_axes(mesh, arg_shapes[0].sharding))
+  out, args = _forward_shardings(mesh, *_row_axes(arg_shapes[0].sharding))
 
   def lower(logits, diagonal_bias, key_segments, query_segments):
     return _forward_call(logits, diagonal_bias, key_segments, query_segments, kind)
@@ -233,11 +233,11 @@ def _backward_shardings(mesh, batch, heads):
 
 
 def _backward_infer(kind, mesh, arg_shapes, result_shape):
-  return _backward_shardings(mesh, *_row_axes(mesh, arg_shapes[0].sharding))[0]
+  return _backward_shardings(mesh, *_row_axes(arg_shapes[0].sharding))[0]
 
 
 def _backward_partition(kind, mesh, arg_shapes, result_shape):
-  batch, heads = _row_axes(mesh, arg_shapes[0].sharding)
+  batch, heads = _row_axes(arg_shapes[0].sharding)
   out, args = _backward_shardings(mesh, batch, heads)
 
   def lower(dp, probs, row):
