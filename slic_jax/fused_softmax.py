@@ -20,7 +20,10 @@ The kernels are compiled from source on first use with the C++ compiler in `$CXX
 (default `g++`) for the host CPU (`-march=native`, or `$SLIC_JAX_KERNEL_ARCH_FLAGS`:
 AVX-512 BF16 intrinsics where the target has them, plain loops otherwise) into `$SLIC_JAX_KERNEL_CACHE` (default
 `~/.cache/slic_jax/kernels`), keyed by the source, jaxlib's version, the compiler and the
-CPU, and registered with XLA as CPU custom calls. The probabilities are in the compute
+CPU, and registered with XLA as CPU custom calls. A build marks its use (mtime) each time
+it is loaded; each new build removes the cache's builds unused for `UNUSED_DAYS` days
+(other source versions, jaxlibs, compilers; unused builds of still-used environments come
+back on their next use) and temporary files left by interrupted builds. The probabilities are in the compute
 dtype (bfloat16 or float32), as in `network.softmax_weighted_values`.
 
 Under a device mesh both calls are partitioned (`jax.experimental.custom_partitioning`):
@@ -40,6 +43,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -55,6 +59,8 @@ SOURCE = Path(__file__).parent / "csrc" / "fused_softmax.cc"
 FORWARD_TARGETS = {"bfloat16": "slic_fused_softmax_fwd_bf16", "float32": "slic_fused_softmax_fwd_f32"}
 BACKWARD_TARGETS = {"bfloat16": "slic_fused_softmax_bwd_bf16", "float32": "slic_fused_softmax_bwd_f32"}
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c++17")
+UNUSED_DAYS = 30  # a new build removes the cache's builds not loaded for this long
+_PREFIX = "fused_softmax-"
 
 
 class KernelUnavailable(RuntimeError):
@@ -93,9 +99,15 @@ def library_path() -> Path:
                " ".join(flags).encode(), _cpu_signature().encode(),
                platform.machine().encode()):
     key.update(part)
-  out = _cache_dir() / f"fused_softmax-{key.hexdigest()[:20]}.so"
-  if out.exists():
+  out = _cache_dir() / f"{_PREFIX}{key.hexdigest()[:20]}.so"
+  try:
+    os.utime(out)  # marks the use; a build pruned meanwhile is rebuilt below
     return out
+  except FileNotFoundError:
+    pass
+  except OSError:  # a read-only cache (shared): use it as it is
+    if out.exists():
+      return out
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -114,7 +126,33 @@ def library_path() -> Path:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+  prune_cache(out.parent, keep=out)
   return out
+
+
+def prune_cache(directory: Path, keep: Path, unused_days: float = UNUSED_DAYS) -> list[Path]:
+  """Removes the kernel builds in `directory` not used (loaded or built) for
+  `unused_days` days, and temporary files of builds interrupted a day or more ago;
+  never `keep`. Returns the removed paths. Files that vanish or cannot be removed
+  meanwhile (another process, a read-only cache) are left alone."""
+  now = time.time()
+  removed = []
+  for path in directory.iterdir():
+    if path == keep or path.suffix != ".so":
+      continue
+    if path.name.startswith(_PREFIX):
+      age = unused_days * 86400.0
+    elif path.name.startswith("tmp"):  # tempfile.mkstemp's names above
+      age = 86400.0
+    else:
+      continue
+    try:
+      if now - path.stat().st_mtime > age:
+        path.unlink()
+        removed.append(path)
+    except OSError:
+      continue
+  return removed
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,6 +4,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -279,6 +280,54 @@ def test_unwritable_cache_is_named(monkeypatch, tmp_path):
   monkeypatch.setenv("CXX", sys.executable)  # any program on PATH: never reached
   with pytest.raises(fused_softmax.KernelUnavailable, match="cannot write the kernel cache"):
     fused_softmax.library_path()
+
+
+def _fake_compiler(tmp_path):
+  """A 'compiler' that writes its -o file: library_path's build and cache without g++."""
+  script = tmp_path / "fake-cxx"
+  script.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho built > "$2"\n')
+  script.chmod(0o755)
+  return str(script)
+
+
+def test_a_new_build_prunes_builds_unused_for_a_month(monkeypatch, tmp_path):
+  cache = tmp_path / "kernels"
+  cache.mkdir()
+  month_ago = time.time() - 31 * 86400
+  stale = cache / "fused_softmax-00000000000000000000.so"  # another source / jaxlib
+  recent = cache / "fused_softmax-11111111111111111111.so"  # used last week: kept
+  crashed = cache / "tmpabc123.so"  # an interrupted build, two days old
+  building = cache / "tmpdef456.so"  # another process building now: kept
+  other = cache / "notes.txt"  # not ours: kept
+  for path in (stale, recent, crashed, building, other):
+    path.write_text("x")
+  os.utime(stale, (month_ago, month_ago))
+  os.utime(recent, (time.time() - 7 * 86400,) * 2)
+  os.utime(crashed, (time.time() - 2 * 86400,) * 2)
+  os.utime(other, (month_ago, month_ago))
+  monkeypatch.setenv("SLIC_JAX_KERNEL_CACHE", str(cache))
+  monkeypatch.setenv("CXX", _fake_compiler(tmp_path))
+  built = fused_softmax.library_path()
+  assert built.read_text() == "built\n"
+  assert sorted(p.name for p in cache.iterdir()) == sorted(
+      [built.name, recent.name, building.name, other.name])
+
+
+def test_loading_a_cached_build_marks_its_use(monkeypatch, tmp_path):
+  monkeypatch.setenv("SLIC_JAX_KERNEL_CACHE", str(tmp_path / "kernels"))
+  monkeypatch.setenv("CXX", _fake_compiler(tmp_path))
+  built = fused_softmax.library_path()
+  month_ago = time.time() - 31 * 86400
+  os.utime(built, (month_ago, month_ago))
+  built.write_text("cached")  # not rebuilt on the next call
+  os.utime(built, (month_ago, month_ago))
+  assert fused_softmax.library_path() == built
+  assert built.read_text() == "cached"
+  assert time.time() - built.stat().st_mtime < 60
+  # Its mark keeps it when another build prunes the cache.
+  assert fused_softmax.prune_cache(built.parent, keep=tmp_path / "other.so") == []
+  os.utime(built, (month_ago, month_ago))
+  assert fused_softmax.prune_cache(built.parent, keep=tmp_path / "other.so") == [built]
 
 
 _PORTABLE_CHECK = """
