@@ -85,6 +85,51 @@ def test_two_row_step_flops_match_xla_and_are_lower():
   assert 1.0 <= xla / two < 1.15, (xla, two)
 
 
+def test_random_sft_batch_packs_examples_as_seqio_does():
+  b = benchmark.random_sft_batch(3, 40, 12, 512, seed=1, pack=3)
+  for side, length in (("encoder", 40), ("decoder", 12)):
+    ids, pos = b[f"{side}_segment_ids"], b[f"{side}_positions"]
+    assert ids.shape == pos.shape == (3, length)
+    for row_ids, row_pos in zip(ids, pos):
+      assert list(np.unique(row_ids)) == [1, 2, 3]  # every example present, no padding
+      assert np.all(np.diff(row_ids) >= 0)
+      starts = np.flatnonzero(np.diff(row_ids, prepend=0))
+      assert np.all(row_pos[starts] == 0)
+      assert np.all(np.diff(row_pos)[np.diff(row_ids) == 0] == 1)
+  tgt, dec_in, pos = b["decoder_target_tokens"], b["decoder_input_tokens"], b["decoder_positions"]
+  assert np.all(dec_in[pos == 0] == 0)  # each example's decoder starts from BOS
+  inner = pos[:, 1:] > 0
+  assert np.array_equal(dec_in[:, 1:][inner], tgt[:, :-1][inner])  # shifted within examples
+  ends = np.append(np.diff(b["decoder_segment_ids"]) != 0, np.ones((3, 1), bool), axis=1)
+  assert np.all(tgt[ends] == 1) and np.all(tgt[~ends] >= 2)  # EOS ends each example only
+  one = benchmark.random_sft_batch(2, 8, 4, 512, pack=1)
+  assert sorted(one) == ["decoder_input_tokens", "decoder_loss_weights",
+                         "decoder_target_tokens", "encoder_input_tokens"]
+  assert np.array_equal(one["decoder_input_tokens"][:, 1:], one["decoder_target_tokens"][:, :-1])
+  with pytest.raises(ValueError, match=r"pack must be 1\.\.min\(li, lt\) = 4 .*got 5"):
+    benchmark.random_sft_batch(2, 8, 4, 512, pack=5)
+
+
+def test_sft_step_flops_match_xla_on_a_packed_batch():
+  """build_step(model='sft'): one decoded row per encoded row, packed or not."""
+  cfg = benchmark.make_config("tiny")
+  b, li, lt = 2, 64, 16
+  batch = benchmark.random_sft_batch(b, li, lt, cfg.vocab_size, seed=0, pack=2)
+  step, init_state = benchmark.build_step(cfg, {k: v.shape for k, v in batch.items()},
+                                          model="sft")
+  state = jax.jit(init_state)(jax.random.PRNGKey(0))
+  compiled = step.lower(state, batch).compile()
+  xla = benchmark.xla_cost_flops(compiled)
+  if xla is None:
+    pytest.skip("this backend has no cost_analysis flops")
+  ours = benchmark.config_flops(cfg, b, li, lt, n_targets=1)["train_step"]
+  assert 1.0 <= xla / ours < 1.15, (xla, ours)
+  _, metrics = compiled(state, batch)
+  assert float(metrics["num_examples"].compute()) == 2 * b  # 2 examples in each row
+  with pytest.raises(ValueError, match="'slic_hf' or 'sft'"):
+    benchmark.build_step(cfg, {k: v.shape for k, v in batch.items()}, model="dpo")
+
+
 def test_step_process_does_not_import_tensorflow():
   """The benchmark's step (and anything using slic_jax.update_step) runs without SeqIO/TF."""
   import subprocess

@@ -255,15 +255,60 @@ def step_options(xla_default: bool = False, xla_options: dict | None = None):
   return None if xla_default else compiler_options.step_compiler_options(overrides=xla_options)
 
 
+def random_sft_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, pack: int = 1):
+  """Random SFT batch (numpy) as seqio's `EncDecFeatureConverter` gives it: rows full to
+  [Li] inputs and [Lt] targets, each holding `pack` examples.
+
+  pack = 1: one example per row, no segment features (an unpacked batch of full-length
+  examples). pack = N > 1: N examples per row with random lengths (each at least one
+  token) that fill the row, `*_segment_ids` 1..N and `*_positions` restarting at 0 per
+  example; the decoder's inputs are each example's targets shifted right within it (0
+  first), as the converter packs them.
+  """
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  if pack < 1 or pack > min(li, lt):
+    raise ValueError(f"pack must be 1..min(li, lt) = {min(li, lt)} examples per row, got {pack}")
+  enc = rng.integers(2, vocab, (batch, li), dtype=np.int32)
+  tgt = rng.integers(2, vocab, (batch, lt), dtype=np.int32)
+  out = {"encoder_input_tokens": enc, "decoder_target_tokens": tgt,
+         "decoder_loss_weights": np.ones_like(tgt)}
+  if pack == 1:
+    tgt[:, -1] = 1
+    out["decoder_input_tokens"] = np.concatenate(
+        [np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=-1)
+    return out
+
+  def segments(length):  # [batch, length] ids 1..pack, positions from 0 in each
+    ids = np.empty((batch, length), np.int32)
+    pos = np.empty((batch, length), np.int32)
+    for b in range(batch):
+      cuts = np.sort(rng.choice(np.arange(1, length), pack - 1, replace=False))
+      for s, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, length])):
+        ids[b, lo:hi], pos[b, lo:hi] = s + 1, np.arange(hi - lo)
+    return ids, pos
+
+  out["encoder_segment_ids"], out["encoder_positions"] = segments(li)
+  dec_ids, dec_pos = segments(lt)
+  last = np.append(dec_ids[:, 1:] != dec_ids[:, :-1], np.ones((batch, 1), bool), axis=1)
+  tgt[last] = 1  # each example's targets end in EOS
+  shifted = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=-1)
+  out["decoder_input_tokens"] = np.where(dec_pos == 0, 0, shifted).astype(np.int32)
+  out["decoder_segment_ids"], out["decoder_positions"] = dec_ids, dec_pos
+  return out
+
+
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
                reg_target: str = "reference", xla_default: bool = False,
                num_microbatches: int | None = None, xla_options: dict | None = None,
-               optimizer_implementation: str = "fused"):
+               optimizer_implementation: str = "fused", model: str = "slic_hf"):
   """(jitted train_step, init_state_fn) exactly as slic_jax.train builds them.
 
-  Same model class, optimizer, update step (`slic_jax.update_step`) and compiler
-  options (`slic_jax.compiler_options`; ``xla_default=True``: none, XLA's defaults;
-  ``xla_options``: merged over them as gin's ``step_compiler_options.overrides``).
+  Same model class (`model`: 'slic_hf', `models.SlicHFModel` on pair batches, or 'sft',
+  `models.EncoderDecoderModel` on `random_sft_batch`'s), optimizer, update step
+  (`slic_jax.update_step`) and compiler options (`slic_jax.compiler_options`;
+  ``xla_default=True``: none, XLA's defaults; ``xla_options``: merged over them as gin's
+  ``step_compiler_options.overrides``).
   Nothing here imports SeqIO/TensorFlow; the peak-RSS figure is the step's.
   """
   import jax
@@ -272,7 +317,13 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
 
   vocab = _EosOnlyVocabulary()
   tx = make_optimizer(optimizer, optimizer_implementation)
-  model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx, reg_target=reg_target)
+  if model == "sft":
+    model = models.EncoderDecoderModel(network.Transformer(cfg), vocab, vocab, tx)
+  elif model == "slic_hf":
+    model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx,
+                               reg_target=reg_target)
+  else:
+    raise ValueError(f"model must be 'slic_hf' or 'sft', got {model!r}")
 
   def init_state(rng):
     params = model.get_initial_variables(rng, batch_shapes)["params"]

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import glob
 import gzip
 import json
@@ -579,6 +580,16 @@ def main(argv=None) -> int:
                        "for the split of the ops on [.., Li, Li] arrays")
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"])
+  ap.add_argument("--model", default="slic_hf", choices=["slic_hf", "sft"],
+                  help="the step's model: SLiC-HF on pair batches (--batch pairs), or SFT "
+                       "(`models.EncoderDecoderModel`, --batch rows of random full-length "
+                       "examples; --pack)")
+  ap.add_argument("--pack", type=int, default=1,
+                  help="--model sft: examples per row (> 1: packed, with segment ids and "
+                       "positions as seqio packs them)")
+  ap.add_argument("--vocab_size", type=int, default=None,
+                  help="network.T5Config.vocab_size (default: the size's; gin/sft.gin's "
+                       "synthetic world has 512)")
   ap.add_argument("--xla_default", action="store_true")
   benchmark.add_xla_option_flag(ap)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -626,6 +637,8 @@ def main(argv=None) -> int:
     return 0
 
   args.li = args.li or 512
+  if args.pack != 1 and args.model != "sft":
+    ap.error("--pack needs --model sft (pair batches are never packed)")
   # Before jax starts, as the benchmark worker and slic_jax.train: slic_jax's malloc
   # settings only where the step runs on the CPU. (They used to be forced here: on a GPU
   # host, one malloc arena for XLA's many compile threads is the likely reason session 25's
@@ -636,14 +649,20 @@ def main(argv=None) -> int:
   cfg = benchmark.make_config(args.size, args.dtype, logits_dtype=args.logits_dtype,
                               attention_block_bytes=args.attention_block_bytes,
                               attention_implementation=args.attention_implementation)
-  np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
+  if args.vocab_size:
+    cfg = dataclasses.replace(cfg, vocab_size=args.vocab_size)
+  if args.model == "sft":
+    np_batch = benchmark.random_sft_batch(args.batch, args.li, args.lt, cfg.vocab_size,
+                                          pack=args.pack)
+  else:
+    np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
   shapes = {k: v.shape for k, v in np_batch.items()}
   # The benchmark worker's step: one device, slic_jax's logical-axis rules.
   with partitioning.Partitioner(devices=jax.devices()[:1]).activation_rules():
     step, init_state = benchmark.build_step(
         cfg, shapes, reg_target=args.reg_target, xla_default=args.xla_default,
         xla_options=benchmark.parse_xla_options(args.xla_option),
-        optimizer_implementation=args.optimizer_implementation)
+        optimizer_implementation=args.optimizer_implementation, model=args.model)
     state = jax.jit(init_state)(jax.random.PRNGKey(0))
     batch = jax.device_put(np_batch)
     if args.optimizer_only:
@@ -664,11 +683,16 @@ def main(argv=None) -> int:
   if args.dump_hlo:
     with open(args.dump_hlo, "w") as f:
       f.write(hlo_text)
+  if args.model == "sft":  # one decoded row per encoded row; packing changes no matmul
+    n_targets, what = 1, (f"SFT, {args.batch} rows of {args.pack} example(s), vocab "
+                          f"{cfg.vocab_size}")
+  else:
+    n_targets = 2 if args.reg_target == 'chosen' else 3
+    what = f"{args.batch} pairs, reg_target {args.reg_target}"
   model_flops = benchmark.config_flops(
-      cfg, args.batch, args.li, args.lt,
-      n_targets=2 if args.reg_target == 'chosen' else 3)['train_step']
-  print(f"{args.size}, {args.batch} pairs, Li {args.li}, Lt {args.lt}, reg_target "
-        f"{args.reg_target}, dtype {args.dtype} (logits {args.logits_dtype}), attention "
+      cfg, args.batch, args.li, args.lt, n_targets=n_targets)['train_step']
+  print(f"{args.size}, {what}, Li {args.li}, Lt {args.lt}, "
+        f"dtype {args.dtype} (logits {args.logits_dtype}), attention "
         f"{args.attention_implementation}, "
         f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}, backend "
         f"{jax.default_backend()}: profiled step {wall:.3f} s wall; model GFLOP/step "
