@@ -23,8 +23,9 @@ AVX-512 BF16 intrinsics where the target has them, plain loops otherwise) into `
 CPU, and registered with XLA as CPU custom calls. A build marks its use (mtime) each time
 it is loaded; each new build removes the cache's builds unused for `UNUSED_DAYS` days
 (other source versions, jaxlibs, compilers; unused builds of still-used environments come
-back on their next use) and temporary files left by interrupted builds. The probabilities are in the compute
-dtype (bfloat16 or float32), as in `network.softmax_weighted_values`.
+back on their next use) and temporary files left by interrupted builds. The
+probabilities are in the compute dtype (bfloat16 or float32), as in
+`network.softmax_weighted_values`.
 
 Under a device mesh both calls are partitioned (`jax.experimental.custom_partitioning`):
 every row is independent, so the batch and head axes keep the mesh axes they arrive
