@@ -273,11 +273,6 @@ def random_sft_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, pa
   tgt = rng.integers(2, vocab, (batch, lt), dtype=np.int32)
   out = {"encoder_input_tokens": enc, "decoder_target_tokens": tgt,
          "decoder_loss_weights": np.ones_like(tgt)}
-  if pack == 1:
-    tgt[:, -1] = 1
-    out["decoder_input_tokens"] = np.concatenate(
-        [np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=-1)
-    return out
 
   def segments(length):  # [batch, length] ids 1..pack, positions from 0 in each
     ids = np.empty((batch, length), np.int32)
@@ -288,13 +283,15 @@ def random_sft_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, pa
         ids[b, lo:hi], pos[b, lo:hi] = s + 1, np.arange(hi - lo)
     return ids, pos
 
-  out["encoder_segment_ids"], out["encoder_positions"] = segments(li)
+  enc_ids, enc_pos = segments(li)
   dec_ids, dec_pos = segments(lt)
   last = np.append(dec_ids[:, 1:] != dec_ids[:, :-1], np.ones((batch, 1), bool), axis=1)
   tgt[last] = 1  # each example's targets end in EOS
   shifted = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=-1)
   out["decoder_input_tokens"] = np.where(dec_pos == 0, 0, shifted).astype(np.int32)
-  out["decoder_segment_ids"], out["decoder_positions"] = dec_ids, dec_pos
+  if pack > 1:  # unpacked batches carry no segment features
+    out.update(encoder_segment_ids=enc_ids, encoder_positions=enc_pos,
+               decoder_segment_ids=dec_ids, decoder_positions=dec_pos)
   return out
 
 
