@@ -129,6 +129,25 @@ def _materialized_transpose(v, src: str, dst: str):
   return _opaque(lambda a: jnp.transpose(a, perm), v)
 
 
+def first_element(v: jax.Array) -> jax.Array:
+  """``v``'s first element, a scalar: what `_opaque`'s predicate and the VJPs that tie
+  one result to another read.
+
+  Under a mesh of several devices (`jax.sharding.get_abstract_mesh`, set by
+  `partitioning.Partitioner.activation_rules`) it is ``v[0, ..., 0]``: the SPMD
+  partitioner takes it from the device that holds it. ``v.reshape(-1)[0]`` there would
+  first gather every shard of v whose split axis is not v's first (a [B, H, L, K]
+  activation split over heads, a weight's gradient split over 'mlp'): the bf16 T5 1.1
+  small step, 32 pairs, Li 512, on a 4×2 mesh sent 1787 instead of 714 MB per device
+  (`tools/mesh_step_cost.py`; `benchmarks/NOTES.md`, session 35). On one device it stays
+  ``v.reshape(-1)[0]``, the form the step was tuned with (the index form changes
+  XLA:CPU's layouts there: more copies and temporaries in the compiled step).
+  """
+  if jax.sharding.get_abstract_mesh().size > 1:
+    return v[(0,) * v.ndim]
+  return v.reshape(-1)[0]
+
+
 def _opaque(fn, v):
   """fn(v) computed inside a `lax.cond`, which XLA can neither fold into the consumers
   nor fuse with the producers (on CPU `optimization_barrier`s are removed before that).
@@ -136,7 +155,7 @@ def _opaque(fn, v):
   NaN and returns NaNs, which the clipped, NaN-propagating update would produce anyway.
   """
   out = jax.eval_shape(fn, v)
-  first = v.reshape(-1)[0]
+  first = first_element(v)
   return jax.lax.cond(first == first, fn,
                       lambda a: jnp.full(out.shape, jnp.nan, out.dtype), v)
 
@@ -230,7 +249,7 @@ def _weight_gradient_first_fwd(x, w):
 
 def _weight_gradient_first_bwd(_, g):
   dx, dw = g
-  return dx + (dw.reshape(-1)[0] * 0).astype(dx.dtype), dw
+  return dx + (first_element(dw) * 0).astype(dx.dtype), dw
 
 
 weight_gradient_first.defvjp(_weight_gradient_first_fwd, _weight_gradient_first_bwd)

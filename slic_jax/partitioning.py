@@ -23,6 +23,8 @@ import numpy as np
 from flax.linen import partitioning as flax_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from slic_jax import update_step
+
 LogicalRules = Sequence[tuple[str, str | None]]
 
 
@@ -105,10 +107,61 @@ class Partitioner:
     spec = nn.logical_to_mesh_axes(tuple(logical_spec or ()), self.logical_axis_rules)
     return NamedSharding(self.mesh, spec)
 
-  def params_shardings(self, params_axes: Any) -> Any:
-    """Tree of NamedSharding for params from the network's ``params_axes`` collection."""
+  def params_shardings(self, params_axes: Any, params: Any = None) -> Any:
+    """Tree of NamedSharding for params from the network's ``params_axes`` collection.
+
+    With ``params`` (arrays or `jax.ShapeDtypeStruct`s of the same tree), every
+    parameter's dimensions are checked against the mesh: a dimension split over a mesh
+    axis must be divisible by its size, or a ValueError names the parameter, its logical
+    axis and the mesh axis (instead of jax's error when the array is first placed).
+    """
     logical_specs = flax.core.unfreeze(flax_partitioning.get_axis_names(params_axes))
-    return nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.logical_axis_rules)
+    shardings = nn.logical_to_mesh_sharding(logical_specs, self.mesh, self.logical_axis_rules)
+    if params is not None:
+      self._check_divisible(params, shardings, logical_specs)
+    return shardings
+
+  def _check_divisible(self, params: Any, shardings: Any, logical_specs: Any) -> None:
+    flat_specs = {_dict_path(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+        logical_specs, is_leaf=lambda x: isinstance(x, P))[0]}
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                      jax.tree_util.tree_leaves(shardings)):
+      for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        parts = int(np.prod([self.mesh.shape[a] for a in axes]))
+        if size % parts:
+          logical = tuple(flat_specs.get(_dict_path(path), (None,) * leaf.ndim))[dim]
+          raise ValueError(
+              f"param {'/'.join(_dict_path(path))} {tuple(leaf.shape)}: dimension {dim} "
+              f"({logical!r}, size {size}) is split over mesh axis {'×'.join(axes)!r} of size "
+              f"{parts}, which does not divide it; use a mesh whose {'×'.join(axes)!r} axis "
+              f"divides it (num_partitions for 'model') or map {logical!r} to None in the "
+              f"logical axis rules")
+
+  def train_state_shardings(self, model: Any, tx: Any, input_shapes: Any,
+                            input_types: Any = None) -> tuple[Any, Any]:
+    """The train state as `slic_jax.train` places it: (abstract state, its shardings).
+
+    Params follow the network's logical axes (`params_shardings`, checked against the
+    mesh), the optimizer state mirrors them (`optimizer_state_shardings`), the step is
+    replicated. Returns two `update_step.TrainState` trees: `jax.ShapeDtypeStruct`s
+    carrying their sharding (for ``jit(...).lower``) and the `NamedSharding`s (for
+    ``in_shardings``/``out_shardings``). Nothing is allocated.
+    """
+    abstract_vars = jax.eval_shape(
+        lambda r: model.get_initial_variables(r, input_shapes, input_types),
+        jax.random.PRNGKey(0))
+    params = abstract_vars["params"]
+    params_sh = self.params_shardings(abstract_vars["params_axes"], params)
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_sh = self.optimizer_state_shardings(opt_state, params, params_sh)
+    shardings = update_step.TrainState(step=self.replicated(), params=params_sh,
+                                       opt_state=opt_sh)
+    abstract = update_step.TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=params,
+                                      opt_state=opt_state)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return abstract, shardings
 
   def batch_sharding(self, ndim: int) -> NamedSharding:
     """Leading (batch) axis over 'data', the rest replicated."""

@@ -145,13 +145,8 @@ def train(
   # ------------------------------------------------------------------ state
   tx = t5x_bridge.as_optax(model.optimizer_def)  # unwraps T5X's OptaxWrapper if t5x is loaded
   init_rng = jax.random.PRNGKey(seed)
-  abstract_vars = jax.eval_shape(
-      lambda r: model.get_initial_variables(r, input_shapes, input_types), init_rng
-  )
-  params_sh = p.params_shardings(abstract_vars["params_axes"])
-  abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
-  opt_sh = p.optimizer_state_shardings(abstract_opt, abstract_vars["params"], params_sh)
-  state_sh = TrainState(step=p.replicated(), params=params_sh, opt_state=opt_sh)
+  _, state_sh = p.train_state_shardings(model, tx, input_shapes, input_types)
+  params_sh = state_sh.params
 
   def init_state(rng):
     params = model.get_initial_variables(rng, input_shapes, input_types)["params"]

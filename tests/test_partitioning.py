@@ -81,16 +81,30 @@ def test_params_and_optimizer_state_shardings_from_logical_axes():
   assert ((256,), P("model")) in wi  # v_col: [mlp]
 
 
+def test_a_model_axis_that_does_not_divide_a_param_is_named():
+  """4 heads over a 'model' axis of 8: a ValueError naming the parameter, its logical axis
+  and the mesh axis, before anything is placed (jax's own error comes from deep inside the
+  first device_put)."""
+  model = _model()
+  shapes = {k: v.shape for k, v in _batch().items()}
+  with pytest.raises(ValueError, match=r"param \S*relpos_bias/rel_embedding \(4, 32\): "
+                     r"dimension 0 \('heads', size 4\) is split over mesh axis 'model' of "
+                     r"size 8"):
+    partitioning.Partitioner(num_partitions=8).train_state_shardings(
+        model, model.optimizer_def, shapes)
+  abstract, shardings = partitioning.Partitioner(num_partitions=4).train_state_shardings(
+      model, model.optimizer_def, shapes)
+  wi = abstract.params["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+  assert wi.shape == (128, 256) and wi.sharding.spec == P(None, "model")
+  assert shardings.step.spec == P()
+
+
 def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG, hlo=None):
   """One train step; appends the compiled step's HLO text to `hlo` if given."""
   model = _model(cfg)
   tx = model.optimizer_def
   shapes = {k: v.shape for k, v in batch.items()}
-  abstract = jax.eval_shape(lambda r: model.get_initial_variables(r, shapes), jax.random.PRNGKey(0))
-  psh = partitioner.params_shardings(abstract["params_axes"])
-  osh = partitioner.optimizer_state_shardings(
-      jax.eval_shape(tx.init, abstract["params"]), abstract["params"], psh)
-  state_sh = train.TrainState(step=partitioner.replicated(), params=psh, opt_state=osh)
+  _, state_sh = partitioner.train_state_shardings(model, tx, shapes)
 
   def init(rng):
     params = model.get_initial_variables(rng, shapes)["params"]

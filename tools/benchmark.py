@@ -295,6 +295,22 @@ def random_sft_batch(batch: int, li: int, lt: int, vocab: int, seed: int = 0, pa
   return out
 
 
+def make_model(cfg, model: str = "slic_hf", reg_target: str = "reference",
+               optimizer: str = "adafactor", optimizer_implementation: str = "fused"):
+  """(model, optimizer) as slic_jax.train gets them from gin: `models.SlicHFModel`
+  ('slic_hf', pair batches) or `models.EncoderDecoderModel` ('sft') on `cfg`'s network,
+  with `make_optimizer`'s optimizer as its ``optimizer_def``."""
+  from slic_jax import models, network
+  vocab = _EosOnlyVocabulary()
+  tx = make_optimizer(optimizer, optimizer_implementation)
+  if model == "sft":
+    return models.EncoderDecoderModel(network.Transformer(cfg), vocab, vocab, tx), tx
+  if model == "slic_hf":
+    return models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx,
+                              reg_target=reg_target), tx
+  raise ValueError(f"model must be 'slic_hf' or 'sft', got {model!r}")
+
+
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
                reg_target: str = "reference", xla_default: bool = False,
                num_microbatches: int | None = None, xla_options: dict | None = None,
@@ -310,17 +326,9 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
   """
   import jax
   import jax.numpy as jnp
-  from slic_jax import models, network, update_step
+  from slic_jax import update_step
 
-  vocab = _EosOnlyVocabulary()
-  tx = make_optimizer(optimizer, optimizer_implementation)
-  if model == "sft":
-    model = models.EncoderDecoderModel(network.Transformer(cfg), vocab, vocab, tx)
-  elif model == "slic_hf":
-    model = models.SlicHFModel(network.Transformer(cfg), vocab, vocab, tx,
-                               reg_target=reg_target)
-  else:
-    raise ValueError(f"model must be 'slic_hf' or 'sft', got {model!r}")
+  model, tx = make_model(cfg, model, reg_target, optimizer, optimizer_implementation)
 
   def init_state(rng):
     params = model.get_initial_variables(rng, batch_shapes)["params"]

@@ -1,0 +1,136 @@
+"""tools/mesh_step_cost.py: collectives read from compiled HLO, and what the sharded step
+sends (8 fake CPU devices, tests/conftest.py)."""
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+import mesh_step_cost  # noqa: E402
+
+from slic_jax import matmul  # noqa: E402
+from slic_jax import partitioning  # noqa: E402
+
+
+def test_shape_bytes_reads_arrays_tuples_and_scalars():
+  assert mesh_step_cost.shape_bytes("f32[4,8]{1,0}") == 128
+  assert mesh_step_cost.shape_bytes("(f32[2]{0}, bf16[3]{0})") == 14
+  assert mesh_step_cost.shape_bytes("f32[]") == 4
+  assert mesh_step_cost.shape_bytes("pred[5]") == 5
+  with pytest.raises(ValueError, match="unknown HLO element type 'q7'"):
+    mesh_step_cost.shape_bytes("q7[2]")
+
+
+def test_collectives_by_kind_and_source():
+  hlo = "\n".join([
+      '  %all-reduce.1 = (f32[128,64]{1,0}, f32[64]{0}) all-reduce(%a, %b), channel_id=1, '
+      'replica_groups={{0,1}}, to_apply=%add, metadata={op_name="jit(train_step)/'
+      'transpose(jvp(Transformer.encode))/encoder/layers_3/mlp/wo/dot_general"}',
+      '  %all-gather.2 = bf16[8,4]{1,0} all-gather(%c), dimensions={1}',
+      '  ROOT %all-gather-start.3 = ((f32[2]{0}), f32[4]{0}) all-gather-start(%d), '
+      'dimensions={0}',
+      '  %all-gather-done.3 = f32[4]{0} all-gather-done(%all-gather-start.3)',
+      '  %add.4 = f32[4]{0} add(%e, %f)',
+  ])
+  items = mesh_step_cost.collectives(hlo)
+  assert [(c["kind"], c["bytes"]) for c in items] == [
+      ("all-reduce", 128 * 64 * 4 + 64 * 4), ("all-gather", 64), ("all-gather", 16)]
+  assert items[0]["source"] == "transpose(jvp(Transformer.encode))/encoder/L/mlp/wo/dot_general"
+  assert items[1]["source"] == "(no source)"
+  kinds = mesh_step_cost.by_kind(items)
+  assert list(kinds) == ["all-reduce", "all-gather"]
+  assert kinds["all-gather"] == {"count": 2, "mb": 80 / 1e6}
+  top = mesh_step_cost.largest(items, 1)
+  assert top == [{"kind": "all-reduce", "source": items[0]["source"], "count": 1,
+                  "mb": items[0]["bytes"] / 1e6}]
+
+
+def test_parse_mesh():
+  assert mesh_step_cost.parse_mesh("4x2") == (4, 2)
+  assert mesh_step_cost.parse_mesh("8×1") == (8, 1)
+  for bad in ("4", "0x8", "4x2x1"):
+    with pytest.raises(argparse.ArgumentTypeError, match="DATAxMODEL"):
+      mesh_step_cost.parse_mesh(bad)
+
+
+def _all_gathered_bytes(fn, v):
+  text = jax.jit(fn).lower(v).compile().as_text()
+  return sum(c["bytes"] for c in mesh_step_cost.collectives(text) if c["kind"] == "all-gather")
+
+
+def test_first_element_takes_no_shard_from_other_devices():
+  """matmul.first_element under a mesh reads v[0, ..., 0] from its device; the flattening
+  form it uses on one device gathers every shard of an array split on an inner axis."""
+  mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+  x = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8) + 3.0
+  v = jax.device_put(x, NamedSharding(mesh, P(None, None, "model")))
+  with jax.set_mesh(mesh):
+    assert float(jax.jit(matmul.first_element)(v)) == 3.0
+    assert _all_gathered_bytes(matmul.first_element, v) == 0
+    assert _all_gathered_bytes(lambda a: a.reshape(-1)[0], v) >= x.size * 4 // 2
+  one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  with jax.set_mesh(one):
+    assert float(jax.jit(matmul.first_element)(jnp.asarray(x))) == 3.0
+
+
+@pytest.fixture(scope="module")
+def tiny_meshes():
+  """The tool's rows for a tiny SLiC-HF step: one device, 8×1 and 4×2."""
+  args = argparse.Namespace(size="tiny", dtype="float32", attention_implementation="default",
+                            vocab_size=None, model="slic_hf", batch=8, li=32, lt=8, pack=1,
+                            reg_target="reference")
+  _, model, tx, batch = mesh_step_cost.build(args)
+  rows = {"1x1": mesh_step_cost.mesh_row(mesh_step_cost.compile_step(
+      model, tx, batch, partitioning.Partitioner(devices=jax.devices()[:1])), 1, None, 5)}
+  for d, m in ((8, 1), (4, 2)):
+    compiled = mesh_step_cost.compile_step(model, tx, batch,
+                                           partitioning.Partitioner(num_partitions=m))
+    rows[f"{d}x{m}"] = mesh_step_cost.mesh_row(
+        compiled, 8, rows["1x1"]["xla_flops_per_device"], 5)
+  abstract, _ = partitioning.Partitioner(devices=jax.devices()[:1]).train_state_shardings(
+      model, tx, {k: v.shape for k, v in batch.items()})
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
+  return rows, param_bytes
+
+
+def test_the_mesh_divides_the_step_and_sends_gradients_once(tiny_meshes):
+  rows, param_bytes = tiny_meshes
+  assert rows["1x1"]["collectives"] == {} and rows["1x1"]["collective_mb"] == 0
+  for name in ("8x1", "4x2"):
+    # Every device does 1/8 of the work, give or take what all repeat (the optimizer's
+    # update of replicated parameters, norms): an unpartitioned step would be 8.
+    assert 0.95 < rows[name]["compute_overhead"] < 1.1, (name, rows[name])
+  # Data parallelism: every gradient is summed over the 8 devices once (the shared
+  # embedding's two lookups, encoder and decoder, are all-reduced apart: a little more).
+  dp = rows["8x1"]["collectives"]
+  assert list(dp) == ["all-reduce"]
+  assert param_bytes <= dp["all-reduce"]["mb"] * 1e6 < 1.5 * param_bytes
+  # Model parallelism over 'model' = 2: the state is split (half the arguments) and no
+  # activation or gradient is gathered whole (only scalars and vectors of Adafactor's
+  # factored statistics). The flattening form of matmul.first_element gathered them.
+  mp = rows["4x2"]
+  assert mp["argument_mb"] < 0.6 * rows["8x1"]["argument_mb"]
+  assert mp["collectives"].get("all-gather", {"mb": 0})["mb"] < 0.01 * param_bytes / 1e6
+  assert mp["collective_mb"] < 2 * param_bytes / 1e6
+
+
+def test_report_and_a_mesh_the_model_cannot_use(tiny_meshes, tmp_path):
+  rows, _ = tiny_meshes
+  res = {"command": "python tools/mesh_step_cost.py", "backend": "cpu", "device_kind": "cpu",
+         "experiment": {"model": "slic_hf", "size": "tiny", "dtype": "float32", "batch": 8,
+                        "li": 32, "lt": 8, "model_gflops": 1.0}, "meshes": rows}
+  md = mesh_step_cost.to_markdown(res)
+  line = next(l for l in md.splitlines() if l.startswith("| 8x1 |"))
+  assert f"{rows['8x1']['collectives']['all-reduce']['count']} all-reduce" in line
+  assert "| 1x1 | " in md and "| 4x2 | " in md and "Largest collectives, 4x2:" in md
+  # 4 heads over a 'model' axis of 8: refused before anything compiles, the param named.
+  with pytest.raises(SystemExit, match=r"mesh 1x8: param .*'heads', size 4"):
+    mesh_step_cost.main(["--mesh", "1x8", "--li", "16", "--lt", "8", "--fake_cpu_devices", "0",
+                         "--out", str(tmp_path / "r.json")])
+  assert not (tmp_path / "r.json").exists()

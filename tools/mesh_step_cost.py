@@ -1,0 +1,297 @@
+r"""The update step on a device mesh: what each device computes, sends and holds.
+
+Run (nothing is run but the compiler: T5 1.1 small, 3 compiles, about 2 minutes on 2 cores)::
+
+  .venv/bin/python tools/mesh_step_cost.py --size small --dtype bfloat16 --batch 32 \
+      --li 512 --lt 64 --mesh 8x1 --mesh 4x2 --out OUT.json --md OUT.md
+
+It compiles the step exactly as ``slic_jax.train`` does on a ('data', 'model') mesh
+(`partitioning.Partitioner`: T5X's logical-axis rules, the train state placed by
+`Partitioner.train_state_shardings`, the batch split over 'data', ``jax.jit`` with
+``in_shardings``/``out_shardings`` and donated state, slic_jax's compiler options), once
+on one device and once per ``--mesh DxM``, and reads from each compiled program (the
+per-device program that SPMD partitioning made):
+
+* XLA's FLOP count per device (``cost_analysis``) and ``devices × per device / one
+  device``, the *compute overhead*: 1.00 when the mesh divides the step's work evenly,
+  more for work every device repeats (the optimizer update of replicated parameters,
+  norms over a replicated embedding axis), ``devices`` if the step were not partitioned;
+* every collective: all-reduce / all-gather / reduce-scatter / all-to-all /
+  collective-permute, how many and the bytes of their results per device, and the
+  largest by JAX source (``op_name``, layer numbers folded), where an unexpected
+  all-gather shows up by name;
+* XLA's buffer sizes per device (``memory_analysis``): arguments (the state's and the
+  batch's shards), temporaries.
+
+Nothing is timed: this says what a multi-device step does, not how fast a given
+interconnect runs it. By default the devices are fake CPU devices
+(``--xla_force_host_platform_device_count``, set here before jax starts), so the program
+is XLA:CPU's, including slic_jax's CPU-only code paths (`slic_jax.matmul`'s layouts);
+the partitioning (GSPMD / Shardy) is backend-independent, the fusion and layouts are
+not. ``--fake_cpu_devices 0`` compiles for the devices the process has (e.g. a TPU
+host's chips). The result is JSON (``--out``) and a markdown table (stdout, ``--md``).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (tools/, beside this file; imports no jax at load)
+import profile_step  # noqa: E402
+
+sys.path.insert(0, benchmark.REPO)  # slic_jax from this checkout, installed or not
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+          "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+          "c64": 8, "c128": 16}
+_COLLECTIVE_LINE = re.compile(
+    r"^\s*(?:ROOT )?%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+
+# ----------------------------------------------------------------------------- HLO
+def shape_bytes(shape_text: str) -> int:
+  """Bytes of every array in an HLO result type: 'f32[4,8]{1,0}' → 128; a tuple
+  '(f32[2], bf16[3])' → 14; a scalar 'f32[]' → 4."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]", shape_text):
+    if dtype not in _BYTES:
+      raise ValueError(f"unknown HLO element type {dtype!r} in {shape_text!r}")
+    n = 1
+    for d in dims.split(","):
+      n *= int(d) if d else 1
+    total += n * _BYTES[dtype]
+  return total
+
+
+def collectives(hlo_text: str) -> list[dict]:
+  """Every collective instruction of a compiled program: its ``kind`` (an entry of
+  `COLLECTIVES`; an async ``*-start`` counts as its kind, ``*-done`` not again), the
+  ``bytes`` of its result per device and its JAX ``source`` (``op_name`` with layer
+  numbers folded, `profile_step.fold`; '(no source)' without metadata).
+
+  A collective inside a loop body is listed once (this tool compiles no microbatch loop).
+  """
+  out = []
+  for line in hlo_text.split("\n"):
+    m = _COLLECTIVE_LINE.match(line)
+    if not m:
+      continue
+    result = m.group(1)
+    if m.group(3) and result.startswith("(("):  # async start: ((operands), outputs, ...)
+      result = result[result.index(")") + 1:]
+    source = re.search(r'op_name="([^"]*)"', line)
+    out.append({"kind": m.group(2), "bytes": shape_bytes(result),
+                "source": profile_step.fold(source.group(1)) if source else "(no source)"})
+  return out
+
+
+def by_kind(items: list[dict]) -> dict:
+  """{kind: {'count', 'mb'}} in `COLLECTIVES`' order, kinds that occur only."""
+  out = {}
+  for kind in COLLECTIVES:
+    sel = [c["bytes"] for c in items if c["kind"] == kind]
+    if sel:
+      out[kind] = {"count": len(sel), "mb": sum(sel) / 1e6}
+  return out
+
+
+def largest(items: list[dict], n: int) -> list[dict]:
+  """The n largest (kind, source) groups by bytes: {'kind', 'source', 'count', 'mb'}."""
+  groups = collections.defaultdict(lambda: [0, 0])
+  for c in items:
+    g = groups[(c["kind"], c["source"])]
+    g[0] += 1
+    g[1] += c["bytes"]
+  rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:n]
+  return [{"kind": k, "source": s, "count": c, "mb": b / 1e6} for (k, s), (c, b) in rows]
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+  """'4x2' → (data 4, model 2)."""
+  m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+  if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+    raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected DATAxMODEL, e.g. 4x2")
+  return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------- compile
+def build(args):
+  """(model, optimizer, numpy batch) of the experiment the arguments describe."""
+  cfg = benchmark.make_config(args.size, args.dtype,
+                              attention_implementation=args.attention_implementation)
+  if args.vocab_size:
+    cfg = dataclasses.replace(cfg, vocab_size=args.vocab_size)
+  if args.model == "sft":
+    batch = benchmark.random_sft_batch(args.batch, args.li, args.lt, cfg.vocab_size,
+                                       pack=args.pack)
+  else:
+    batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
+  model, tx = benchmark.make_model(cfg, args.model, args.reg_target)
+  return cfg, model, tx, batch
+
+
+def compile_step(model, tx, batch: dict, partitioner):
+  """The update step as slic_jax.train jits it on ``partitioner``'s mesh, compiled for
+  ``batch``'s shapes (nothing allocated, nothing run)."""
+  import jax
+  from slic_jax import update_step
+  shapes = {k: v.shape for k, v in batch.items()}
+  types = {k: v.dtype for k, v in batch.items()}
+  abstract, state_sh = partitioner.train_state_shardings(model, tx, shapes, types)
+  batch_sh = {k: partitioner.batch_sharding(len(s)) for k, s in shapes.items()}
+  abstract_batch = {k: jax.ShapeDtypeStruct(shapes[k], types[k], sharding=batch_sh[k])
+                    for k in shapes}
+  with partitioner.activation_rules():
+    step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=1),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=(0,), compiler_options=benchmark.step_options())
+    return step.lower(abstract, abstract_batch).compile()
+
+
+def mesh_row(compiled, devices: int, one_device_flops: float | None, top: int) -> dict:
+  """The per-device figures of one compiled step (see the module docstring)."""
+  flops = benchmark.xla_cost_flops(compiled)
+  items = collectives(compiled.as_text())
+  mem = compiled.memory_analysis()
+  row = {
+      "devices": devices, "xla_flops_per_device": flops,
+      "compute_overhead": (devices * flops / one_device_flops
+                           if flops and one_device_flops else None),
+      "collectives": by_kind(items),
+      "collective_mb": sum(c["bytes"] for c in items) / 1e6,
+      "largest_collectives": largest(items, top),
+      "argument_mb": mem.argument_size_in_bytes / 1e6,
+      "temp_mb": mem.temp_size_in_bytes / 1e6,
+  }
+  return row
+
+
+# ----------------------------------------------------------------------------- report
+def _short(source: str, n: int = 110) -> str:
+  """A source cut to n characters (XLA's combined collectives join their ops' names)."""
+  return source if len(source) <= n else source[:n - 1] + "…"
+
+
+def to_markdown(res: dict) -> str:
+  e = res["experiment"]
+  lines = [
+      f"# The update step on a mesh: {e['model']}, T5 1.1 {e['size']}, {e['dtype']}, "
+      f"{e['batch']} {'pairs' if e['model'] == 'slic_hf' else 'rows'}, Li {e['li']}, "
+      f"Lt {e['lt']}", "",
+      f"`{res['command']}`", "",
+      f"{res['backend']} ({res['device_kind']}); per device, from the compiled programs "
+      f"(nothing run). Model FLOPs of the step (matmuls): {e['model_gflops']:.1f} G.", "",
+      "| mesh (data×model) | XLA GFLOP per device | compute overhead | collectives | "
+      "MB sent per device | arguments MB | temporaries MB |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for name, r in res["meshes"].items():
+    kinds = ", ".join(f"{v['count']} {k} ({v['mb']:.1f} MB)" for k, v in
+                      r["collectives"].items()) or "none"
+    overhead = f"{r['compute_overhead']:.3f}" if r["compute_overhead"] else "–"
+    lines.append(f"| {name} | {r['xla_flops_per_device'] / 1e9:.2f} | {overhead} | {kinds} | "
+                 f"{r['collective_mb']:.1f} | {r['argument_mb']:.1f} | {r['temp_mb']:.1f} |")
+  lines += ["", "MB sent per device: the collectives' result bytes. Compute overhead: "
+            "devices × per-device FLOPs / the one-device step's (1.00: evenly divided)."]
+  for name, r in res["meshes"].items():
+    if r["largest_collectives"]:
+      lines += ["", f"Largest collectives, {name}:", "", "| kind | count | MB | source |",
+                "|---|---|---|---|"]
+      lines += [f"| {c['kind']} | {c['count']} | {c['mb']:.2f} | `{_short(c['source'])}` |"
+                for c in r["largest_collectives"]]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--mesh", action="append", type=parse_mesh, default=[], metavar="DxM",
+                  help="a ('data', 'model') mesh, e.g. 4x2; repeatable (default 8x1, 4x2)")
+  ap.add_argument("--size", default="tiny", choices=sorted(benchmark.SIZES))
+  ap.add_argument("--model", default="slic_hf", choices=["slic_hf", "sft"])
+  ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"])
+  ap.add_argument("--batch", type=int, default=8, help="pairs (slic_hf) or rows (sft)")
+  ap.add_argument("--li", type=int, default=128)
+  ap.add_argument("--lt", type=int, default=32)
+  ap.add_argument("--pack", type=int, default=1, help="--model sft: examples per row")
+  ap.add_argument("--vocab_size", type=int, default=None)
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--attention_implementation", default="default",
+                  choices=["default", "xla", "fused_softmax", "cudnn"])
+  ap.add_argument("--fake_cpu_devices", type=int, default=None,
+                  help="fake CPU devices (default: the largest mesh's); 0: the process's own")
+  ap.add_argument("--top", type=int, default=8, help="largest collectives listed per mesh")
+  ap.add_argument("--out", default=None, help="write the JSON here")
+  ap.add_argument("--md", default=None, help="write the markdown here (also printed)")
+  args = ap.parse_args(argv)
+  meshes = args.mesh or [(8, 1), (4, 2)]
+  if args.pack != 1 and args.model != "sft":
+    ap.error("--pack needs --model sft (pair batches are never packed)")
+  for d, _ in meshes:
+    if args.batch % d:
+      ap.error(f"--batch {args.batch} is not divisible by the data axis of mesh {d}x{_}")
+  needed = max(d * m for d, m in meshes)
+  fake = needed if args.fake_cpu_devices is None else args.fake_cpu_devices
+  if fake:
+    if "jax" in sys.modules:
+      raise SystemExit("mesh_step_cost: jax was imported before the fake devices were set")
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={fake}")
+  import jax
+  from slic_jax import partitioning
+  if jax.device_count() < needed:
+    ap.error(f"mesh of {needed} devices but jax has {jax.device_count()}")
+
+  cfg, model, tx, batch = build(args)
+  n_targets = 1 if args.model == "sft" else (2 if args.reg_target == "chosen" else 3)
+  res = {
+      "command": "python " + " ".join(["tools/mesh_step_cost.py", *(argv or sys.argv[1:])]),
+      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+      "fake_cpu_devices": fake,
+      "experiment": {**{k: getattr(args, k) for k in (
+          "model", "size", "reg_target", "batch", "li", "lt", "pack", "dtype",
+          "attention_implementation")}, "vocab_size": cfg.vocab_size,
+          "model_gflops": benchmark.config_flops(cfg, args.batch, args.li, args.lt,
+                                                 n_targets=n_targets)["train_step"] / 1e9},
+      "meshes": {},
+  }
+  partitioners = {}
+  shapes = {k: v.shape for k, v in batch.items()}
+  for d, m in meshes:  # every mesh checked against the model before the first compile
+    p = partitioning.Partitioner(num_partitions=m, devices=jax.devices()[:d * m])
+    try:
+      p.train_state_shardings(model, tx, shapes)
+    except ValueError as e:
+      raise SystemExit(f"mesh_step_cost: mesh {d}x{m}: {e}") from None
+    partitioners[f"{d}x{m}"] = p
+  t0 = time.perf_counter()
+  one = compile_step(model, tx, batch, partitioning.Partitioner(devices=jax.devices()[:1]))
+  res["meshes"]["1x1"] = mesh_row(one, 1, None, args.top)
+  one_flops = res["meshes"]["1x1"]["xla_flops_per_device"]
+  res["meshes"]["1x1"]["compute_overhead"] = 1.0
+  for name, p in partitioners.items():
+    res["meshes"][name] = mesh_row(compile_step(model, tx, batch, p), p.mesh.size,
+                                   one_flops, args.top)
+  res["compile_s"] = time.perf_counter() - t0
+  md = to_markdown(res)
+  print(md)
+  if args.md:
+    with open(args.md, "w") as f:
+      f.write(md)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(res, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
