@@ -85,6 +85,18 @@ def test_two_row_step_flops_match_xla_and_are_lower():
   assert 1.0 <= xla / two < 1.15, (xla, two)
 
 
+def test_random_batch_follows_the_model():
+  pairs = benchmark.random_batch("slic_hf", 2, 16, 8, 64)
+  assert pairs["decoder_target_tokens"].shape == (2, 3, 8)
+  sft = benchmark.random_batch("sft", 2, 16, 8, 64, pack=2)
+  assert sft["decoder_target_tokens"].shape == (2, 8) and "encoder_segment_ids" in sft
+  np.testing.assert_array_equal(sft["encoder_input_tokens"],
+                                benchmark.random_sft_batch(2, 16, 8, 64, pack=2)[
+                                    "encoder_input_tokens"])
+  with pytest.raises(ValueError, match="pack=2 needs model 'sft'"):
+    benchmark.random_batch("slic_hf", 2, 16, 8, 64, pack=2)
+
+
 def test_random_sft_batch_packs_examples_as_seqio_does():
   b = benchmark.random_sft_batch(3, 40, 12, 512, seed=1, pack=3)
   for side, length in (("encoder", 40), ("decoder", 12)):

@@ -311,6 +311,18 @@ def make_model(cfg, model: str = "slic_hf", reg_target: str = "reference",
   raise ValueError(f"model must be 'slic_hf' or 'sft', got {model!r}")
 
 
+def random_batch(model: str, batch: int, li: int, lt: int, vocab: int, pack: int = 1,
+                 seed: int = 0):
+  """The step's random batch (numpy) for `make_model`'s ``model``: 'sft' rows of
+  `random_sft_batch` (``pack`` examples each), else 'slic_hf' pairs of
+  `random_pair_batch` (``pack`` must be 1: pair batches are never packed)."""
+  if model == "sft":
+    return random_sft_batch(batch, li, lt, vocab, seed=seed, pack=pack)
+  if pack != 1:
+    raise ValueError(f"pack={pack} needs model 'sft' (pair batches are never packed)")
+  return random_pair_batch(batch, li, lt, vocab, seed=seed)
+
+
 def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafactor",
                reg_target: str = "reference", xla_default: bool = False,
                num_microbatches: int | None = None, xla_options: dict | None = None,

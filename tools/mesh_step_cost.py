@@ -125,16 +125,14 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- compile
 def build(args):
-  """(model, optimizer, numpy batch) of the experiment the arguments describe."""
+  """(network config, model, optimizer, numpy batch) of the experiment the arguments
+  describe."""
   cfg = benchmark.make_config(args.size, args.dtype,
                               attention_implementation=args.attention_implementation)
   if args.vocab_size:
     cfg = dataclasses.replace(cfg, vocab_size=args.vocab_size)
-  if args.model == "sft":
-    batch = benchmark.random_sft_batch(args.batch, args.li, args.lt, cfg.vocab_size,
-                                       pack=args.pack)
-  else:
-    batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
+  batch = benchmark.random_batch(args.model, args.batch, args.li, args.lt, cfg.vocab_size,
+                                 args.pack)
   model, tx = benchmark.make_model(cfg, args.model, args.reg_target)
   return cfg, model, tx, batch
 

@@ -651,11 +651,8 @@ def main(argv=None) -> int:
                               attention_implementation=args.attention_implementation)
   if args.vocab_size:
     cfg = dataclasses.replace(cfg, vocab_size=args.vocab_size)
-  if args.model == "sft":
-    np_batch = benchmark.random_sft_batch(args.batch, args.li, args.lt, cfg.vocab_size,
-                                          pack=args.pack)
-  else:
-    np_batch = benchmark.random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size)
+  np_batch = benchmark.random_batch(args.model, args.batch, args.li, args.lt,
+                                    cfg.vocab_size, args.pack)
   shapes = {k: v.shape for k, v in np_batch.items()}
   # The benchmark worker's step: one device, slic_jax's logical-axis rules.
   with partitioning.Partitioner(devices=jax.devices()[:1]).activation_rules():
