@@ -29,7 +29,8 @@ from slic_jax import input_pipeline
 from slic_jax import metric_logging
 from slic_jax import partitioning
 from slic_jax import t5x_bridge
-from slic_jax.update_step import TrainState, make_train_step  # noqa: F401 (re-exported)
+from slic_jax.update_step import (  # noqa: F401 (TrainState, make_train_step re-exported)
+    TrainState, check_microbatches, make_train_step)
 
 # slic_jax's stand-ins for T5X's run configs: experiments `include
 # 't5x/configs/runs/finetune.gin'`; `python -m t5x.train` finds T5X's own file, this
@@ -112,6 +113,10 @@ def train(
   cfg = train_dataset_cfg
   if cfg.batch_size % p.data_size:
     raise ValueError(f"BATCH_SIZE {cfg.batch_size} is not divisible by the data axis {p.data_size}")
+  try:
+    check_microbatches(cfg.batch_size, num_microbatches, p.data_size)
+  except ValueError as e:
+    raise ValueError(f"BATCH_SIZE and train.num_microbatches: {e}") from None
   train_ds = input_pipeline.get_dataset(
       cfg, model.FEATURE_CONVERTER_CLS,
       shard_id=jax.process_index(), num_shards=jax.process_count(),

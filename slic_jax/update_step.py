@@ -23,6 +23,26 @@ class TrainState:
   opt_state: Any
 
 
+def check_microbatches(batch_rows: int, num_microbatches: int | None, data_shards: int) -> None:
+  """Raises a ValueError unless every device's rows split into ``num_microbatches``.
+
+  `make_train_step` sends example b to microbatch b mod k, so that each device's shard of
+  a batch split over ``data_shards`` devices splits locally; with ``batch_rows /
+  data_shards`` not a multiple of k a microbatch would span devices unevenly and the SPMD
+  partitioner moves the batch between devices every step ("involuntary full
+  rematerialization"). Needs ``batch_rows`` divisible by ``data_shards · k``.
+  """
+  k = int(num_microbatches or 1)
+  if k < 1:
+    raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+  if batch_rows % (data_shards * k):
+    raise ValueError(
+        f"a batch of {batch_rows} rows over a data axis of {data_shards} device(s) gives "
+        f"{batch_rows / data_shards:g} rows per device, which do not split into "
+        f"num_microbatches={k} whole microbatches: the batch size must be a multiple of "
+        f"{data_shards * k}")
+
+
 def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
                     num_microbatches: int | None = None) -> Callable:
   """The pure update: (state, batch) → (state', metrics). Jitted by the caller.

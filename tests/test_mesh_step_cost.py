@@ -14,7 +14,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tools"))
 import mesh_step_cost  # noqa: E402
 
+import benchmark  # noqa: E402
+
 from slic_jax import matmul  # noqa: E402
+from slic_jax import network  # noqa: E402
 from slic_jax import partitioning  # noqa: E402
 
 
@@ -49,6 +52,41 @@ def test_collectives_by_kind_and_source():
   top = mesh_step_cost.largest(items, 1)
   assert top == [{"kind": "all-reduce", "source": items[0]["source"], "count": 1,
                   "mb": items[0]["bytes"] / 1e6}]
+
+
+LOOP_HLO = """\
+%fused_dot (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (b: (s32[], f32[4,8], f32[8,2])) -> (s32[], f32[4,8], f32[8,2]) {
+  %f = f32[4,2]{1,0} fusion(%x, %y), kind=kOutput, calls=%fused_dot
+  %all-reduce.7 = f32[8,2]{1,0} all-reduce(%y), replica_groups={{0,1}}, to_apply=%add
+}
+
+%cond (c: (s32[], f32[4,8], f32[8,2])) -> pred[] {
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: f32[4,8], w: f32[8,2]) -> f32[4,2] {
+  %d = f32[4,2]{1,0} dot(%a, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %all-reduce.1 = f32[8,2]{1,0} all-reduce(%w), replica_groups={{0,1}}, to_apply=%add
+  %while.2 = (s32[], f32[4,8], f32[8,2]) while(%t), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+
+
+def test_a_loop_body_counts_once_per_trip():
+  mult = mesh_step_cost.computation_multipliers(LOOP_HLO)
+  assert mult["main"] == 1 and mult["body"] == 3 and mult["cond"] == 4
+  assert mult["fused_dot"] == 3  # called from the body
+  assert mesh_step_cost.matmul_flops(LOOP_HLO) == (1 + 3) * 2 * 4 * 2 * 8
+  items = mesh_step_cost.collectives(LOOP_HLO)
+  assert [(c["bytes"], c["times"]) for c in items] == [(64, 3), (64, 1)]
+  assert mesh_step_cost.by_kind(items) == {"all-reduce": {"count": 4, "mb": 4 * 64 / 1e6}}
 
 
 def test_parse_mesh():
@@ -88,11 +126,15 @@ def tiny_meshes():
   _, model, tx, batch = mesh_step_cost.build(args)
   rows = {"1x1": mesh_step_cost.mesh_row(mesh_step_cost.compile_step(
       model, tx, batch, partitioning.Partitioner(devices=jax.devices()[:1])), 1, None, 5)}
-  for d, m in ((8, 1), (4, 2)):
-    compiled = mesh_step_cost.compile_step(model, tx, batch,
-                                           partitioning.Partitioner(num_partitions=m))
-    rows[f"{d}x{m}"] = mesh_step_cost.mesh_row(
-        compiled, 8, rows["1x1"]["xla_flops_per_device"], 5)
+  for d, m, k in ((8, 1, 1), (4, 2, 1), (4, 1, 2)):
+    compiled = mesh_step_cost.compile_step(
+        model, tx, batch, partitioning.Partitioner(num_partitions=m,
+                                                   devices=jax.devices()[:d * m]), k)
+    rows[f"{d}x{m}" + (f" k={k}" if k > 1 else "")] = mesh_step_cost.mesh_row(
+        compiled, d * m, rows["1x1"]["matmul_flops_per_device"], 5)
+  rows["4x1"] = mesh_step_cost.mesh_row(mesh_step_cost.compile_step(
+      model, tx, batch, partitioning.Partitioner(devices=jax.devices()[:4])), 4,
+      rows["1x1"]["matmul_flops_per_device"], 5)
   abstract, _ = partitioning.Partitioner(devices=jax.devices()[:1]).train_state_shardings(
       model, tx, {k: v.shape for k, v in batch.items()})
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract.params))
@@ -102,7 +144,10 @@ def tiny_meshes():
 def test_the_mesh_divides_the_step_and_sends_gradients_once(tiny_meshes):
   rows, param_bytes = tiny_meshes
   assert rows["1x1"]["collectives"] == {} and rows["1x1"]["collective_mb"] == 0
-  for name in ("8x1", "4x2"):
+  # The matmuls read from the program are the model's (tools/benchmark.py's count).
+  model_flops = benchmark.config_flops(network.make_config("tiny"), 8, 32, 8)["train_step"]
+  assert 0.97 < rows["1x1"]["matmul_flops_per_device"] / model_flops < 1.05
+  for name in ("8x1", "4x2", "4x1 k=2"):
     # Every device does 1/8 of the work, give or take what all repeat (the optimizer's
     # update of replicated parameters, norms): an unpartitioned step would be 8.
     assert 0.95 < rows[name]["compute_overhead"] < 1.1, (name, rows[name])
@@ -118,6 +163,16 @@ def test_the_mesh_divides_the_step_and_sends_gradients_once(tiny_meshes):
   assert mp["argument_mb"] < 0.6 * rows["8x1"]["argument_mb"]
   assert mp["collectives"].get("all-gather", {"mb": 0})["mb"] < 0.01 * param_bytes / 1e6
   assert mp["collective_mb"] < 2 * param_bytes / 1e6
+  # 2 microbatches: the same matmuls (the loop's body counted per trip), and every
+  # gradient all-reduced once per microbatch: twice the data-parallel traffic.
+  mb, whole = rows["4x1 k=2"], rows["4x1"]
+  assert mb["matmul_flops_per_device"] == pytest.approx(whole["matmul_flops_per_device"],
+                                                        rel=0.02)
+  ratio = mb["collectives"]["all-reduce"]["mb"] / whole["collectives"]["all-reduce"]["mb"]
+  assert 1.9 < ratio < 2.1, ratio
+  with pytest.raises(ValueError, match="do not split into num_microbatches=4"):
+    mesh_step_cost.compile_step(None, None, {"x": np.zeros((8, 2))},
+                                partitioning.Partitioner(devices=jax.devices()[:4]), 4)
 
 
 def test_report_and_a_mesh_the_model_cannot_use(tiny_meshes, tmp_path):

@@ -151,6 +151,14 @@ def test_microbatches_on_the_mesh_give_the_whole_batch_step():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="microbatches"):
     _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch, num_microbatches=3)
+  # The trainer's check: each of the 4 data shards' 2 rows splits into 2, not into 4.
+  train.check_microbatches(B, 2, 4)
+  with pytest.raises(ValueError, match=r"gives 2 rows per device, which do not split into "
+                     r"num_microbatches=4 whole microbatches: the batch size must be a "
+                     r"multiple of 16"):
+    train.check_microbatches(B, 4, 4)
+  with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
+    train.check_microbatches(B, -1, 1)
 
 
 def test_bfloat16_step_on_the_mesh_matches_one_device():

@@ -191,3 +191,15 @@ def test_length_buckets_train_the_same_model_on_trimmed_batches(world, tmp_path,
   evals = {b: [r for r in read_jsonl(str(tmp_path / str(b))) if r["split"] == "train_eval"][-1]
            for b in (4, 1)}
   np.testing.assert_allclose(evals[4]["loss"], evals[1]["loss"], rtol=1e-4)
+
+
+def test_microbatches_that_do_not_split_each_devices_rows_are_refused(world, tmp_path):
+  """BATCH_SIZE 8 over the 8 fake devices' data axis is one row per device: 2 microbatches
+  would span devices (the partitioner would move the batch every step). Refused before
+  any data is read or anything compiled, naming both settings."""
+  with pytest.raises(ValueError, match=r"BATCH_SIZE and train.num_microbatches: a batch of 8 "
+                     r"rows over a data axis of 8 device\(s\) gives 1 rows per device, which "
+                     r"do not split into num_microbatches=2 .* a multiple of 16"):
+    run("gin/sft.gin", [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 1",
+                        "train.num_microbatches = 2"])
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoint_1"))

@@ -12,14 +12,15 @@ It compiles the step exactly as ``slic_jax.train`` does on a ('data', 'model') m
 on one device and once per ``--mesh DxM``, and reads from each compiled program (the
 per-device program that SPMD partitioning made):
 
-* XLA's FLOP count per device (``cost_analysis``) and ``devices × per device / one
-  device``, the *compute overhead*: 1.00 when the mesh divides the step's work evenly,
-  more for work every device repeats (the optimizer update of replicated parameters,
-  norms over a replicated embedding axis), ``devices`` if the step were not partitioned;
-* every collective: all-reduce / all-gather / reduce-scatter / all-to-all /
-  collective-permute, how many and the bytes of their results per device, and the
-  largest by JAX source (``op_name``, layer numbers folded), where an unexpected
-  all-gather shows up by name;
+* the matmul FLOPs per device (every ``dot`` of the program, a loop body's once per
+  trip: `matmul_flops`; XLA's own ``cost_analysis`` count, elementwise work included but
+  a loop body counted once, is in the JSON) and ``devices × per device / one device``,
+  the *compute overhead*: 1.00 when the mesh divides the step's matmuls evenly, more for
+  matmuls every device repeats, ``devices`` if the step were not partitioned;
+* every collective per step: all-reduce / all-gather / reduce-scatter / all-to-all /
+  collective-permute, how many and the bytes of their results per device (a loop body's
+  once per trip: the microbatch loop, ``--microbatches``), and the largest by JAX source
+  (``op_name``, layer numbers folded), where an unexpected all-gather shows up by name;
 * XLA's buffer sizes per device (``memory_analysis``): arguments (the state's and the
   batch's shards), temporaries.
 
@@ -72,16 +73,67 @@ def shape_bytes(shape_text: str) -> int:
   return total
 
 
+_CALLEE = re.compile(
+    r"\b(condition|body|to_apply|calls|true_computation|false_computation)=%([\w.\-]+)")
+
+
+def computation_multipliers(hlo_text: str) -> dict[str, int]:
+  """How many times each computation of a program runs per execution of its ENTRY.
+
+  A while loop's body runs its ``known_trip_count`` times (its condition once more; a
+  loop without a known count counts once), every other call (fusions, reductions'
+  ``to_apply``, conditional branches) once per run of its caller: the microbatch loop of
+  `update_step.make_train_step` (k − 1 trips) multiplies what its body computes and sends.
+  """
+  comps, _, _ = profile_step.parse_hlo(hlo_text)
+  entry = re.search(r"^ENTRY %(\S+) ", hlo_text, re.M)
+  callers = collections.defaultdict(list)  # callee -> [(caller, factor)]
+  for comp, lines in comps.items():
+    for line in lines:
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line) if " while(" in line else None
+      n = int(trips.group(1)) if trips else 1
+      for kind, callee in _CALLEE.findall(line):
+        callers[callee].append((comp, n + 1 if kind == "condition" and trips else
+                                n if kind == "body" else 1))
+      branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+      for callee in re.findall(r"%([\w.\-]+)", branches.group(1) if branches else ""):
+        callers[callee].append((comp, 1))
+  memo = {}
+
+  def times(comp: str, seen=()) -> int:
+    if comp not in memo:
+      memo[comp] = 1 if entry and comp == entry.group(1) else sum(
+          times(c, seen + (comp,)) * f for c, f in callers.get(comp, ()) if c not in seen)
+    return memo[comp]
+
+  return {comp: times(comp) for comp in comps}
+
+
+def matmul_flops(hlo_text: str) -> float:
+  """Matmul FLOPs of one execution of a program, every ``dot`` counted (2 · output size ·
+  contracted size, `profile_step.dot_flops`) as many times as its computation runs
+  (`computation_multipliers`; XLA's own ``cost_analysis`` counts a loop body once)."""
+  comps, _, shapes = profile_step.parse_hlo(hlo_text)
+  mult = computation_multipliers(hlo_text)
+  return float(sum(profile_step.dot_flops(comp, line, shapes) * mult.get(comp, 0)
+                   for comp, lines in comps.items() for line in lines if " dot(" in line))
+
+
 def collectives(hlo_text: str) -> list[dict]:
   """Every collective instruction of a compiled program: its ``kind`` (an entry of
   `COLLECTIVES`; an async ``*-start`` counts as its kind, ``*-done`` not again), the
-  ``bytes`` of its result per device and its JAX ``source`` (``op_name`` with layer
-  numbers folded, `profile_step.fold`; '(no source)' without metadata).
-
-  A collective inside a loop body is listed once (this tool compiles no microbatch loop).
+  ``bytes`` of its result per device, how many ``times`` it runs per step (a loop body's
+  collectives once per trip, `computation_multipliers`) and its JAX ``source``
+  (``op_name`` with layer numbers folded, `profile_step.fold`; '(no source)' without
+  metadata).
   """
-  out = []
+  mult = computation_multipliers(hlo_text)
+  out, comp = [], None
   for line in hlo_text.split("\n"):
+    header = re.match(r"^(?:ENTRY )?%(\S+) \(.*\) -> .* \{$", line)
+    if header:
+      comp = header.group(1)
+      continue
     m = _COLLECTIVE_LINE.match(line)
     if not m:
       continue
@@ -89,28 +141,30 @@ def collectives(hlo_text: str) -> list[dict]:
     if m.group(3) and result.startswith("(("):  # async start: ((operands), outputs, ...)
       result = result[result.index(")") + 1:]
     source = re.search(r'op_name="([^"]*)"', line)
-    out.append({"kind": m.group(2), "bytes": shape_bytes(result),
+    out.append({"kind": m.group(2), "bytes": shape_bytes(result), "times": mult.get(comp, 1),
                 "source": profile_step.fold(source.group(1)) if source else "(no source)"})
   return out
 
 
 def by_kind(items: list[dict]) -> dict:
-  """{kind: {'count', 'mb'}} in `COLLECTIVES`' order, kinds that occur only."""
+  """{kind: {'count', 'mb'}} per step (each collective × its ``times``, default 1), in
+  `COLLECTIVES`' order, kinds that occur only."""
   out = {}
   for kind in COLLECTIVES:
-    sel = [c["bytes"] for c in items if c["kind"] == kind]
+    sel = [(c.get("times", 1), c["bytes"]) for c in items if c["kind"] == kind]
     if sel:
-      out[kind] = {"count": len(sel), "mb": sum(sel) / 1e6}
+      out[kind] = {"count": sum(t for t, _ in sel), "mb": sum(t * b for t, b in sel) / 1e6}
   return out
 
 
 def largest(items: list[dict], n: int) -> list[dict]:
-  """The n largest (kind, source) groups by bytes: {'kind', 'source', 'count', 'mb'}."""
+  """The n largest (kind, source) groups by bytes per step: {'kind', 'source', 'count',
+  'mb'}."""
   groups = collections.defaultdict(lambda: [0, 0])
   for c in items:
     g = groups[(c["kind"], c["source"])]
-    g[0] += 1
-    g[1] += c["bytes"]
+    g[0] += c.get("times", 1)
+    g[1] += c.get("times", 1) * c["bytes"]
   rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:n]
   return [{"kind": k, "source": s, "count": c, "mb": b / 1e6} for (k, s), (c, b) in rows]
 
@@ -137,19 +191,23 @@ def build(args):
   return cfg, model, tx, batch
 
 
-def compile_step(model, tx, batch: dict, partitioner):
-  """The update step as slic_jax.train jits it on ``partitioner``'s mesh, compiled for
-  ``batch``'s shapes (nothing allocated, nothing run)."""
+def compile_step(model, tx, batch: dict, partitioner, num_microbatches: int | None = None):
+  """The update step as slic_jax.train jits it on ``partitioner``'s mesh (with
+  ``num_microbatches``, `update_step.check_microbatches` first, as the trainer), compiled
+  for ``batch``'s shapes (nothing allocated, nothing run)."""
   import jax
   from slic_jax import update_step
   shapes = {k: v.shape for k, v in batch.items()}
+  update_step.check_microbatches(next(iter(shapes.values()))[0], num_microbatches,
+                                 partitioner.data_size)
   types = {k: v.dtype for k, v in batch.items()}
   abstract, state_sh = partitioner.train_state_shardings(model, tx, shapes, types)
   batch_sh = {k: partitioner.batch_sharding(len(s)) for k, s in shapes.items()}
   abstract_batch = {k: jax.ShapeDtypeStruct(shapes[k], types[k], sharding=batch_sh[k])
                     for k in shapes}
   with partitioner.activation_rules():
-    step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=1),
+    step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=1,
+                                               num_microbatches=num_microbatches),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=(0,), compiler_options=benchmark.step_options())
     return step.lower(abstract, abstract_batch).compile()
@@ -157,15 +215,17 @@ def compile_step(model, tx, batch: dict, partitioner):
 
 def mesh_row(compiled, devices: int, one_device_flops: float | None, top: int) -> dict:
   """The per-device figures of one compiled step (see the module docstring)."""
-  flops = benchmark.xla_cost_flops(compiled)
-  items = collectives(compiled.as_text())
+  text = compiled.as_text()
+  flops = matmul_flops(text)
+  items = collectives(text)
   mem = compiled.memory_analysis()
   row = {
-      "devices": devices, "xla_flops_per_device": flops,
+      "devices": devices, "matmul_flops_per_device": flops,
+      "xla_flops_per_device": benchmark.xla_cost_flops(compiled),
       "compute_overhead": (devices * flops / one_device_flops
                            if flops and one_device_flops else None),
       "collectives": by_kind(items),
-      "collective_mb": sum(c["bytes"] for c in items) / 1e6,
+      "collective_mb": sum(c["times"] * c["bytes"] for c in items) / 1e6,
       "largest_collectives": largest(items, top),
       "argument_mb": mem.argument_size_in_bytes / 1e6,
       "temp_mb": mem.temp_size_in_bytes / 1e6,
@@ -184,11 +244,12 @@ def to_markdown(res: dict) -> str:
   lines = [
       f"# The update step on a mesh: {e['model']}, T5 1.1 {e['size']}, {e['dtype']}, "
       f"{e['batch']} {'pairs' if e['model'] == 'slic_hf' else 'rows'}, Li {e['li']}, "
-      f"Lt {e['lt']}", "",
+      f"Lt {e['lt']}" + (f", {e['microbatches']} microbatches on the meshes"
+                          if e.get("microbatches", 1) > 1 else ""), "",
       f"`{res['command']}`", "",
       f"{res['backend']} ({res['device_kind']}); per device, from the compiled programs "
       f"(nothing run). Model FLOPs of the step (matmuls): {e['model_gflops']:.1f} G.", "",
-      "| mesh (data×model) | XLA GFLOP per device | compute overhead | collectives | "
+      "| mesh (data×model) | matmul GFLOP per device | compute overhead | collectives | "
       "MB sent per device | arguments MB | temporaries MB |",
       "|---|---|---|---|---|---|---|",
   ]
@@ -196,10 +257,11 @@ def to_markdown(res: dict) -> str:
     kinds = ", ".join(f"{v['count']} {k} ({v['mb']:.1f} MB)" for k, v in
                       r["collectives"].items()) or "none"
     overhead = f"{r['compute_overhead']:.3f}" if r["compute_overhead"] else "–"
-    lines.append(f"| {name} | {r['xla_flops_per_device'] / 1e9:.2f} | {overhead} | {kinds} | "
+    lines.append(f"| {name} | {r['matmul_flops_per_device'] / 1e9:.2f} | {overhead} | {kinds} | "
                  f"{r['collective_mb']:.1f} | {r['argument_mb']:.1f} | {r['temp_mb']:.1f} |")
-  lines += ["", "MB sent per device: the collectives' result bytes. Compute overhead: "
-            "devices × per-device FLOPs / the one-device step's (1.00: evenly divided)."]
+  lines += ["", "MB sent per device: the collectives' result bytes per step. Compute "
+            "overhead: devices × per-device matmul FLOPs / the one-device step's (1.00: "
+            "evenly divided; the one-device step takes the batch whole)."]
   for name, r in res["meshes"].items():
     if r["largest_collectives"]:
       lines += ["", f"Largest collectives, {name}:", "", "| kind | count | MB | source |",
@@ -224,6 +286,9 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--attention_implementation", default="default",
                   choices=["default", "xla", "fused_softmax", "cudnn"])
+  ap.add_argument("--microbatches", type=int, default=1,
+                  help="the meshes' steps accumulate gradients over K microbatches "
+                       "(train.num_microbatches); the one-device reference takes the batch whole")
   ap.add_argument("--fake_cpu_devices", type=int, default=None,
                   help="fake CPU devices (default: the largest mesh's); 0: the process's own")
   ap.add_argument("--top", type=int, default=8, help="largest collectives listed per mesh")
@@ -233,9 +298,10 @@ def main(argv=None) -> int:
   meshes = args.mesh or [(8, 1), (4, 2)]
   if args.pack != 1 and args.model != "sft":
     ap.error("--pack needs --model sft (pair batches are never packed)")
-  for d, _ in meshes:
-    if args.batch % d:
-      ap.error(f"--batch {args.batch} is not divisible by the data axis of mesh {d}x{_}")
+  for d, m in meshes:
+    if args.batch % (d * args.microbatches):
+      ap.error(f"--batch {args.batch} is not divisible by mesh {d}x{m}'s data axis × "
+               f"--microbatches ({d} × {args.microbatches})")
   needed = max(d * m for d, m in meshes)
   fake = needed if args.fake_cpu_devices is None else args.fake_cpu_devices
   if fake:
@@ -257,7 +323,7 @@ def main(argv=None) -> int:
       "fake_cpu_devices": fake,
       "experiment": {**{k: getattr(args, k) for k in (
           "model", "size", "reg_target", "batch", "li", "lt", "pack", "dtype",
-          "attention_implementation")}, "vocab_size": cfg.vocab_size,
+          "attention_implementation", "microbatches")}, "vocab_size": cfg.vocab_size,
           "model_gflops": benchmark.config_flops(cfg, args.batch, args.li, args.lt,
                                                  n_targets=n_targets)["train_step"] / 1e9},
       "meshes": {},
@@ -274,11 +340,11 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   one = compile_step(model, tx, batch, partitioning.Partitioner(devices=jax.devices()[:1]))
   res["meshes"]["1x1"] = mesh_row(one, 1, None, args.top)
-  one_flops = res["meshes"]["1x1"]["xla_flops_per_device"]
+  one_flops = res["meshes"]["1x1"]["matmul_flops_per_device"]
   res["meshes"]["1x1"]["compute_overhead"] = 1.0
   for name, p in partitioners.items():
-    res["meshes"][name] = mesh_row(compile_step(model, tx, batch, p), p.mesh.size,
-                                   one_flops, args.top)
+    res["meshes"][name] = mesh_row(compile_step(model, tx, batch, p, args.microbatches),
+                                   p.mesh.size, one_flops, args.top)
   res["compile_s"] = time.perf_counter() - t0
   md = to_markdown(res)
   print(md)
