@@ -134,8 +134,10 @@ def first_element(v: jax.Array) -> jax.Array:
   one result to another read.
 
   Under a mesh of several devices (`jax.sharding.get_abstract_mesh`, set by
-  `partitioning.Partitioner.activation_rules`) it is ``v[0, ..., 0]``: the SPMD
-  partitioner takes it from the device that holds it. ``v.reshape(-1)[0]`` there would
+  `jax.set_mesh` in `partitioning.Partitioner.activation_rules`) it is ``v[0, ..., 0]``:
+  the SPMD partitioner takes it from the device that holds it. (T5X's partitioner enters
+  the legacy ``with Mesh(...)`` context, which only the deprecated
+  ``pxla.thread_resources`` reveals: there the flattening form stays.) ``v.reshape(-1)[0]`` there would
   first gather every shard of v whose split axis is not v's first (a [B, H, L, K]
   activation split over heads, a weight's gradient split over 'mlp'): the bf16 T5 1.1
   small step, 32 pairs, Li 512, on a 4×2 mesh sent 1787 instead of 714 MB per device
