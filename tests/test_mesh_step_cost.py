@@ -189,3 +189,19 @@ def test_report_and_a_mesh_the_model_cannot_use(tiny_meshes, tmp_path):
     mesh_step_cost.main(["--mesh", "1x8", "--li", "16", "--lt", "8", "--fake_cpu_devices", "0",
                          "--out", str(tmp_path / "r.json")])
   assert not (tmp_path / "r.json").exists()
+
+
+def test_two_dimensional_parameter_partitioning_splits_the_state(tmp_path):
+  """--parameter_partitioning_dims 2 (T5X's rules for T5-XXL: 'embed' over 'data' too):
+  on 8×1 every device holds about an eighth of the state, and the weights are gathered
+  where they are used (FSDP's pattern), which 1-D data parallelism never does."""
+  import json
+  out = tmp_path / "r.json"
+  mesh_step_cost.main(["--mesh", "8x1", "--li", "16", "--lt", "8", "--fake_cpu_devices", "0",
+                       "--parameter_partitioning_dims", "2", "--top", "3", "--out", str(out)])
+  res = json.loads(out.read_text())
+  one, dp = res["meshes"]["1x1"], res["meshes"]["8x1"]
+  assert res["experiment"]["parameter_partitioning_dims"] == 2
+  assert dp["argument_mb"] < 0.25 * one["argument_mb"]
+  assert dp["collectives"]["all-gather"]["mb"] > 0.5 * one["argument_mb"] / 4  # weights
+  assert 0.95 < dp["compute_overhead"] < 1.1

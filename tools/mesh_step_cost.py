@@ -289,6 +289,10 @@ def main(argv=None) -> int:
   ap.add_argument("--microbatches", type=int, default=1,
                   help="the meshes' steps accumulate gradients over K microbatches "
                        "(train.num_microbatches); the one-device reference takes the batch whole")
+  ap.add_argument("--parameter_partitioning_dims", type=int, default=1, choices=[1, 2],
+                  help="T5X's rules: 2 also splits the params' 'embed' axis over 'data' "
+                       "(2-D / FSDP-like, as for T5-XXL; partitioning."
+                       "standard_logical_axis_rules)")
   ap.add_argument("--fake_cpu_devices", type=int, default=None,
                   help="fake CPU devices (default: the largest mesh's); 0: the process's own")
   ap.add_argument("--top", type=int, default=8, help="largest collectives listed per mesh")
@@ -323,7 +327,8 @@ def main(argv=None) -> int:
       "fake_cpu_devices": fake,
       "experiment": {**{k: getattr(args, k) for k in (
           "model", "size", "reg_target", "batch", "li", "lt", "pack", "dtype",
-          "attention_implementation", "microbatches")}, "vocab_size": cfg.vocab_size,
+          "attention_implementation", "microbatches", "parameter_partitioning_dims")},
+          "vocab_size": cfg.vocab_size,
           "model_gflops": benchmark.config_flops(cfg, args.batch, args.li, args.lt,
                                                  n_targets=n_targets)["train_step"] / 1e9},
       "meshes": {},
@@ -331,7 +336,10 @@ def main(argv=None) -> int:
   partitioners = {}
   shapes = {k: v.shape for k, v in batch.items()}
   for d, m in meshes:  # every mesh checked against the model before the first compile
-    p = partitioning.Partitioner(num_partitions=m, devices=jax.devices()[:d * m])
+    p = partitioning.Partitioner(
+        num_partitions=m, devices=jax.devices()[:d * m],
+        logical_axis_rules=partitioning.standard_logical_axis_rules(
+            parameter_partitioning_dims=args.parameter_partitioning_dims))
     try:
       p.train_state_shardings(model, tx, shapes)
     except ValueError as e:
