@@ -130,20 +130,20 @@ def _materialized_transpose(v, src: str, dst: str):
 
 
 def first_element(v: jax.Array) -> jax.Array:
-  """``v``'s first element, a scalar: what `_opaque`'s predicate and the VJPs that tie
-  one result to another read.
+  """``v``'s first element, a scalar: what `_opaque`'s predicate and
+  `weight_gradient_first`'s tie read.
 
   Under a mesh of several devices (`jax.sharding.get_abstract_mesh`, set by
   `jax.set_mesh` in `partitioning.Partitioner.activation_rules`) it is ``v[0, ..., 0]``:
-  the SPMD partitioner takes it from the device that holds it. (T5X's partitioner enters
-  the legacy ``with Mesh(...)`` context, which only the deprecated
-  ``pxla.thread_resources`` reveals: there the flattening form stays.) ``v.reshape(-1)[0]`` there would
-  first gather every shard of v whose split axis is not v's first (a [B, H, L, K]
+  the SPMD partitioner takes it from the device that holds it, where ``v.reshape(-1)[0]``
+  would first gather every shard of v whose split axis is not v's first (a [B, H, L, K]
   activation split over heads, a weight's gradient split over 'mlp'): the bf16 T5 1.1
   small step, 32 pairs, Li 512, on a 4×2 mesh sent 1787 instead of 714 MB per device
-  (`tools/mesh_step_cost.py`; `benchmarks/NOTES.md`, session 35). On one device it stays
-  ``v.reshape(-1)[0]``, the form the step was tuned with (the index form changes
-  XLA:CPU's layouts there: more copies and temporaries in the compiled step).
+  (`tools/mesh_step_cost.py`; `benchmarks/NOTES.md`, session 35). On one device, and
+  under T5X's legacy ``with Mesh(...)`` context (which only the deprecated
+  ``pxla.thread_resources`` reveals), it stays ``v.reshape(-1)[0]``, the form the step
+  was tuned with: the index form adds layout copies to XLA:CPU's one-device program
+  (`_opaque`'s predicate; `weight_gradient_first`'s under remat 'full').
   """
   if jax.sharding.get_abstract_mesh().size > 1:
     return v[(0,) * v.ndim]

@@ -117,11 +117,37 @@ def test_first_element_takes_no_shard_from_other_devices():
     assert float(jax.jit(matmul.first_element)(jnp.asarray(x))) == 3.0
 
 
+@pytest.mark.filterwarnings("ignore:.*context manager has been deprecated")
+def test_the_position_bias_gradient_is_tied_without_a_gather_under_any_mesh():
+  """network.add_position_bias ties dlogits to its bias gradient [1, H, L, L] through one
+  element. The heads, split over 'model', are that array's leading axis, so even the
+  flattening form (which T5X's legacy ``with mesh:`` context keeps) takes the element
+  without a gather; a layout that split an inner axis would gather the whole gradient."""
+  from slic_jax import network
+  mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+  rng = np.random.default_rng(0)
+  logits = jax.device_put(rng.normal(size=(4, 4, 8, 8)).astype(np.float32),
+                          NamedSharding(mesh, P("data", "model")))
+  bias = jax.device_put(rng.normal(size=(1, 4, 8, 8)).astype(np.float32),
+                        NamedSharding(mesh, P(None, "model")))
+  grad = jax.jit(jax.grad(lambda lg, b: jnp.sum(network.add_position_bias(lg, None, b) ** 2),
+                          argnums=(0, 1)))
+  for context in (jax.set_mesh(mesh), mesh):
+    with context:
+      text = grad.lower(logits, bias).compile().as_text()
+    gathered = [c for c in mesh_step_cost.collectives(text) if c["kind"] == "all-gather"]
+    assert not gathered, gathered
+  d_logits, d_bias = grad(logits, bias)
+  x = np.asarray(logits) + np.asarray(bias)
+  np.testing.assert_allclose(np.asarray(d_logits), 2 * x, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(d_bias), 2 * x.sum(0, keepdims=True), rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_meshes():
   """The tool's rows for a tiny SLiC-HF step: one device, 8×1 and 4×2."""
   args = argparse.Namespace(size="tiny", dtype="float32", attention_implementation="default",
-                            vocab_size=None, model="slic_hf", batch=8, li=32, lt=8, pack=1,
+                            vocab_size=None, model="slic_hf", batch=8, li=32, lt=8, pack=1, remat="none",
                             reg_target="reference")
   _, model, tx, batch = mesh_step_cost.build(args)
   rows = {"1x1": mesh_step_cost.mesh_row(mesh_step_cost.compile_step(

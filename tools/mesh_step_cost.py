@@ -181,7 +181,7 @@ def parse_mesh(text: str) -> tuple[int, int]:
 def build(args):
   """(network config, model, optimizer, numpy batch) of the experiment the arguments
   describe."""
-  cfg = benchmark.make_config(args.size, args.dtype,
+  cfg = benchmark.make_config(args.size, args.dtype, remat=args.remat,
                               attention_implementation=args.attention_implementation)
   if args.vocab_size:
     cfg = dataclasses.replace(cfg, vocab_size=args.vocab_size)
@@ -286,6 +286,8 @@ def main(argv=None) -> int:
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--attention_implementation", default="default",
                   choices=["default", "xla", "fused_softmax", "cudnn"])
+  ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"],
+                  help="network.T5Config.remat_policy")
   ap.add_argument("--microbatches", type=int, default=1,
                   help="the meshes' steps accumulate gradients over K microbatches "
                        "(train.num_microbatches); the one-device reference takes the batch whole")
@@ -327,7 +329,8 @@ def main(argv=None) -> int:
       "fake_cpu_devices": fake,
       "experiment": {**{k: getattr(args, k) for k in (
           "model", "size", "reg_target", "batch", "li", "lt", "pack", "dtype",
-          "attention_implementation", "microbatches", "parameter_partitioning_dims")},
+          "attention_implementation", "remat", "microbatches",
+          "parameter_partitioning_dims")},
           "vocab_size": cfg.vocab_size,
           "model_gflops": benchmark.config_flops(cfg, args.batch, args.li, args.lt,
                                                  n_targets=n_targets)["train_step"] / 1e9},
