@@ -197,6 +197,7 @@ def probabilities(logits, diagonal_bias, key_segments, query_segments, dtype=jnp
   Partitioned over B and H under a mesh (the module docstring).
   """
   register()
+  _check_not_partially_manual()
   return _partitioned_forward(logits.astype(jnp.float32), diagonal_bias.astype(jnp.float32),
                               key_segments.astype(jnp.float32), query_segments.astype(jnp.float32),
                               _kind(dtype))
@@ -229,6 +230,22 @@ def _backward_call(dp, probs, row, kind):
 
 
 # --- partitioning: rows are independent, so B and H keep their mesh axes -----------------
+
+def _check_not_partially_manual():
+  """custom_partitioning cannot run inside a shard_map that leaves a mesh axis of several
+  devices to the partitioner (jax asserts while compiling); say so by name instead."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not mesh.manual_axes:
+    return
+  auto = [a for a, n in dict(mesh.shape).items() if n > 1 and a not in mesh.manual_axes]
+  if auto:
+    raise ValueError(
+        f"attention_implementation='fused_softmax' inside a shard_map manual over "
+        f"{sorted(mesh.manual_axes)} with mesh axes {auto} left to the partitioner "
+        f"(per_device_accumulation with a 'model' axis of several devices) is not "
+        f"supported: the kernels' partitioning rule cannot run there; use "
+        f"attention_implementation='default' or per_device_accumulation=False")
+
 
 def _row_axes(sharding):
   """(batch axes, head axes) of a [B, H, Q, K] operand's sharding; None: replicated."""

@@ -65,6 +65,7 @@ def train(
     random_seed: int | None = 0,
     run_eval_before_training: bool = False,
     num_microbatches: int | None = None,
+    per_device_accumulation: bool = False,
     length_buckets: int = 1,
     **unused_t5x_kwargs,
 ) -> tuple[int, TrainState]:
@@ -85,6 +86,10 @@ def train(
     num_microbatches: split each batch into this many microbatches and accumulate their
       gradients (`update_step.make_train_step`; T5X: ``trainer.Trainer.num_microbatches``).
       Bind with ``--gin.train.num_microbatches=4`` (slic_jax.train only).
+    per_device_accumulation: with microbatches on a mesh whose 'data' axis has several
+      devices, accumulate each device's gradients locally and all-reduce them once per
+      step instead of once per microbatch (`update_step.make_train_step`: the same
+      gradient when every device's share of a microbatch holds as many examples).
     length_buckets: n > 1 pads each batch only as far as its longest example needs,
       rounded up to one of n bucket lengths per sequence axis
       (`input_pipeline.trim_padding`; exact for T5: only padding is dropped). Fewer
@@ -183,7 +188,8 @@ def train(
   batch_sh = {k: p.batch_sharding(len(s)) for k, s in input_shapes.items()}
   xla_options = compiler_options.step_compiler_options()
   step_fn = jax.jit(
-      make_train_step(model, tx, dropout_seed=seed + 1, num_microbatches=num_microbatches),
+      make_train_step(model, tx, dropout_seed=seed + 1, num_microbatches=num_microbatches,
+                      per_device_accumulation=per_device_accumulation),
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, None),
       donate_argnums=(0,),

@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import clu.metrics as clu_metrics
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 
 @flax.struct.dataclass
@@ -44,7 +46,8 @@ def check_microbatches(batch_rows: int, num_microbatches: int | None, data_shard
 
 
 def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
-                    num_microbatches: int | None = None) -> Callable:
+                    num_microbatches: int | None = None,
+                    per_device_accumulation: bool = False) -> Callable:
   """The pure update: (state, batch) → (state', metrics). Jitted by the caller.
 
   ``g = ∇ model.loss_fn(params, batch)``; ``params' = params + tx(g)``.
@@ -55,7 +58,21 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
     their gradients, ``g = (1/k) Σ_i ∇ loss(params, batch_i)``: the whole-batch gradient
     when every microbatch holds the same number of real examples, with about 1/k of the
     activation memory. Metrics are merged over the microbatches. As T5X's
-    ``Trainer.num_microbatches``; None or 1: the whole batch at once.
+    ``Trainer.num_microbatches``; None or 1: the whole batch at once. On a mesh whose
+    'data' axis has D > 1 devices the SPMD partitioner all-reduces every microbatch's
+    gradients over 'data': k times the one all-reduce of a whole-batch step.
+  per_device_accumulation: with k > 1 on such a mesh, each device instead accumulates
+    the gradients of its own shard of every microbatch and the sum is all-reduced once,
+    ``g = (1/(kD)) Σ_{i,d} ∇ loss(params, batch_{i,d})`` (``jax.shard_map`` manual over
+    'data', the other mesh axes left to the partitioner): each device's share of a
+    microbatch is normalised on its own, as each microbatch already is, so the gradient
+    is the same when every share holds the same number of real examples (SLiC-HF's
+    means over pairs, full batches) and a weighting by shares otherwise (token-averaged
+    SFT with uneven padding). Metrics are merged over devices by summing their fields
+    (clu ``Average``, slic_jax's ``Sum``); dropout draws per device. Needs logical-axis
+    rules that map nothing but 'batch' to 'data' (not T5X's 2-D parameter partitioning)
+    and, with a 'model' axis of several devices, not the CPU softmax kernels. Off, or
+    without such a mesh: the step above.
   """
   base_rng = jax.random.PRNGKey(dropout_seed)
   grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
@@ -85,9 +102,36 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
         (jnp.arange(1, k), jax.tree.map(lambda x: x[1:], split)))
     return metrics, jax.tree.map(lambda g: g / k, grads)
 
+  def per_device_loss_grads(params, batch, rng):
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else dict(mesh.shape).get("data", 1)
+    if k <= 1 or shards <= 1:
+      return loss_grads(params, batch, rng)
+    rules = tuple(nn.get_logical_axis_rules())
+    if any(axis == "data" and name != "batch" for name, axis in rules):
+      raise ValueError(
+          "per_device_accumulation needs logical-axis rules that map only 'batch' to the "
+          f"'data' mesh axis, got {[n for n, a in rules if a == 'data']}")
+    # Manual: 'data' and the axes of one device (nothing to partition there); the rest
+    # (a 'model' axis of several devices) stays with the SPMD partitioner.
+    manual = {"data"} | {a for a, n in dict(mesh.shape).items() if n == 1}
+    local_rules = tuple((name, None if axis in manual else axis) for name, axis in rules)
+
+    def local(params, batch, rng):  # one device's shard of the batch ('data' manual)
+      with nn.logical_axis_rules(local_rules):
+        metrics, grads = loss_grads(params, batch,
+                                    jax.random.fold_in(rng, jax.lax.axis_index("data")))
+      grads = jax.tree.map(lambda g: jax.lax.psum(g, "data") / shards, grads)
+      return jax.tree.map(lambda x: jax.lax.psum(x, "data"), metrics), grads
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P()),
+                         out_specs=(P(), P()), axis_names=manual,
+                         check_vma=False)(params, batch, rng)
+
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
-    metrics, grads = loss_grads(state.params, batch, rng)
+    metrics, grads = (per_device_loss_grads if per_device_accumulation else loss_grads)(
+        state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = _scalar_metric(optax.tree.norm(grads))

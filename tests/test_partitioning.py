@@ -1,4 +1,7 @@
 """Mesh, logical-axis shardings, and the sharded train step (slic_jax.partitioning + train)."""
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,9 @@ from slic_jax import network
 from slic_jax import optimizers
 from slic_jax import partitioning
 from slic_jax import train
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
 
 CFG = network.make_config("tiny", vocab_size=256, emb_dim=128, num_heads=4, head_dim=32,
                           mlp_dim=256, num_encoder_layers=1, num_decoder_layers=1)
@@ -99,7 +105,8 @@ def test_a_model_axis_that_does_not_divide_a_param_is_named():
   assert shardings.step.spec == P()
 
 
-def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG, hlo=None):
+def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG, hlo=None,
+              per_device_accumulation=False):
   """One train step; appends the compiled step's HLO text to `hlo` if given."""
   model = _model(cfg)
   tx = model.optimizer_def
@@ -114,7 +121,8 @@ def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG, hlo=None):
   with partitioner.activation_rules():
     state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
     step = jax.jit(train.make_train_step(model, tx, dropout_seed=1,
-                                         num_microbatches=num_microbatches),
+                                         num_microbatches=num_microbatches,
+                                         per_device_accumulation=per_device_accumulation),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=(0,))
     sharded = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
@@ -159,6 +167,34 @@ def test_microbatches_on_the_mesh_give_the_whole_batch_step():
     train.check_microbatches(B, 4, 4)
   with pytest.raises(ValueError, match="num_microbatches must be >= 1"):
     train.check_microbatches(B, -1, 1)
+
+
+@pytest.mark.parametrize("num_partitions", [1, 2])
+def test_per_device_accumulation_gives_the_whole_batch_step(num_partitions):
+  """2 microbatches accumulated per device (one all-reduce of the gradients, not one per
+  microbatch) on 4×1 and 4×2 meshes = one whole-batch step on one device: every
+  device's share of every microbatch holds the same number of pairs here."""
+  batch = _batch(4)
+  one_state, one_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch)
+  hlo = []
+  mesh = partitioning.Partitioner(num_partitions=num_partitions,
+                                  devices=jax.devices()[:4 * num_partitions])
+  mesh_state, mesh_metrics = _run_step(mesh, batch, num_microbatches=2, hlo=hlo,
+                                       per_device_accumulation=True)
+  for name in ("loss", "grad_norm", "pair_accuracy", "num_examples"):
+    np.testing.assert_allclose(one_metrics[name], mesh_metrics[name], rtol=1e-4, err_msg=name)
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # The gradients cross the 'data' axis once: nothing all-reduced inside the loop's body
+  # over 'data' (on 4×2 the activations' all-reduces over 'model' stay in it).
+  import mesh_step_cost
+  items = mesh_step_cost.collectives(hlo[0])
+  looped = [c for c in items if c["times"] > 1 or "while/body" in c["source"]]
+  param_bytes = sum(x.size * 4 for x in jax.tree.leaves(one_state.params))
+  assert sum(c["bytes"] for c in items if "psum" in c["source"]) >= param_bytes / num_partitions
+  if num_partitions == 1:
+    assert not looped, looped[:3]
+    assert sum(c["bytes"] for c in items) < 1.1 * param_bytes
 
 
 def test_bfloat16_step_on_the_mesh_matches_one_device():
@@ -209,3 +245,26 @@ def test_fused_softmax_step_on_the_mesh_runs_the_kernels_per_shard():
   for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
   assert one_metrics["grad_norm"] > 0
+
+
+@pytest.mark.skipif(not fused_softmax.available(), reason="the fused softmax kernels need a "
+                    "C++17 compiler ($CXX, default g++)")
+def test_per_device_accumulation_with_the_kernels():
+  """The CPU softmax kernels under per_device_accumulation: on a 4×1 mesh (manual over
+  both axes) the step is the one device's; with a 'model' axis of 2 left to the
+  partitioner their partitioning rule cannot run, and the error says so."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, attention_implementation="fused_softmax")
+  batch = _batch(5)
+  one_state, one_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch,
+                                     cfg=cfg)
+  mesh_state, mesh_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:4]),
+                                       batch, cfg=cfg, num_microbatches=2,
+                                       per_device_accumulation=True)
+  np.testing.assert_allclose(one_metrics["loss"], mesh_metrics["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match=r"fused_softmax' inside a shard_map manual over "
+                     r"\['data'\] with mesh axes \['model'\] left to the partitioner"):
+    _run_step(partitioning.Partitioner(num_partitions=2), batch, cfg=cfg, num_microbatches=2,
+              per_device_accumulation=True)

@@ -203,3 +203,15 @@ def test_microbatches_that_do_not_split_each_devices_rows_are_refused(world, tmp
     run("gin/sft.gin", [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 1",
                         "train.num_microbatches = 2"])
   assert not os.path.exists(os.path.join(tmp_path, "checkpoint_1"))
+
+
+def test_per_device_accumulation_trains_through_gin(world, tmp_path):
+  """train.per_device_accumulation from gin: 16 examples over the 8 fake devices' data
+  axis, 2 microbatches of one example per device each, gradients all-reduced once."""
+  step, state = run("gin/sft.gin", [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 2",
+                                    "BATCH_SIZE = 16", "train.num_microbatches = 2",
+                                    "train.per_device_accumulation = True"])
+  assert step == 2 and int(state.step) == 2
+  rows = [r for r in read_jsonl(str(tmp_path)) if r["split"] == "train"]
+  assert rows[-1]["step"] == 2 and sum(r["num_examples"] for r in rows) == 32  # 2 × 16
+  assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)

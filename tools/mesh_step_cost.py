@@ -191,7 +191,8 @@ def build(args):
   return cfg, model, tx, batch
 
 
-def compile_step(model, tx, batch: dict, partitioner, num_microbatches: int | None = None):
+def compile_step(model, tx, batch: dict, partitioner, num_microbatches: int | None = None,
+                 per_device_accumulation: bool = False):
   """The update step as slic_jax.train jits it on ``partitioner``'s mesh (with
   ``num_microbatches``, `update_step.check_microbatches` first, as the trainer), compiled
   for ``batch``'s shapes (nothing allocated, nothing run)."""
@@ -207,7 +208,8 @@ def compile_step(model, tx, batch: dict, partitioner, num_microbatches: int | No
                     for k in shapes}
   with partitioner.activation_rules():
     step = jax.jit(update_step.make_train_step(model, tx, dropout_seed=1,
-                                               num_microbatches=num_microbatches),
+                                               num_microbatches=num_microbatches,
+                                               per_device_accumulation=per_device_accumulation),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=(0,), compiler_options=benchmark.step_options())
     return step.lower(abstract, abstract_batch).compile()
@@ -245,7 +247,8 @@ def to_markdown(res: dict) -> str:
       f"# The update step on a mesh: {e['model']}, T5 1.1 {e['size']}, {e['dtype']}, "
       f"{e['batch']} {'pairs' if e['model'] == 'slic_hf' else 'rows'}, Li {e['li']}, "
       f"Lt {e['lt']}" + (f", {e['microbatches']} microbatches on the meshes"
-                          if e.get("microbatches", 1) > 1 else ""), "",
+                          if e.get("microbatches", 1) > 1 else "")
+      + (", accumulated per device" if e.get("per_device_accumulation") else ""), "",
       f"`{res['command']}`", "",
       f"{res['backend']} ({res['device_kind']}); per device, from the compiled programs "
       f"(nothing run). Model FLOPs of the step (matmuls): {e['model_gflops']:.1f} G.", "",
@@ -291,6 +294,9 @@ def main(argv=None) -> int:
   ap.add_argument("--microbatches", type=int, default=1,
                   help="the meshes' steps accumulate gradients over K microbatches "
                        "(train.num_microbatches); the one-device reference takes the batch whole")
+  ap.add_argument("--per_device_accumulation", action="store_true",
+                  help="with --microbatches: train.per_device_accumulation (each device "
+                       "accumulates its gradients, one all-reduce per step)")
   ap.add_argument("--parameter_partitioning_dims", type=int, default=1, choices=[1, 2],
                   help="T5X's rules: 2 also splits the params' 'embed' axis over 'data' "
                        "(2-D / FSDP-like, as for T5-XXL; partitioning."
@@ -329,7 +335,7 @@ def main(argv=None) -> int:
       "fake_cpu_devices": fake,
       "experiment": {**{k: getattr(args, k) for k in (
           "model", "size", "reg_target", "batch", "li", "lt", "pack", "dtype",
-          "attention_implementation", "remat", "microbatches",
+          "attention_implementation", "remat", "microbatches", "per_device_accumulation",
           "parameter_partitioning_dims")},
           "vocab_size": cfg.vocab_size,
           "model_gflops": benchmark.config_flops(cfg, args.batch, args.li, args.lt,
@@ -354,8 +360,9 @@ def main(argv=None) -> int:
   one_flops = res["meshes"]["1x1"]["matmul_flops_per_device"]
   res["meshes"]["1x1"]["compute_overhead"] = 1.0
   for name, p in partitioners.items():
-    res["meshes"][name] = mesh_row(compile_step(model, tx, batch, p, args.microbatches),
-                                   p.mesh.size, one_flops, args.top)
+    res["meshes"][name] = mesh_row(
+        compile_step(model, tx, batch, p, args.microbatches, args.per_device_accumulation),
+        p.mesh.size, one_flops, args.top)
   res["compile_s"] = time.perf_counter() - t0
   md = to_markdown(res)
   print(md)
