@@ -40,7 +40,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import gin
-import jax
+
+from slic_jax import platforms
 
 CPU_OPTIONS: Mapping[str, Any] = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
@@ -53,12 +54,13 @@ CPU_OPTIONS: Mapping[str, Any] = {
 def step_compiler_options(
     platform: str | None = None, overrides: Mapping[str, Any] | None = None
 ) -> dict[str, Any] | None:
-  """Options for ``jax.jit(compiler_options=...)`` on ``platform`` (default: jax's backend).
+  """Options for ``jax.jit(compiler_options=...)`` on ``platform`` (default: the platform
+  the step is traced for, `platforms.target_platform`).
 
   Returns None when there is nothing to set. ``overrides`` are merged over the
   defaults; an override whose value is '' removes that option (XLA's default).
   """
-  platform = platform or jax.default_backend()
+  platform = platform or platforms.target_platform()
   options = dict(CPU_OPTIONS) if platform == "cpu" else {}
   options.update(overrides or {})
   options = {k: v for k, v in options.items() if v != ""}

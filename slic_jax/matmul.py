@@ -36,6 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from slic_jax import platforms
+
 
 def _parse(equation: str) -> tuple[str, str, str]:
   try:
@@ -96,7 +98,7 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
   cotangent g [tokens, N] where x [tokens, D] is often the smaller (`einsum`'s
   float32_vjp). Other backends get the einsum as written.
   """
-  if jax.default_backend() != "cpu":
+  if platforms.target_platform() != "cpu":
     return jnp.einsum(f"{sx},{sy}->{so}", x, y, preferred_element_type=jnp.float32)
   sizes = {**dict(zip(sx, x.shape)), **dict(zip(sy, y.shape))}
   best = None
@@ -133,19 +135,22 @@ def first_element(v: jax.Array) -> jax.Array:
   """``v``'s first element, a scalar: what `_opaque`'s predicate and
   `weight_gradient_first`'s tie read.
 
-  Under a mesh of several devices (`jax.sharding.get_abstract_mesh`, set by
-  `jax.set_mesh` in `partitioning.Partitioner.activation_rules`) it is ``v[0, ..., 0]``:
-  the SPMD partitioner takes it from the device that holds it, where ``v.reshape(-1)[0]``
-  would first gather every shard of v whose split axis is not v's first (a [B, H, L, K]
-  activation split over heads, a weight's gradient split over 'mlp'): the bf16 T5 1.1
-  small step, 32 pairs, Li 512, on a 4×2 mesh sent 1787 instead of 714 MB per device
-  (`tools/mesh_step_cost.py`; `benchmarks/NOTES.md`, session 35). On one device, and
-  under T5X's legacy ``with Mesh(...)`` context (which only the deprecated
-  ``pxla.thread_resources`` reveals), it stays ``v.reshape(-1)[0]``, the form the step
-  was tuned with: the index form adds layout copies to XLA:CPU's one-device program
-  (`_opaque`'s predicate; `weight_gradient_first`'s under remat 'full').
+  ``v[0, ..., 0]``, which the SPMD partitioner takes from the device that holds it,
+  where ``v.reshape(-1)[0]`` would first gather every shard of v whose split axis is not
+  v's first (a [B, H, L, K] activation split over heads, a weight's gradient split over
+  'mlp'): the bf16 T5 1.1 small step, 32 pairs, Li 512, on a 4×2 mesh sent 1787 instead
+  of 714 MB per device (`tools/mesh_step_cost.py`; `benchmarks/NOTES.md`, session 35).
+  Only a step traced for the CPU (`platforms.target_platform`) outside a mesh of several
+  devices (`jax.sharding.get_abstract_mesh`, set by `jax.set_mesh` in
+  `partitioning.Partitioner.activation_rules`) keeps ``v.reshape(-1)[0]``, the form the
+  CPU step was tuned with: the index form adds layout copies to XLA:CPU's one-device
+  program (`_opaque`'s predicate; `weight_gradient_first`'s under remat 'full'). That
+  includes T5X's legacy ``with Mesh(...)`` context on CPU devices, which sets no abstract
+  mesh. Traced for a TPU or GPU it is the index form under any context (compiled by
+  libtpu for a TPU v5e 4×2 slice under that legacy context with remat 'full', the
+  flattening form gathered nothing either: `benchmarks/NOTES.md`, session 36).
   """
-  if jax.sharding.get_abstract_mesh().size > 1:
+  if jax.sharding.get_abstract_mesh().size > 1 or platforms.target_platform() != "cpu":
     return v[(0,) * v.ndim]
   return v.reshape(-1)[0]
 
@@ -173,7 +178,7 @@ def materialized(x: jax.Array) -> jax.Array:
   2.98–3.00 s (`benchmarks/NOTES.md`, session 15). Other backends get x itself (a
   conditional there would wait on its predicate).
   """
-  if jax.default_backend() != "cpu":
+  if platforms.target_platform() != "cpu":
     return x
   return _opaque(lambda a: a, x)
 
@@ -181,7 +186,7 @@ def materialized(x: jax.Array) -> jax.Array:
 def _plain_float32(dtype, float32_vjp: bool) -> bool:
   """Whether a float32 matmul is left to JAX's autodiff (see `einsum`'s float32_vjp)."""
   return jnp.dtype(dtype) == jnp.float32 and not (
-      float32_vjp and jax.default_backend() == "cpu")
+      float32_vjp and platforms.target_platform() == "cpu")
 
 
 def einsum(equation: str, a: jax.Array, b: jax.Array, *, dtype: Any,

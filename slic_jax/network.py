@@ -45,6 +45,7 @@ import numpy as np
 from slic_jax import blocked_attention
 from slic_jax import fused_softmax
 from slic_jax import matmul
+from slic_jax import platforms
 
 param_with_axes = nn_partitioning.param_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
@@ -775,10 +776,10 @@ class MultiHeadDotProductAttention(nn.Module):
           f'attention_implementation={self.implementation!r} has no dropout on the '
           f'attention weights; use attention_implementation="default" with '
           f'dropout_rate={self.dropout_rate} when training with dropout.')
-    if self.implementation == 'cudnn' and jax.default_backend() != 'gpu':
+    if self.implementation == 'cudnn' and platforms.target_platform() != 'gpu':
       raise ValueError(
-          f"attention_implementation='cudnn' needs an NVIDIA GPU (jax's default backend "
-          f"is {jax.default_backend()!r}); use 'default' (or 'xla') there")
+          f"attention_implementation='cudnn' needs an NVIDIA GPU (the step is traced for "
+          f"{platforms.target_platform()!r}); use 'default' (or 'xla') there")
     rows, q_len = query.shape[:2]
     groups = rows // key.shape[0]
     if bias is not None and groups != 1:
@@ -807,10 +808,10 @@ class MultiHeadDotProductAttention(nn.Module):
           f"attention_implementation='fused_softmax' has no dropout on the attention "
           f"weights; use attention_implementation='default' with "
           f"dropout_rate={self.dropout_rate} when training with dropout.")
-    if jax.default_backend() != 'cpu':
+    if platforms.target_platform() != 'cpu':
       raise ValueError(
-          f"attention_implementation='fused_softmax' is a pair of CPU kernels (jax's default "
-          f"backend is {jax.default_backend()!r}); use 'cudnn' on NVIDIA GPUs or 'default'")
+          f"attention_implementation='fused_softmax' is a pair of CPU kernels (the step is "
+          f"traced for {platforms.target_platform()!r}); use 'cudnn' on NVIDIA GPUs or 'default'")
     logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
                            out_dtype=jnp.float32, float32_vjp=self.float32_vjp)
     segments = (jnp.ones(query.shape[:2], jnp.float32) if segments is None
