@@ -74,7 +74,6 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
     and, with a 'model' axis of several devices, not the CPU softmax kernels. Off, or
     without such a mesh: the step above.
   """
-  base_rng = jax.random.PRNGKey(dropout_seed)
   grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
   k = int(num_microbatches or 1)
 
@@ -87,8 +86,6 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
       raise ValueError(f"batch of {sorted(rows)} rows does not split into {k} microbatches")
     b = next(iter(rows))
     split = jax.tree.map(lambda x: x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
-    (_, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], split),
-                                  jax.random.fold_in(rng, 0))
 
     def body(carry, xs):
       acc_grads, acc_metrics = carry
@@ -97,9 +94,15 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
       return (jax.tree.map(jnp.add, acc_grads, g),
               {name: acc_metrics[name].merge(m[name]) for name in acc_metrics}), None
 
+    # All k microbatches inside the loop, from zeros (the metrics are sums, clu
+    # `Average` and slic_jax's `Sum`, whose zeros merge as nothing): the model is in
+    # the program once, and each gradient's all-reduce is `acc + all-reduce(g)` in the
+    # loop, which XLA's TPU and GPU pipelines move after it (not XLA:CPU's).
+    (_, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng)
+    zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
     (grads, metrics), _ = jax.lax.scan(
-        body, (grads, dict(metrics)),
-        (jnp.arange(1, k), jax.tree.map(lambda x: x[1:], split)))
+        body, (jax.tree.map(zeros, g0), jax.tree.map(zeros, dict(m0))),
+        (jnp.arange(k), split))
     return metrics, jax.tree.map(lambda g: g / k, grads)
 
   def per_device_loss_grads(params, batch, rng):
@@ -129,7 +132,9 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
                          check_vma=False)(params, batch, rng)
 
   def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(base_rng, state.step)
+    # The key made inside the step (a constant there), not when the step is built: no
+    # array is placed on a device before the step is compiled for its mesh.
+    rng = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), state.step)
     metrics, grads = (per_device_loss_grads if per_device_accumulation else loss_grads)(
         state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
