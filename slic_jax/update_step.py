@@ -60,7 +60,13 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
     activation memory. Metrics are merged over the microbatches. As T5X's
     ``Trainer.num_microbatches``; None or 1: the whole batch at once. On a mesh whose
     'data' axis has D > 1 devices the SPMD partitioner all-reduces every microbatch's
-    gradients over 'data': k times the one all-reduce of a whole-batch step.
+    gradients over 'data' inside the loop. XLA:CPU keeps them there (k times the one
+    all-reduce of a whole-batch step); libtpu moves the all-reduce of each accumulated
+    gradient after the loop, except the embedding's and the relative position bias's
+    (T5 1.1 small, bf16, 4 microbatches on a TPU v5e 8×1: 531 MB per device per step
+    against 252 without microbatches; `tools/mesh_step_cost.py --topology`,
+    `benchmarks/NOTES.md`, session 36). XLA's GPU pipeline has the same pass
+    (``WhileLoopAllReduceCodeMotion``; not compiled here).
   per_device_accumulation: with k > 1 on such a mesh, each device instead accumulates
     the gradients of its own shard of every microbatch and the sum is all-reduced once,
     ``g = (1/(kD)) Σ_{i,d} ∇ loss(params, batch_{i,d})`` (``jax.shard_map`` manual over
@@ -96,8 +102,9 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
 
     # All k microbatches inside the loop, from zeros (the metrics are sums, clu
     # `Average` and slic_jax's `Sum`, whose zeros merge as nothing): the model is in
-    # the program once, and each gradient's all-reduce is `acc + all-reduce(g)` in the
-    # loop, which XLA's TPU and GPU pipelines move after it (not XLA:CPU's).
+    # the program once (a first microbatch outside the loop compiled it twice), and
+    # every gradient's all-reduce is `acc + all-reduce(g)` inside the loop, the pattern
+    # that libtpu moves after it (not XLA:CPU).
     (_, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng)
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
     (grads, metrics), _ = jax.lax.scan(

@@ -89,6 +89,20 @@ def test_a_loop_body_counts_once_per_trip():
   assert mesh_step_cost.by_kind(items) == {"all-reduce": {"count": 4, "mb": 4 * 64 / 1e6}}
 
 
+def test_a_loop_without_a_known_trip_count_counts_its_conditions_bound():
+  """libtpu's programs carry no known_trip_count: `lax.scan`'s condition, counter <
+  constant(N), gives the trips; a condition of any other form leaves the body once."""
+  text = LOOP_HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "").replace(
+      "  ROOT %lt = pred[] compare(%i, %n), direction=LT",
+      "  %n = s32[]{:T(128)} constant(3)\n  ROOT %lt = pred[] compare(%i, %n), direction=LT")
+  assert "known_trip_count" not in text and "constant(3)" in text
+  mult = mesh_step_cost.computation_multipliers(text)
+  assert mult["body"] == 3 and mult["cond"] == 4 and mult["fused_dot"] == 3
+  assert mesh_step_cost.matmul_flops(text) == (1 + 3) * 2 * 4 * 2 * 8
+  other = text.replace("direction=LT", "direction=NE")
+  assert mesh_step_cost.computation_multipliers(other)["body"] == 1
+
+
 def test_parse_mesh():
   assert mesh_step_cost.parse_mesh("4x2") == (4, 2)
   assert mesh_step_cost.parse_mesh("8×1") == (8, 1)
@@ -231,3 +245,60 @@ def test_two_dimensional_parameter_partitioning_splits_the_state(tmp_path):
   assert dp["argument_mb"] < 0.25 * one["argument_mb"]
   assert dp["collectives"]["all-gather"]["mb"] > 0.5 * one["argument_mb"] / 4  # weights
   assert 0.95 < dp["compute_overhead"] < 1.1
+
+
+def test_topology_without_libtpu_names_the_setup_step(monkeypatch):
+  import importlib.util
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+  with pytest.raises(SystemExit, match="setup_tpu_compiler.sh"):
+    mesh_step_cost.main(["--topology", "v5e:2x4"])
+
+
+LIBTPU_DIR = os.environ.get("SLIC_JAX_LIBTPU", "/tmp/slic_jax_libtpu")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(LIBTPU_DIR, "libtpu")),
+                    reason=f"libtpu (the TPU compiler) not in {LIBTPU_DIR}: "
+                           "bash tools/setup_tpu_compiler.sh (not a project dependency)")
+def test_the_step_compiled_for_a_tpu_slice(tmp_path):
+  """`--topology v5e:2x4`: the tiny step compiled by libtpu for 8 TPU v5e chips on this
+  host (no TPU). The TPU program takes the TPU's code paths (no `dot`: libtpu's matmuls
+  are convolutions, counted by XLA), divides the work, gathers nothing on 4×2, and its
+  data-parallel step all-reduces the gradients once: the embedding's two lookups and
+  the position bias's layers are summed before their all-reduce (XLA:CPU's program sends
+  more, `test_the_mesh_divides_the_step_and_sends_gradients_once`). With 2 microbatches
+  the loop's all-reduces move after the loop (the accumulation from zeros in
+  `update_step.make_train_step`): near the whole-batch step's bytes, where XLA:CPU's
+  program sends twice as much."""
+  import json
+  import subprocess
+  env = {**os.environ, "PYTHONPATH": LIBTPU_DIR}
+  env.pop("XLA_FLAGS", None)
+  tool = os.path.join(benchmark.REPO, "tools", "mesh_step_cost.py")
+  common = ["--topology", "v5e:2x4", "--size", "tiny", "--batch", "8", "--li", "32",
+            "--lt", "8"]
+  runs = {"whole": ["--mesh", "8x1", "--mesh", "4x2", "--mesh", "4x1"],
+          "mb2": ["--mesh", "4x1", "--microbatches", "2"]}
+  res = {}
+  for name, flags in runs.items():
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, tool, *common, *flags, "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res[name] = json.loads(out.read_text())
+  whole = res["whole"]
+  assert whole["backend"] == "tpu" and "TPU" in whole["device_kind"]
+  one = whole["meshes"]["1x1"]
+  assert one["flops_source"] == "xla" and not one["collectives"]
+  assert 0.95 < one["matmul_flops_per_device"] / 1e9 / whole["experiment"]["model_gflops"] < 1.1
+  params_mb = one["argument_mb"]  # the state (parameters, Adafactor's factored moments)
+  dp = whole["meshes"]["8x1"]
+  assert 0.95 < dp["compute_overhead"] < 1.15
+  assert set(dp["collectives"]) == {"all-reduce"}
+  assert dp["collectives"]["all-reduce"]["count"] <= 4  # combined: the gradients, the loss
+  assert 0.9 * params_mb < dp["collective_mb"] < 1.02 * params_mb
+  assert "all-gather" not in whole["meshes"]["4x2"]["collectives"]
+  micro = res["mb2"]["meshes"]["4x1"]
+  assert micro["collective_mb"] < 1.2 * whole["meshes"]["4x1"]["collective_mb"]
+  assert micro["compute_overhead"] is None  # XLA's count takes the loop body once

@@ -77,12 +77,27 @@ _CALLEE = re.compile(
     r"\b(condition|body|to_apply|calls|true_computation|false_computation)=%([\w.\-]+)")
 
 
+def _condition_bound(lines: list[str]) -> int | None:
+  """N of a loop condition whose root is ``compare(counter, constant(N)), direction=LT``
+  (how `lax.scan` and `lax.fori_loop` lower: a counter from 0 in steps of 1, so N trips);
+  None for any other condition."""
+  root = next((l for l in lines if l.lstrip().startswith("ROOT ")), "")
+  m = re.search(r" compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT\b", root)
+  if not m:
+    return None
+  const = next((l for l in lines if re.match(rf"\s*%{re.escape(m.group(1))} = s32\[\]", l)), "")
+  n = re.search(r" constant\((\d+)\)", const)
+  return int(n.group(1)) if n else None
+
+
 def computation_multipliers(hlo_text: str) -> dict[str, int]:
   """How many times each computation of a program runs per execution of its ENTRY.
 
-  A while loop's body runs its ``known_trip_count`` times (its condition once more; a
-  loop without a known count counts once), every other call (fusions, reductions'
-  ``to_apply``, conditional branches) once per run of its caller: the microbatch loop of
+  A while loop's body runs its ``known_trip_count`` times (its condition once more),
+  read from the loop's backend config (XLA:CPU) or, where that is absent (libtpu's
+  programs), from a condition ``counter < constant(N)`` (`_condition_bound`); a loop
+  with neither counts once. Every other call (fusions, reductions' ``to_apply``,
+  conditional branches) runs once per run of its caller: the microbatch loop of
   `update_step.make_train_step` (k − 1 trips) multiplies what its body computes and sends.
   """
   comps, _, _ = profile_step.parse_hlo(hlo_text)
@@ -90,8 +105,13 @@ def computation_multipliers(hlo_text: str) -> dict[str, int]:
   callers = collections.defaultdict(list)  # callee -> [(caller, factor)]
   for comp, lines in comps.items():
     for line in lines:
-      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line) if " while(" in line else None
-      n = int(trips.group(1)) if trips else 1
+      trips = None
+      if " while(" in line:
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        cond = re.search(r"\bcondition=%([\w.\-]+)", line)
+        trips = (int(known.group(1)) if known else
+                 _condition_bound(comps.get(cond.group(1), [])) if cond else None)
+      n = trips or 1
       for kind, callee in _CALLEE.findall(line):
         callers[callee].append((comp, n + 1 if kind == "condition" and trips else
                                 n if kind == "body" else 1))
@@ -178,6 +198,29 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- compile
+def require_libtpu() -> None:
+  """SystemExit naming the setup step unless libtpu (the TPU compiler) can be loaded."""
+  import importlib.util
+  if not (importlib.util.find_spec("libtpu") or os.environ.get("TPU_LIBRARY_PATH")):
+    raise SystemExit(
+        "mesh_step_cost: --topology needs libtpu, the TPU compiler (not a project "
+        "dependency): bash tools/setup_tpu_compiler.sh DIR, then run with PYTHONPATH=DIR")
+
+
+def tpu_topology_devices(name: str) -> list:
+  """The chips of the TPU slice ``name`` ('v5e:2x4', 'v4:2x2x1', …) as jax devices that
+  can be compiled for, not run on (`jax.experimental.topologies`, libtpu's compiler; no
+  TPU needed)."""
+  require_libtpu()
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off Cloud TPU VMs
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # not its lock file: no TPU used
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+  except Exception as e:  # libtpu's errors name neither the flag nor the value
+    raise SystemExit(f"mesh_step_cost: --topology {name!r}: {e}") from None
+
+
 def build(args):
   """(network config, model, optimizer, numpy batch) of the experiment the arguments
   describe."""
@@ -216,14 +259,24 @@ def compile_step(model, tx, batch: dict, partitioner, num_microbatches: int | No
 
 
 def mesh_row(compiled, devices: int, one_device_flops: float | None, top: int) -> dict:
-  """The per-device figures of one compiled step (see the module docstring)."""
+  """The per-device figures of one compiled step (see the module docstring).
+
+  ``flops_source``: 'dots' (`matmul_flops`), or where the program has no ``dot`` (a TPU
+  program: libtpu rewrites every matmul as a ``convolution``) 'xla' (XLA's
+  ``cost_analysis``, elementwise work included, a loop body counted once).
+  """
   text = compiled.as_text()
-  flops = matmul_flops(text)
+  flops, source = matmul_flops(text), "dots"
+  xla_flops = benchmark.xla_cost_flops(compiled)
+  if not flops:
+    flops, source = xla_flops, "xla"
   items = collectives(text)
   mem = compiled.memory_analysis()
+  if source == "xla" and max(computation_multipliers(text).values(), default=1) > 1:
+    one_device_flops = None  # XLA's count takes a loop body once: no overhead to say
   row = {
-      "devices": devices, "matmul_flops_per_device": flops,
-      "xla_flops_per_device": benchmark.xla_cost_flops(compiled),
+      "devices": devices, "matmul_flops_per_device": flops, "flops_source": source,
+      "xla_flops_per_device": xla_flops,
       "compute_overhead": (devices * flops / one_device_flops
                            if flops and one_device_flops else None),
       "collectives": by_kind(items),
@@ -265,6 +318,11 @@ def to_markdown(res: dict) -> str:
   lines += ["", "MB sent per device: the collectives' result bytes per step. Compute "
             "overhead: devices × per-device matmul FLOPs / the one-device step's (1.00: "
             "evenly divided; the one-device step takes the batch whole)."]
+  if any(r.get("flops_source") == "xla" for r in res["meshes"].values()):
+    lines[-1] += (" GFLOP per device: XLA's cost analysis (this platform's program has its "
+                  "matmuls as convolutions, not dots), elementwise work included and a loop "
+                  "body counted once (so no compute overhead is given for a step with a "
+                  "microbatch loop).")
   for name, r in res["meshes"].items():
     if r["largest_collectives"]:
       lines += ["", f"Largest collectives, {name}:", "", "| kind | count | MB | source |",
@@ -303,6 +361,10 @@ def main(argv=None) -> int:
                        "standard_logical_axis_rules)")
   ap.add_argument("--fake_cpu_devices", type=int, default=None,
                   help="fake CPU devices (default: the largest mesh's); 0: the process's own")
+  ap.add_argument("--topology", default=None, metavar="NAME",
+                  help="compile for the chips of a TPU slice instead, e.g. v5e:2x4 or "
+                       "v4:2x2x1, on this host, without TPUs (libtpu's ahead-of-time "
+                       "compiler: bash tools/setup_tpu_compiler.sh)")
   ap.add_argument("--top", type=int, default=8, help="largest collectives listed per mesh")
   ap.add_argument("--out", default=None, help="write the JSON here")
   ap.add_argument("--md", default=None, help="write the markdown here (also printed)")
@@ -315,24 +377,29 @@ def main(argv=None) -> int:
       ap.error(f"--batch {args.batch} is not divisible by mesh {d}x{m}'s data axis × "
                f"--microbatches ({d} × {args.microbatches})")
   needed = max(d * m for d, m in meshes)
-  fake = needed if args.fake_cpu_devices is None else args.fake_cpu_devices
-  if fake:
+  fake = 0 if args.topology else (
+      needed if args.fake_cpu_devices is None else args.fake_cpu_devices)
+  if args.topology:
+    require_libtpu()
+  if fake or args.topology:
     if "jax" in sys.modules:
-      raise SystemExit("mesh_step_cost: jax was imported before the fake devices were set")
+      raise SystemExit("mesh_step_cost: jax was imported before its platform was set")
     os.environ["JAX_PLATFORMS"] = "cpu"
+  if fake:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={fake}")
   import jax
   from slic_jax import partitioning
-  if jax.device_count() < needed:
-    ap.error(f"mesh of {needed} devices but jax has {jax.device_count()}")
+  devices = tpu_topology_devices(args.topology) if args.topology else jax.devices()
+  if len(devices) < needed:
+    ap.error(f"mesh of {needed} devices but {args.topology or 'jax'} has {len(devices)}")
 
   cfg, model, tx, batch = build(args)
   n_targets = 1 if args.model == "sft" else (2 if args.reg_target == "chosen" else 3)
   res = {
       "command": "python " + " ".join(["tools/mesh_step_cost.py", *(argv or sys.argv[1:])]),
-      "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-      "fake_cpu_devices": fake,
+      "backend": devices[0].platform, "device_kind": devices[0].device_kind,
+      "topology": args.topology, "fake_cpu_devices": fake,
       "experiment": {**{k: getattr(args, k) for k in (
           "model", "size", "reg_target", "batch", "li", "lt", "pack", "dtype",
           "attention_implementation", "remat", "microbatches", "per_device_accumulation",
@@ -346,7 +413,7 @@ def main(argv=None) -> int:
   shapes = {k: v.shape for k, v in batch.items()}
   for d, m in meshes:  # every mesh checked against the model before the first compile
     p = partitioning.Partitioner(
-        num_partitions=m, devices=jax.devices()[:d * m],
+        num_partitions=m, devices=devices[:d * m],
         logical_axis_rules=partitioning.standard_logical_axis_rules(
             parameter_partitioning_dims=args.parameter_partitioning_dims))
     try:
@@ -355,7 +422,7 @@ def main(argv=None) -> int:
       raise SystemExit(f"mesh_step_cost: mesh {d}x{m}: {e}") from None
     partitioners[f"{d}x{m}"] = p
   t0 = time.perf_counter()
-  one = compile_step(model, tx, batch, partitioning.Partitioner(devices=jax.devices()[:1]))
+  one = compile_step(model, tx, batch, partitioning.Partitioner(devices=devices[:1]))
   res["meshes"]["1x1"] = mesh_row(one, 1, None, args.top)
   one_flops = res["meshes"]["1x1"]["matmul_flops_per_device"]
   res["meshes"]["1x1"]["compute_overhead"] = 1.0
