@@ -28,9 +28,18 @@ Nothing is timed: this says what a multi-device step does, not how fast a given
 interconnect runs it. By default the devices are fake CPU devices
 (``--xla_force_host_platform_device_count``, set here before jax starts), so the program
 is XLA:CPU's, including slic_jax's CPU-only code paths (`slic_jax.matmul`'s layouts);
-the partitioning (GSPMD / Shardy) is backend-independent, the fusion and layouts are
-not. ``--fake_cpu_devices 0`` compiles for the devices the process has (e.g. a TPU
-host's chips). The result is JSON (``--out``) and a markdown table (stdout, ``--md``).
+the partitioning (GSPMD / Shardy) is backend-independent, the fusion, layouts and
+collective passes are not. ``--fake_cpu_devices 0`` compiles for the devices the process
+has. ``--topology v5e:2x4`` (any TPU slice libtpu knows: 'v4:2x2x1', 'v5e:4x4', …)
+compiles for the chips of that slice on this host, no TPU needed
+(`jax.experimental.topologies`; libtpu from ``bash tools/setup_tpu_compiler.sh DIR`` on
+``PYTHONPATH``): the TPU's own program, traced with the TPU's code paths
+(`slic_jax.platforms`), after libtpu's collective passes (all-reduces combined,
+reassociated, moved out of loops), which XLA:CPU does not run. libtpu writes its matmuls
+as convolutions, so a TPU row's FLOPs are XLA's cost analysis (elementwise work
+included, a loop body counted once) and its loops' trips come from their conditions;
+its ``temp`` size is libtpu's report (0 for some programs). The result is JSON
+(``--out``) and a markdown table (stdout, ``--md``).
 """
 from __future__ import annotations
 
