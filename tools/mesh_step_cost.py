@@ -107,7 +107,7 @@ def computation_multipliers(hlo_text: str) -> dict[str, int]:
   programs), from a condition ``counter < constant(N)`` (`_condition_bound`); a loop
   with neither counts once. Every other call (fusions, reductions' ``to_apply``,
   conditional branches) runs once per run of its caller: the microbatch loop of
-  `update_step.make_train_step` (k − 1 trips) multiplies what its body computes and sends.
+  `update_step.make_train_step` (k trips) multiplies what its body computes and sends.
   """
   comps, _, _ = profile_step.parse_hlo(hlo_text)
   entry = re.search(r"^ENTRY %(\S+) ", hlo_text, re.M)
