@@ -109,7 +109,7 @@ def test_unknown_implementation_float32_cudnn_cpu_cudnn_and_dropout_are_refused(
   if jax.default_backend() != 'gpu':
     model = network.Transformer(network.make_config(
         'tiny', dtype='bfloat16', attention_implementation='cudnn'))
-    with pytest.raises(ValueError, match="needs an NVIDIA GPU .*default backend is 'cpu'"):
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU .*traced for 'cpu'"):
       model.init(jax.random.PRNGKey(0), enc, dec_in[::_GROUPS], dec_t[::_GROUPS],
                  enable_dropout=False)
   model = network.Transformer(network.make_config(

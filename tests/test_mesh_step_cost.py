@@ -300,5 +300,11 @@ def test_the_step_compiled_for_a_tpu_slice(tmp_path):
   assert 0.9 * params_mb < dp["collective_mb"] < 1.02 * params_mb
   assert "all-gather" not in whole["meshes"]["4x2"]["collectives"]
   micro = res["mb2"]["meshes"]["4x1"]
+  for flags, message in ((["--topology", "v9z:2x2"], "--topology 'v9z:2x2': "),
+                         (["--topology", "v5e:2x2", "--mesh", "8x1"],
+                          "mesh of 8 devices but v5e:2x2 has 4")):
+    proc = subprocess.run([sys.executable, tool, *flags], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
   assert micro["collective_mb"] < 1.2 * whole["meshes"]["4x1"]["collective_mb"]
   assert micro["compute_overhead"] is None  # XLA's count takes the loop body once
