@@ -18,7 +18,7 @@ set -euo pipefail
 DIR="${1:-${SLIC_JAX_LIBTPU:-/tmp/slic_jax_libtpu}}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
-case "$(mkdir -p "$DIR" && cd "$DIR" && pwd)/" in
+case "$(cd "$(dirname "$DIR")" 2>/dev/null && pwd)/" in
   "$REPO_ROOT"/*) echo "refusing to install libtpu inside the repo: $DIR" >&2; exit 2;;
 esac
 
@@ -33,9 +33,19 @@ PY
 echo "[setup_tpu_compiler] installing $PIN into $DIR (jax $("$PYTHON" -c 'import jax; print(jax.__version__)'))"
 "$PYTHON" -m pip install --quiet --no-deps --upgrade --target "$DIR" "$PIN"
 
-JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 PYTHONPATH="$DIR" "$PYTHON" - <<'PY' 2>/dev/null
+# libtpu logs warnings about the missing TPU metadata to stderr: shown only on failure.
+LOG="$(mktemp)"
+if ! JAX_PLATFORMS=cpu TPU_SKIP_MDS_QUERY=1 ALLOW_MULTIPLE_LIBTPU_LOAD=1 PYTHONPATH="$DIR" \
+    "$PYTHON" - 2>"$LOG" <<'PY'
 from jax.experimental import topologies
 devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
 print(f"[setup_tpu_compiler] ok: {len(devices)} x {devices[0].device_kind} to compile for")
 PY
+then
+  echo "setup_tpu_compiler: $PIN is in $DIR but a v5e:2x2 topology could not be made:" >&2
+  tail -n 5 "$LOG" >&2
+  rm -f "$LOG"
+  exit 1
+fi
+rm -f "$LOG"
 echo "$DIR"
