@@ -179,22 +179,18 @@ class EncoderDecoderModel:
     cross-attention projecting each prompt's keys/values once for its n rows.
     """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    enc_tokens = batch["encoder_input_tokens"]
     dec_in = batch["decoder_input_tokens"]
     b, n, lt = dec_in.shape
-    encoded = self.module.apply(
-        {"params": params}, enc_tokens, enable_dropout=rngs is not None, rngs=rngs,
-        method=self.module.encode,
-    )
+    # One apply: the module's `decode` takes B·n decoder rows for B encoded prompts
+    # (grouped), and the encoder and decoder share one setup (the embedding's copy per
+    # data shard, `network.Embed`).
     logits = self.module.apply(
         {"params": params},
-        encoded,
-        enc_tokens,
+        batch["encoder_input_tokens"],
         dec_in.reshape(b * n, lt),
         batch["decoder_target_tokens"].reshape(b * n, lt),
         enable_dropout=rngs is not None,
         rngs=rngs,
-        method=self.module.decode,
     )
     return logits.reshape(b, n, lt, -1)
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slic_jax import blocked_attention
+from slic_jax import data_shards
 from slic_jax import fused_softmax
 from slic_jax import matmul
 from slic_jax import platforms
@@ -591,7 +592,9 @@ class RelativePositionBiases(nn.Module):
   """T5 relative position attention bias, bias[0, h, q, k] = E[h, bucket(k - q)].
 
   Parameter `rel_embedding` E [H, num_buckets] ('heads', 'relpos_buckets').
-  Returns [1, H, qlen, klen] in `dtype` (`relative_bias`); with `diagonals=True` one
+  Returns [1, H, qlen, klen] in `dtype` (`relative_bias`); with `shards=D` > 1 the same
+  bias once per data shard, [D, H, qlen, klen] (`data_shards`: for `add_position_bias`
+  and the default attention's add, which read row b's from b's shard); with `diagonals=True` one
   value per diagonal instead, [H, qlen + klen - 1] with entry k - q + qlen - 1 =
   E[h, bucket(k - q)] (the form the 'fused_softmax' kernels take).
   """
@@ -604,16 +607,23 @@ class RelativePositionBiases(nn.Module):
 
   @nn.compact
   def __call__(self, qlen: int, klen: int, bidirectional: bool = True,
-               diagonals: bool = False):
+               diagonals: bool = False, shards: int = 1):
+    axes = ('heads', 'relpos_buckets')
     table = param_with_axes('rel_embedding', _relpos_init,
-                            (self.num_heads, self.num_buckets), self.weight_dtype,
-                            axes=('heads', 'relpos_buckets'))
-    table = table.astype(self.dtype)
+                            (self.num_heads, self.num_buckets), self.weight_dtype, axes=axes)
     if diagonals:  # [H, qlen + klen - 1]: entry d + qlen - 1 is the bias of k - q = d
       bucket = _bucket_of(qlen, klen, bidirectional, self.num_buckets, self.max_distance,
                           diagonals=True)
-      return jnp.take(table, jnp.asarray(bucket), axis=1)
-    return relative_bias(table, qlen, klen, bidirectional, self.max_distance)[None]
+      return jnp.take(table.astype(self.dtype), jnp.asarray(bucket), axis=1)
+    if shards > 1:
+      # [D, H, qlen, klen], from one copy of the table per data shard (`data_shards`):
+      # each layer's gradient, summed over its shard of the batch, stays on the device,
+      # and only the table's [H, num_buckets] gradient is all-reduced, once.
+      tables = data_shards.broadcast(table, axes, shards).astype(self.dtype)
+      return jax.vmap(lambda t: relative_bias(t, qlen, klen, bidirectional,
+                                              self.max_distance))(tables)
+    return relative_bias(table.astype(self.dtype), qlen, klen, bidirectional,
+                         self.max_distance)[None]
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -741,7 +751,7 @@ class MultiHeadDotProductAttention(nn.Module):
     # this layer's backward pass.
     tie_position_bias = bias is not None and groups == 1 and self.weight_grad_first
     if bias is not None and not tie_position_bias:
-      attention_bias = bias if attention_bias is None else attention_bias + bias
+      attention_bias = bias if attention_bias is None else data_shards.add(attention_bias, bias)
     query, attention_bias = _stack_groups(query, attention_bias, groups)
 
     # float32 logits: the float32 accumulator of the q·k matmul is kept (T5X casts q and
@@ -751,7 +761,7 @@ class MultiHeadDotProductAttention(nn.Module):
     if tie_position_bias:
       logits = add_position_bias(logits, attention_bias, bias)
     elif attention_bias is not None:
-      logits = logits + attention_bias.astype(logits.dtype)
+      logits = data_shards.add(logits, attention_bias.astype(logits.dtype))
     if deterministic or self.dropout_rate == 0.0:
       x = softmax_weighted_values(logits, value, self.dtype)
     else:
@@ -838,7 +848,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 def add_position_bias(logits, mask_bias, position_bias):
-  """logits + mask_bias + position_bias, broadcast: [B, H, Lq, Lk] + [B, 1, Lq, Lk] + [1, H, Lq, Lk].
+  """logits + mask_bias + position_bias, broadcast: [B, H, Lq, Lk] + [B, 1, Lq, Lk] + [1, H, Lq, Lk]
+  (or [D, H, Lq, Lk], one per data shard: `data_shards.add`).
 
   `mask_bias` (0 or a large negative number; None: none) gets no gradient. The position
   bias's gradient, Σ_b dlogits (in its dtype), is tied to dlogits: the cotangent passed on
@@ -854,7 +865,7 @@ def add_position_bias(logits, mask_bias, position_bias):
 
 @jax.custom_vjp
 def _add_position_bias(logits, mask_bias, position_bias):
-  return logits + mask_bias + position_bias.astype(logits.dtype)
+  return data_shards.add(logits + mask_bias, position_bias.astype(logits.dtype))
 
 
 def _add_position_bias_fwd(logits, mask_bias, position_bias):
@@ -863,18 +874,14 @@ def _add_position_bias_fwd(logits, mask_bias, position_bias):
   return _add_position_bias(logits, mask_bias, position_bias), tags
 
 
-def _sum_to_shape(g, shape):
-  lead = g.ndim - len(shape)
-  axes = tuple(range(lead)) + tuple(
-      lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
-  return jnp.sum(g.astype(jnp.float32), axis=axes, keepdims=True).reshape(shape)
-
-
 def _add_position_bias_bwd(tags, g):
   mask_tag, bias_tag = tags
-  d_bias = _sum_to_shape(g, bias_tag.shape[1:])
-  tie = (matmul.first_element(d_bias) * 0.0).astype(g.dtype)
-  return (g + tie, jnp.zeros(mask_tag.shape[1:], mask_tag.dtype),
+  d_bias = data_shards.sum_to(g, bias_tag.shape[1:])
+  if d_bias.shape[0] == 1:
+    tie = (matmul.first_element(d_bias) * 0.0).astype(g.dtype)
+  else:  # one element of each data shard's sum, read where it lies
+    tie = (d_bias[:, :1, :1, :1] * 0.0).astype(g.dtype)
+  return (data_shards.add(g, tie), jnp.zeros(mask_tag.shape[1:], mask_tag.dtype),
           d_bias.astype(bias_tag.dtype))
 
 
@@ -1077,6 +1084,17 @@ def _relpos(cfg: T5Config) -> RelativePositionBiases:
       weight_dtype=cfg.weight_dtype, name='relpos_bias')
 
 
+def _position_bias_shards(cfg: T5Config, rows: int, decode: bool = False) -> int:
+  """D for `RelativePositionBiases(shards=D)`: the data shards of a batch of ``rows``
+  (`data_shards.count`), where the layers add the bias with the default attention's own
+  adds; 1 (the bias whole) for the attention kernels ('cudnn', 'xla'), blocked attention
+  (`attention_block_bytes`), decoding, or rows that do not split into the shards."""
+  if decode or cfg.attention_block_bytes or cfg.attention_implementation in ('cudnn', 'xla'):
+    return 1
+  shards = data_shards.count(('heads', 'relpos_buckets'))
+  return shards if rows % shards == 0 else 1
+
+
 def _dropout(cfg: T5Config, x, deterministic: bool, broadcast_dims=(-2,)):
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=broadcast_dims)(
       x, deterministic=deterministic)
@@ -1152,10 +1170,11 @@ class Encoder(nn.Module):
     cfg = self.config
     length = encoder_input_tokens.shape[-1]
     # 'fused_softmax' takes the tokens' segments [B, Li] (`encode`) and the position bias
-    # per diagonal, [H, 2 Li - 1]; otherwise [1, H, Li, Li].
+    # per diagonal, [H, 2 Li - 1]; otherwise [1 | D, H, Li, Li] (D: `_position_bias_shards`).
     diagonals = (cfg.attention_implementation == 'fused_softmax'
                  and (encoder_mask is None or encoder_mask.ndim == 2))
-    bias = _relpos(cfg)(length, length, True, diagonals=diagonals)
+    bias = _relpos(cfg)(length, length, True, diagonals=diagonals,
+                        shards=_position_bias_shards(cfg, encoder_input_tokens.shape[0]))
     x = self.shared_embedding(encoder_input_tokens.astype(jnp.int32))
     x = _constrain(_dropout(cfg, x, deterministic).astype(cfg.dtype))
     layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(4,))
@@ -1178,7 +1197,9 @@ class Decoder(nn.Module):
     cfg = self.config
     length = (max_decode_length if decode and max_decode_length
               else decoder_input_tokens.shape[-1])
-    bias = _relpos(cfg)(length, length, False)  # [1, H, Lt, Lt]
+    bias = _relpos(cfg)(length, length, False,  # [1 | D, H, Lt, Lt]
+                        shards=_position_bias_shards(cfg, decoder_input_tokens.shape[0],
+                                                     decode))
     y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
     y = _constrain(_dropout(cfg, y, deterministic).astype(cfg.dtype))
     layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7), decode=decode)
@@ -1219,8 +1240,18 @@ class Embed(nn.Module):
     self.embedding = param_with_axes(
         'embedding', _embedding_init, (self.num_embeddings, self.features),
         self.weight_dtype, axes=('vocab', 'embed'))
+    # On a mesh whose 'batch' axis spans D > 1 devices: one copy of the table per data
+    # shard, made once per apply and read by every lookup of it (the encoder's and the
+    # decoder's), so that their gradients sum on each device and are all-reduced once
+    # (`data_shards`): one all-reduce that XLA moves out of the microbatch loop.
+    shards = data_shards.count(('vocab', 'embed'))
+    self._table_per_shard = (data_shards.broadcast(self.embedding, ('vocab', 'embed'), shards)
+                             if shards > 1 else None)
 
   def __call__(self, tokens):
+    table = self._table_per_shard
+    if table is not None and tokens.ndim and tokens.shape[0] % table.shape[0] == 0:
+      return data_shards.take(table, tokens).astype(self.dtype)
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def attend(self, query, compute_dtype=jnp.float32, float32_vjp: bool = False):
@@ -1338,6 +1369,8 @@ class Transformer(nn.Module):
                decoder_positions=None, *, enable_dropout=True, decode=False):
     """Teacher-forced forward pass: tokens [B, Li], [B, Lt] -> logits [B, Lt, V].
 
+    The decoder tokens may hold n rows per prompt, [B·n, Lt] (prompt b's rows at b·n …
+    b·n+n−1): the encoder runs once per prompt and `decode` groups the rows.
     `encoder_positions`/`decoder_positions` are accepted for T5X compatibility
     and unused (T5 uses relative positions).
     """

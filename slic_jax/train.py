@@ -89,7 +89,9 @@ def train(
     per_device_accumulation: with microbatches on a mesh whose 'data' axis has several
       devices, accumulate each device's gradients locally and all-reduce them once per
       step instead of once per microbatch (`update_step.make_train_step`: the same
-      gradient when every device's share of a microbatch holds as many examples).
+      gradient when every device's share of a microbatch holds as many examples). On
+      TPU the default already all-reduces once per step (libtpu moves the loop's
+      all-reduces after it); on CPU devices it does not.
     length_buckets: n > 1 pads each batch only as far as its longest example needs,
       rounded up to one of n bucket lengths per sequence axis
       (`input_pipeline.trim_padding`; exact for T5: only padding is dropped). Fewer

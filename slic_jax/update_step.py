@@ -62,11 +62,12 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
     'data' axis has D > 1 devices the SPMD partitioner all-reduces every microbatch's
     gradients over 'data' inside the loop. XLA:CPU keeps them there (k times the one
     all-reduce of a whole-batch step); libtpu moves the all-reduce of each accumulated
-    gradient after the loop, except the embedding's and the relative position bias's
-    (T5 1.1 small, bf16, 4 microbatches on a TPU v5e 8×1: 531 MB per device per step
-    against 252 without microbatches; `tools/mesh_step_cost.py --topology`,
-    `benchmarks/NOTES.md`, session 36). XLA's GPU pipeline has the same pass
-    (``WhileLoopAllReduceCodeMotion``; not compiled here).
+    gradient after the loop, where it is one all-reduce per gradient (the embedding's
+    and the position biases' are, `slic_jax.data_shards`): T5 1.1 small, bf16, 4
+    microbatches on a TPU v5e 8×1 sends 308 MB per device per step, the float32
+    gradients once (`tools/mesh_step_cost.py --topology`, `benchmarks/NOTES.md`,
+    session 37). XLA's GPU pipeline has the same pass (``WhileLoopAllReduceCodeMotion``;
+    not compiled here).
   per_device_accumulation: with k > 1 on such a mesh, each device instead accumulates
     the gradients of its own shard of every microbatch and the sum is all-reduced once,
     ``g = (1/(kD)) Σ_{i,d} ∇ loss(params, batch_{i,d})`` (``jax.shard_map`` manual over
@@ -78,7 +79,10 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
     (clu ``Average``, slic_jax's ``Sum``); dropout draws per device. Needs logical-axis
     rules that map nothing but 'batch' to 'data' (not T5X's 2-D parameter partitioning)
     and, with a 'model' axis of several devices, not the CPU softmax kernels. Off, or
-    without such a mesh: the step above.
+    without such a mesh: the step above. For a compiler that moves the loop's
+    all-reduces after it (libtpu) the step above already sends as much (T5 1.1 small,
+    bf16, 4 microbatches, TPU v5e 8×1 and 4×2: 308 and 405 MB per device either way,
+    session 37); where it does not (XLA:CPU), this sends k times less.
   """
   grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
   k = int(num_microbatches or 1)
@@ -104,7 +108,8 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
     # `Average` and slic_jax's `Sum`, whose zeros merge as nothing): the model is in
     # the program once (a first microbatch outside the loop compiled it twice), and
     # every gradient's all-reduce is `acc + all-reduce(g)` inside the loop, the pattern
-    # that libtpu moves after it (not XLA:CPU).
+    # that libtpu moves after it (not XLA:CPU); `acc + all-reduce(g1) + all-reduce(g2)`,
+    # a parameter read twice, stays (`slic_jax.data_shards`).
     (_, m0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], split), rng)
     zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
     (grads, metrics), _ = jax.lax.scan(

@@ -191,11 +191,12 @@ def test_the_mesh_divides_the_step_and_sends_gradients_once(tiny_meshes):
     # Every device does 1/8 of the work, give or take what all repeat (the optimizer's
     # update of replicated parameters, norms): an unpartitioned step would be 8.
     assert 0.95 < rows[name]["compute_overhead"] < 1.1, (name, rows[name])
-  # Data parallelism: every gradient is summed over the 8 devices once (the shared
-  # embedding's two lookups, encoder and decoder, are all-reduced apart: a little more).
+  # Data parallelism: every gradient is summed over the 8 devices once, the shared
+  # embedding's (two lookups) and the position biases' (every layer) included
+  # (`slic_jax.data_shards`; before, 8% more here), and a few scalars.
   dp = rows["8x1"]["collectives"]
   assert list(dp) == ["all-reduce"]
-  assert param_bytes <= dp["all-reduce"]["mb"] * 1e6 < 1.5 * param_bytes
+  assert param_bytes <= dp["all-reduce"]["mb"] * 1e6 < param_bytes + 4096
   # Model parallelism over 'model' = 2: the state is split (half the arguments) and no
   # activation or gradient is gathered whole (only scalars and vectors of Adafactor's
   # factored statistics). The flattening form of matmul.first_element gathered them.
@@ -265,12 +266,12 @@ def test_the_step_compiled_for_a_tpu_slice(tmp_path):
   """`--topology v5e:2x4`: the tiny step compiled by libtpu for 8 TPU v5e chips on this
   host (no TPU). The TPU program takes the TPU's code paths (no `dot`: libtpu's matmuls
   are convolutions, counted by XLA), divides the work, gathers nothing on 4×2, and its
-  data-parallel step all-reduces the gradients once: the embedding's two lookups and
-  the position bias's layers are summed before their all-reduce (XLA:CPU's program sends
-  more, `test_the_mesh_divides_the_step_and_sends_gradients_once`). With 2 microbatches
+  data-parallel step all-reduces the gradients once (as XLA:CPU's,
+  `test_the_mesh_divides_the_step_and_sends_gradients_once`). With 2 microbatches
   the loop's all-reduces move after the loop (the accumulation from zeros in
-  `update_step.make_train_step`): near the whole-batch step's bytes, where XLA:CPU's
-  program sends twice as much."""
+  `update_step.make_train_step`; the embedding's and the position biases' too, each one
+  all-reduce of its table's gradient, `slic_jax.data_shards`): the whole-batch step's
+  bytes, where XLA:CPU's program sends twice as much."""
   import json
   import subprocess
   env = {**os.environ, "PYTHONPATH": LIBTPU_DIR}
@@ -306,5 +307,5 @@ def test_the_step_compiled_for_a_tpu_slice(tmp_path):
     proc = subprocess.run([sys.executable, tool, *flags], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
-  assert micro["collective_mb"] < 1.2 * whole["meshes"]["4x1"]["collective_mb"]
+  assert micro["collective_mb"] < 1.01 * whole["meshes"]["4x1"]["collective_mb"]
   assert micro["compute_overhead"] is None  # XLA's count takes the loop body once

@@ -146,6 +146,38 @@ def test_one_device_and_4x2_mesh_give_the_same_step():
   assert one_metrics["grad_norm"] > 0
 
 
+@pytest.mark.parametrize("num_partitions,remat", [(1, "none"), (1, "full"), (2, "none")])
+def test_the_embedding_and_position_bias_tables_are_all_reduced_once(num_partitions, remat):
+  """The token embedding (read by the encoder's and the decoder's lookups) and each
+  stack's relative position bias (added in every layer) cross the 'data' axis once each,
+  as their tables' gradients, [V, E] and [H, 32] (`slic_jax.data_shards`): not once per
+  lookup, nor as an [H, L, L] bias gradient per layer. The step is the one-device step;
+  remat 'full' ties the bias's gradient in each layer's backward (`add_position_bias`)."""
+  import dataclasses
+  import mesh_step_cost
+  cfg = dataclasses.replace(CFG, vocab_size=320, remat_policy=remat)
+  batch = _batch(5)
+  one_state, one_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch,
+                                     cfg=cfg)
+  hlo = []
+  mesh_state, mesh_metrics = _run_step(partitioning.Partitioner(num_partitions=num_partitions),
+                                       batch, cfg=cfg, hlo=hlo)
+  np.testing.assert_allclose(one_metrics["loss"], mesh_metrics["loss"], rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  results = [line.split(" all-reduce(")[0] for line in hlo[0].splitlines()
+             if " all-reduce(" in line]
+  m = num_partitions  # 'vocab' and 'heads' are split over 'model'
+  for bias in (f"[{4 // m},{LI},{LI}]", f"[{4 // m},{LT},{LT}]"):
+    assert not any(bias in r for r in results), (bias, results)
+  if m == 1:  # all-reduces over 'data' only: every float32 gradient once, and scalars
+    param_bytes = sum(x.size * 4 for x in jax.tree.leaves(one_state.params))
+    sent = sum(c["bytes"] for c in mesh_step_cost.collectives(hlo[0]))
+    assert param_bytes <= sent < param_bytes + 2048, (sent, param_bytes)
+  else:  # the embedding's [V/2, E] once (the logits kernel's gradient is [E, V/2])
+    assert sum(r.count(f"f32[{320 // m},128]") for r in results) == 1, results
+
+
 def test_microbatches_on_the_mesh_give_the_whole_batch_step():
   """2 microbatches (accumulated gradients) on the (4, 2) mesh = one whole-batch step."""
   batch = _batch(1)
