@@ -1200,8 +1200,7 @@ class Decoder(nn.Module):
     bias = _relpos(cfg)(length, length, False,  # [1 | D, H, Lt, Lt]
                         shards=_position_bias_shards(cfg, decoder_input_tokens.shape[0],
                                                      decode))
-    # Decoding steps read the table itself: no gradient to gather, and no copy per step.
-    y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32), per_shard=not decode)
+    y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
     y = _constrain(_dropout(cfg, y, deterministic).astype(cfg.dtype))
     layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(6, 7), decode=decode)
     for i in range(cfg.num_decoder_layers):
@@ -1227,9 +1226,7 @@ class Decoder(nn.Module):
 class Embed(nn.Module):
   """Token embedding table E [V, D] ('vocab', 'embed'), init N(0, 1).
 
-  `__call__`: tokens [B, ...] -> E[tokens] [B, ..., D] in `dtype` (on a mesh whose 'batch'
-  axis spans D > 1 devices, from the table's copy per data shard unless `per_shard` is
-  False: `data_shards`);
+  `__call__`: tokens [...] -> E[tokens] [..., D] in `dtype`;
   `attend`: y [..., D] -> y @ E^T [..., V] in float32 (computed in `compute_dtype`,
   default float32, accumulated in float32).
   """
@@ -1251,10 +1248,9 @@ class Embed(nn.Module):
     self._table_per_shard = (data_shards.broadcast(self.embedding, ('vocab', 'embed'), shards)
                              if shards > 1 else None)
 
-  def __call__(self, tokens, per_shard: bool = True):
+  def __call__(self, tokens):
     table = self._table_per_shard
-    if (per_shard and table is not None and tokens.ndim
-        and tokens.shape[0] % table.shape[0] == 0):
+    if table is not None and tokens.ndim and tokens.shape[0] % table.shape[0] == 0:
       return data_shards.take(table, tokens).astype(self.dtype)
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
