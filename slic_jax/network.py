@@ -1226,7 +1226,8 @@ class Decoder(nn.Module):
 class Embed(nn.Module):
   """Token embedding table E [V, D] ('vocab', 'embed'), init N(0, 1).
 
-  `__call__`: tokens [...] -> E[tokens] [..., D] in `dtype`;
+  `__call__`: tokens [B, ...] -> E[tokens] [B, ..., D] in `dtype` (on a mesh whose 'batch'
+  axis spans D > 1 devices, from the table's copy per data shard: `data_shards`);
   `attend`: y [..., D] -> y @ E^T [..., V] in float32 (computed in `compute_dtype`,
   default float32, accumulated in float32).
   """
