@@ -96,8 +96,7 @@ def _bias_rows(bias, start, block_q):
 
 
 def _dot(equation, a, b, dtype):
-  return jnp.einsum(equation, a.astype(dtype), b.astype(dtype),
-                    preferred_element_type=jnp.float32)
+  return matmul.accumulate(equation, a.astype(dtype), b.astype(dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

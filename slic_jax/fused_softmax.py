@@ -336,7 +336,7 @@ def _softmax_weighted_values(logits, value, diagonal_bias, key_segments, query_s
 def _fwd(logits, value, diagonal_bias, key_segments, query_segments, kind):
   p = probabilities(logits, diagonal_bias, key_segments, query_segments, kind)
   v = value.astype(kind)
-  o = jnp.einsum('bhqk,bkhd->bqhd', p, v, preferred_element_type=jnp.float32).astype(kind)
+  o = matmul.accumulate('bhqk,bkhd->bqhd', p, v).astype(kind)
   tags = tuple(jnp.zeros((0,), x.dtype) for x in (logits, value, diagonal_bias))
   return o, (p, v, o, key_segments, query_segments, tags)
 

@@ -20,7 +20,11 @@ dot multiplies a float32 cotangent with a bfloat16 operand, which XLA computes b
 converting both to float32. On CPUs with AMX-BF16, XLA:CPU runs bfloat16 × bfloat16 →
 float32 dots in YNNPACK at several times its float32 rate (`tools/benchmark.py` measures
 both peaks; `benchmarks/NOTES.md`), while a bfloat16 → bfloat16 dot is converted to
-float32 and is slower than float32 itself. On TPUs/GPUs this is the native bf16 matmul.
+float32 and is slower than float32 itself. On a CPU without a bf16 dot instruction
+(neither AVX512_BF16 nor AMX-BF16) the mixed dot runs below XLA:CPU's float32 rate, so
+there every such dot widens its rounded operands to float32 and runs as a float32 dot:
+the same products, summed in float32 (`accumulate`, `platforms.cpu_low_precision_dots`).
+On TPUs/GPUs this is the native bf16 matmul.
 
 Equations use explicit single-letter subscripts for both operands and the output
 (``'nd,df->nf'``, no ``...``); every subscript of an operand must appear in the other
@@ -56,15 +60,33 @@ def _parse(equation: str) -> tuple[str, str, str]:
   return sa, sb, out
 
 
+def accumulate(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """``einsum(equation, a, b)`` of the operands as given, products summed in float32.
+
+      out = Σ_k a · b   (float32 result; a, b of one dtype: float32, bfloat16, float16)
+
+  ``jnp.einsum(..., preferred_element_type=float32)``. Traced for a CPU whose bf16 dots
+  are not native (`platforms.cpu_low_precision_dots` is 'float32': no AVX512_BF16 or
+  AMX-BF16), bfloat16/float16 operands are widened to float32 first: the same products
+  (exact in float32) and the same float32 sums up to their order, at XLA:CPU's float32
+  rate instead of its mixed dot's (on a 2-core Xeon without them 174–203 against 279–288
+  GFLOP/s, `benchmarks/NOTES.md`, session 38). No custom gradient: for gradients in the
+  compute dtype use `einsum`.
+  """
+  if (a.dtype != jnp.float32 and platforms.target_platform() == "cpu"
+      and platforms.cpu_low_precision_dots() == "float32"):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _mixed_einsum(equation, dtype, out_dtype, a, b):
-  return jnp.einsum(equation, a.astype(dtype), b.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(out_dtype)
+  return accumulate(equation, a.astype(dtype), b.astype(dtype)).astype(out_dtype)
 
 
 def _mixed_fwd(equation, dtype, out_dtype, a, b):
   a_c, b_c = a.astype(dtype), b.astype(dtype)
-  y = jnp.einsum(equation, a_c, b_c, preferred_element_type=jnp.float32).astype(out_dtype)
+  y = accumulate(equation, a_c, b_c).astype(out_dtype)
   # Residuals in `dtype` (half the memory of float32 ones); zero-size arrays carry the
   # primal dtypes to the backward pass.
   return y, (a_c, b_c, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
@@ -100,6 +122,9 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
   """
   if platforms.target_platform() != "cpu":
     return jnp.einsum(f"{sx},{sy}->{so}", x, y, preferred_element_type=jnp.float32)
+  # Operands of a dot that is not native here are widened to float32 as they are moved
+  # (`accumulate`); the float32 dot then takes the same layout.
+  widen = x.dtype != jnp.float32 and platforms.cpu_low_precision_dots() == "float32"
   sizes = {**dict(zip(sx, x.shape)), **dict(zip(sy, y.shape))}
   best = None
   for (s1, v1), (s2, v2) in (((sx, x), (sy, y)), ((sy, y), (sx, x))):
@@ -114,21 +139,27 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
     if best is None or cost < best[0]:
       best = (cost, s1, v1, l1, s2, v2, l2, lo)
   _, s1, v1, l1, s2, v2, l2, lo = best
-  v1, v2 = _materialized_transpose(v1, s1, l1), _materialized_transpose(v2, s2, l2)
+  dtype = jnp.float32 if widen else None
+  v1 = _materialized_transpose(v1, s1, l1, dtype)
+  v2 = _materialized_transpose(v2, s2, l2, dtype)
   out = jnp.einsum(f"{l1},{l2}->{lo}", v1, v2, preferred_element_type=jnp.float32)
   return _materialized_transpose(out, lo, so)
 
 
-def _materialized_transpose(v, src: str, dst: str):
-  """v with its dimensions reordered from `src` to `dst`, as an array XLA keeps.
+def _materialized_transpose(v, src: str, dst: str, dtype=None):
+  """v with its dimensions reordered from `src` to `dst` (and cast to `dtype` if given),
+  as an array XLA keeps.
 
   XLA's simplifier folds a plain transpose into the dot that consumes it, which would
-  undo the layout; computed behind `_opaque` it is kept.
+  undo the layout; computed behind `_opaque` it is kept (with the cast in the same pass).
+  A cast alone is behind `_opaque` too: a plain one would be merged (CSE) with the forward
+  pass's cast of the same residual, and that float32 copy kept alive until the backward
+  pass (T5 1.1 small, bf16 widened, 4 pairs: peak RSS 2098 against 1728 MB; session 38).
   """
   if src == dst:
-    return v
+    return v if dtype is None else _opaque(lambda a: a.astype(dtype), v)
   perm = [src.index(c) for c in dst]
-  return _opaque(lambda a: jnp.transpose(a, perm), v)
+  return _opaque(lambda a: jnp.transpose(a, perm).astype(dtype or a.dtype), v)
 
 
 def first_element(v: jax.Array) -> jax.Array:

@@ -986,7 +986,7 @@ def _softmax_weighted_values_fwd(logits, value, dtype):
   e = jnp.exp(e - jnp.max(e, axis=-1, keepdims=True))
   p = (e / matmul.sum_by_dot(e, -1, keepdims=True)).astype(dtype)
   v = value.astype(dtype)
-  o = jnp.einsum('bhqk,bkhd->bqhd', p, v, preferred_element_type=jnp.float32).astype(dtype)
+  o = matmul.accumulate('bhqk,bkhd->bqhd', p, v).astype(dtype)
   # o itself is the residual: the output projection keeps the same array for its own
   # backward pass, so the row term costs no memory.
   return o, (p, v, o, jnp.zeros((0,), logits.dtype), jnp.zeros((0,), value.dtype))

@@ -66,3 +66,26 @@ def recorded_mallopt(monkeypatch):
   monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
   monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(a))
   return calls
+
+
+@pytest.fixture
+def low_precision_dots():
+  """Sets how bf16 dots traced for the CPU run (`platforms.cpu_low_precision_dots`):
+  ``low_precision_dots('native' | 'float32')``. The mode is read when a function is
+  traced and JAX keeps traces in its caches, so they are cleared on each change and
+  when the test ends (with the environment restored)."""
+  import jax
+  from slic_jax import platforms
+  name = platforms.LOW_PRECISION_DOTS_ENV
+  before = os.environ.get(name)
+
+  def set_mode(mode: str):
+    os.environ[name] = mode
+    jax.clear_caches()
+
+  yield set_mode
+  if before is None:
+    os.environ.pop(name, None)
+  else:
+    os.environ[name] = before
+  jax.clear_caches()

@@ -24,9 +24,16 @@ EQUATIONS = [
 ]
 
 
+@pytest.mark.parametrize("dots", ["native", "float32"])
 @pytest.mark.parametrize("equation,sa,sb", EQUATIONS)
-def test_bf16_forward_and_gradients_match_float32_on_rounded_operands(equation, sa, sb):
-  """y = Σ round(a)·round(b) in float32; da = round(g)·round(b)ᵀ, db = round(a)ᵀ·round(g)."""
+def test_bf16_forward_and_gradients_match_float32_on_rounded_operands(equation, sa, sb, dots,
+                                                                      low_precision_dots):
+  """y = Σ round(a)·round(b) in float32; da = round(g)·round(b)ᵀ, db = round(a)ᵀ·round(g).
+
+  With bf16 × bf16 → f32 dots and with the rounded operands widened to float32 first (a
+  CPU without native bf16 dots, `platforms.cpu_low_precision_dots`).
+  """
+  low_precision_dots(dots)
   ka, kb, kg = jax.random.split(jax.random.PRNGKey(0), 3)
   a = jax.random.normal(ka, sa, jnp.float32)
   b = jax.random.normal(kb, sb, jnp.float32)
@@ -81,13 +88,28 @@ def test_backward_nan_propagates():
   assert np.isnan(np.asarray(db)).any() and np.isfinite(np.asarray(da)).all()
 
 
+def _dot_operand_types(hlo: str) -> list[list[str]]:
+  """[[lhs dtype, rhs dtype]] of every float32-result dot of a compiled HLO text."""
+  dots = re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(([^)]*)\)", hlo)
+  operand_types = {}
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?(%\S+) = (\w+)\[", line)
+    if m:
+      operand_types[m.group(1)] = m.group(2)
+  return [[operand_types.get(o.strip()) for o in ops.split(",")] for ops in dots]
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU lowering check")
-def test_cpu_backward_dots_stay_bfloat16():
-  """All three dots of a dense layer's forward + backward run bf16 × bf16 → f32 on CPU.
+@pytest.mark.parametrize("dots,operands", [("native", "bf16"), ("float32", "f32")])
+def test_cpu_backward_dots_stay_bfloat16(low_precision_dots, dots, operands):
+  """All three dots of a dense layer's forward + backward run bf16 × bf16 → f32 on CPU
+  ('native'), or float32 × float32 where bf16 dots are not native ('float32': the rounded
+  operands widened, `platforms.cpu_low_precision_dots`), never one of each.
 
   Without the materialised transposes XLA folds the weight-gradient transpose into the
   dot, cannot give that dot to YNNPACK and converts its operands to float32.
   """
+  low_precision_dots(dots)
   x = jnp.ones((64, 32), jnp.float32)
   w = jnp.ones((32, 48), jnp.float32)
 
@@ -95,15 +117,26 @@ def test_cpu_backward_dots_stay_bfloat16():
     return jnp.sum(jnp.tanh(matmul.dense(jnp.tanh(x), w, dtype=BF16).astype(jnp.float32)))
 
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
-  dots = re.findall(r"= f32\[[\d,]+\]\{[\d,]+\} dot\(([^)]*)\)", hlo)
-  assert len(dots) == 3, dots
-  operand_types = {}
-  for line in hlo.splitlines():
-    m = re.match(r"\s*(?:ROOT )?(%\S+) = (\w+)\[", line)
-    if m:
-      operand_types[m.group(1)] = m.group(2)
-  for ops in dots:
-    assert [operand_types.get(o.strip()) for o in ops.split(",")] == ["bf16", "bf16"], ops
+  assert _dot_operand_types(hlo) == [[operands, operands]] * 3, hlo
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU lowering check")
+def test_accumulate_widens_only_low_precision_operands_on_the_cpu(low_precision_dots):
+  """`accumulate`: bf16 operands widened under 'float32', kept under 'native'; float32
+  operands as they are; the same values either way (bf16 products are exact in f32)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (16, 24)).astype(BF16)
+  b = jax.random.normal(jax.random.PRNGKey(1), (24, 8)).astype(BF16)
+  out = {}
+  for dots in ("native", "float32"):
+    low_precision_dots(dots)
+    fn = jax.jit(lambda a, b: matmul.accumulate("mk,kn->mn", a, b))
+    assert _dot_operand_types(fn.lower(a, b).compile().as_text()) == [
+        ["bf16", "bf16"] if dots == "native" else ["f32", "f32"]]
+    out[dots] = fn(a, b)
+    assert out[dots].dtype == jnp.float32
+  np.testing.assert_allclose(out["native"], out["float32"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(out["float32"], a.astype(jnp.float32) @ b.astype(jnp.float32),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_contract_is_einsum_backward_matmul():

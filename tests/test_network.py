@@ -294,12 +294,14 @@ def test_dropout(tiny):
   np.testing.assert_array_equal(a, run(True, 0))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-@functools.partial(jax.value_and_grad, argnums=1)
-def _loss_and_grad(model, params):
-  """Teacher-forced sum of target log-probs and its gradient."""
+def _loss(model, params):
+  """Teacher-forced sum of target log-probs."""
   logits = _apply(model, params)
   return jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(TGT, logits.shape[-1]))
+
+
+# ... and its gradient.
+_loss_and_grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
 
 
 @pytest.mark.parametrize('policy', ['full', 'minimal'])
@@ -578,13 +580,19 @@ def test_bfloat16_gradients_close_to_float32(tiny, logits_dtype):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU lowering check')
-def test_bfloat16_training_step_has_only_bfloat16_dots(tiny):
-  """With dtype = logits_dtype = bf16, every dot of forward + backward is bf16 × bf16."""
+@pytest.mark.parametrize('dots,operands', [('native', 'bf16'), ('float32', 'f32')])
+def test_bfloat16_training_step_has_only_bfloat16_dots(tiny, low_precision_dots, dots, operands):
+  """With dtype = logits_dtype = bf16, every dot of forward + backward is bf16 × bf16;
+  on a CPU without native bf16 dots (`platforms.cpu_low_precision_dots` 'float32') every
+  one is float32 × float32 (the rounded operands widened), none left mixed."""
   import re
+  low_precision_dots(dots)
   model, variables = tiny
   bf_model = network.Transformer(dataclasses.replace(
       model.config, dtype='bfloat16', logits_dtype='bfloat16'))
-  hlo = _loss_and_grad.lower(bf_model, variables['params']).compile().as_text()
+  # A fresh jit: `_loss_and_grad`'s trace cache would not see the environment change.
+  step = jax.jit(jax.value_and_grad(lambda p: _loss(bf_model, p)))
+  hlo = step.lower(variables['params']).compile().as_text()
   types = {name: (dtype, [int(n) for n in dims.split(',') if n]) for name, dtype, dims in
            re.findall(r'^\s*(?:ROOT )?(%\S+) = (\w+)\[([^\]]*)\]', hlo, re.M)}
   dots = [[types.get(o.strip()) for o in d.split(',')]
@@ -596,7 +604,7 @@ def test_bfloat16_training_step_has_only_bfloat16_dots(tiny):
   model_dots = [d for d in dots if not any(vector(dims) for _, dims in d)]
   sums = [d for d in dots if any(vector(dims) for _, dims in d)]
   assert len(model_dots) >= 3 * 6
-  bad = [d for d in model_dots if [dtype for dtype, _ in d] != ['bf16', 'bf16']]
+  bad = [d for d in model_dots if [dtype for dtype, _ in d] != [operands, operands]]
   assert not bad, bad[:3]
   assert all(dtype == 'f32' for d in sums for dtype, _ in d), sums[:3]
 

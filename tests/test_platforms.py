@@ -88,3 +88,55 @@ def test_first_element_is_an_index_off_the_cpu():
   with _tpu_mesh():
     assert "reshape" not in _primitives(matmul.first_element, v)
     assert float(jax.jit(matmul.first_element)(v)) == 5.0
+
+
+X86_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni {extra}\n"
+
+
+@pytest.mark.parametrize("cpuinfo,native", [
+    (X86_FLAGS.format(extra="avx512_bf16"), True),                # Zen 4, Cooper Lake
+    (X86_FLAGS.format(extra="amx_bf16 amx_tile"), True),          # Sapphire Rapids
+    (X86_FLAGS.format(extra="avx512_vbmi2"), False),              # Ice Lake, or AMX hidden
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm Neoverse V1
+    ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+    ("processor\t: 0\nmodel name\t: ?\n", None),                  # no flags line
+])
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
+  assert platforms.cpu_has_native_bf16(cpuinfo) is native
+
+
+@pytest.mark.parametrize("env,host,mode", [
+    ("native", False, "native"), ("float32", True, "float32"),   # the variable decides
+    (None, False, "float32"), ("auto", True, "native"),          # auto: the host's flags
+    ("", None, "native"),                                        # unknown: as written
+])
+def test_low_precision_dots_follow_the_environment_then_the_host(monkeypatch, env, host, mode):
+  if env is None:
+    monkeypatch.delenv(platforms.LOW_PRECISION_DOTS_ENV, raising=False)
+  else:
+    monkeypatch.setenv(platforms.LOW_PRECISION_DOTS_ENV, env)
+  monkeypatch.setattr(platforms, "_host_has_native_bf16", lambda: host)
+  assert platforms.cpu_low_precision_dots() == mode
+
+
+def test_a_bad_low_precision_dots_setting_is_named(monkeypatch):
+  monkeypatch.setenv(platforms.LOW_PRECISION_DOTS_ENV, "bf16")
+  with pytest.raises(ValueError, match=r"SLIC_JAX_CPU_LOW_PRECISION_DOTS='bf16'.*auto, native"):
+    platforms.cpu_low_precision_dots()
+
+
+def test_dots_traced_for_a_tpu_are_never_widened(low_precision_dots):
+  """The widening is the CPU's: a step traced for a TPU keeps its bf16 dots."""
+  low_precision_dots("float32")
+  a = jnp.ones((4, 8), jnp.bfloat16)
+  b = jnp.ones((8, 2), jnp.bfloat16)
+
+  def dot_operand_dtypes(fn):
+    jaxpr = jax.make_jaxpr(fn)(a, b).jaxpr
+    return [[str(v.aval.dtype) for v in e.invars] for e in jaxpr.eqns
+            if e.primitive.name == "dot_general"]
+
+  fn = lambda a, b: matmul.accumulate("mk,kn->mn", a, b)
+  assert dot_operand_dtypes(fn) == [["float32", "float32"]]
+  with _tpu_mesh():
+    assert dot_operand_dtypes(fn) == [["bfloat16", "bfloat16"]]

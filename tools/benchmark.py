@@ -98,7 +98,8 @@ SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_bf16", "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat",
              "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc",
              "slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn",
-             "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax")
+             "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax",
+             "slic_jax_2row_bf16_mixed_dots")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -117,7 +118,8 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_2row_bf16_cudnn": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_bf16_remat_cudnn": ("chosen", 1, "bfloat16", "full"),
                 "slic_jax_2row_bf16_fused_softmax": ("chosen", 1, "bfloat16", "none"),
-                "slic_jax_2row_fused_softmax": ("chosen", 1, "float32", "none")}
+                "slic_jax_2row_fused_softmax": ("chosen", 1, "float32", "none"),
+                "slic_jax_2row_bf16_mixed_dots": ("chosen", 1, "bfloat16", "none")}
 # rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
 # others call `host_memory.reuse_freed_memory()` first, as slic_jax.train does.
 GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
@@ -126,6 +128,10 @@ GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
 CUDNN_ROWS = ("slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn")
 # rows with the CPU softmax kernels (`attention_implementation='fused_softmax'`).
 FUSED_SOFTMAX_ROWS = ("slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax")
+# rows whose bf16 dots run as XLA's mixed bf16 × bf16 → f32 dot whatever the CPU
+# (`$SLIC_JAX_CPU_LOW_PRECISION_DOTS=native`); the others as `platforms.cpu_low_precision_dots`
+# decides for this CPU (widened to float32 where it has no bf16 dot instruction).
+MIXED_DOTS_ROWS = ("slic_jax_2row_bf16_mixed_dots",)
 
 
 def row_attention(key: str) -> str:
@@ -146,6 +152,8 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_bf16_remat_cudnn": "slic_jax bf16 (2 rows, remat 'full'), cuDNN attention",
           "slic_jax_2row_bf16_fused_softmax": "slic_jax bf16 (2 rows), fused softmax kernels",
           "slic_jax_2row_fused_softmax": "slic_jax (2 rows), fused softmax kernels",
+          "slic_jax_2row_bf16_mixed_dots": "slic_jax bf16 (2 rows), XLA's mixed bf16 dots "
+                                           "(`SLIC_JAX_CPU_LOW_PRECISION_DOTS=native`)",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
           "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
@@ -421,7 +429,7 @@ def worker_slic(args) -> dict:
   reuse = apply_host_malloc(args.host_malloc)  # first, before jax starts its backend
   import jax
   import numpy as np
-  from slic_jax import partitioning  # (no SeqIO/TF here: see build_step)
+  from slic_jax import partitioning, platforms  # (no SeqIO/TF here: see build_step)
 
   rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
@@ -485,6 +493,8 @@ def worker_slic(args) -> dict:
       "xla_options": ("xla_default" if args.xla_default else
                       "slic_jax" + "".join(f" {o}" for o in args.xla_option)),
       "tensorflow_loaded": "tensorflow" in sys.modules,
+      "cpu_low_precision_dots": (platforms.cpu_low_precision_dots()
+                                 if jax.default_backend() == "cpu" else None),
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
       "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
@@ -541,8 +551,15 @@ def worker_matmul(args) -> dict:
     y = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
     rate(f"jax_{dt}", jax.jit(jnp.dot), x, y)
   # bf16 operands, float32 accumulation and result: what slic_jax.matmul runs for
-  # dtype='bfloat16' (XLA:CPU gives it to YNNPACK, AMX where the CPU has it).
-  rate("jax_bf16f32acc",
+  # dtype='bfloat16' (`matmul.accumulate`: XLA:CPU gives the mixed dot to YNNPACK, AMX
+  # where the CPU has it; on a CPU without a bf16 dot instruction the operands are
+  # widened to float32 first, `platforms.cpu_low_precision_dots`) ...
+  from slic_jax import matmul, platforms
+  rate("jax_bf16f32acc", jax.jit(lambda a, b: matmul.accumulate("mk,kn->mn", a, b)), x, y)
+  out["cpu_low_precision_dots"] = (platforms.cpu_low_precision_dots()
+                                   if jax.default_backend() == "cpu" else None)
+  # ... and XLA's mixed dot as written, whatever the CPU.
+  rate("jax_bf16f32acc_native",
        jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32)), x, y)
   # float32 with every bit of precision (XLA:GPU's default precision for float32 dots
   # may use TF32 on the tensor cores; on CPU the two are the same).
@@ -733,7 +750,8 @@ def orchestrate(args) -> dict:
                                             reg_target=reg_target, microbatches=micro,
                                             host_malloc=malloc,
                                             attention_implementation=row_attention(key)),
-                                    t))
+                                    t, {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"}
+                                    if key in MIXED_DOTS_ROWS else None))
       for pkey in peers:
         pc = None if args.no_peer else peer_cmd(
             args, size, args.li, bf16=pkey.startswith("trl_bf16"),
@@ -936,16 +954,20 @@ def to_markdown(res: dict) -> str:
       + (" end of run: best | median |" if end else ""),
       "|---|---|---|---|" + ("---|---|" if end else ""),
   ]
+  widened = mm0.get("cpu_low_precision_dots") == "float32"
   dt_names = {"float32": "float32", "bfloat16": "bfloat16", "bf16f32acc":
-              "bfloat16 × bfloat16 → float32 (slic_jax's bf16 matmuls)",
+              "bfloat16 × bfloat16 → float32 (slic_jax's bf16 matmuls"
+              + (": operands widened to float32 on this CPU)" if widened else ")"),
+              "bf16f32acc_native": "bfloat16 × bfloat16 → float32, XLA's mixed dot",
               "float32highest": "float32, precision HIGHEST"}
   for lib, key, src, again in (
       ("jax", "jax_float32", mm0, mm1), ("jax", "jax_float32highest", mm0, mm1),
       ("jax", "jax_bfloat16", mm0, mm1), ("jax", "jax_bf16f32acc", mm0, mm1),
+      ("jax", "jax_bf16f32acc_native", mm0, mm1),
       ("numpy", "numpy_float32", mm0, mm1), ("torch", "torch_float32", tm0, tm1),
       ("torch", "torch_bfloat16", tm0, tm1)):
     if f"{key}_flops_per_s" in src:
-      lines.append(f"| {lib} | {dt_names[key.split('_')[-1]]} | "
+      lines.append(f"| {lib} | {dt_names[key.split('_', 1)[1]]} | "
                    f"{_g(src[f'{key}_flops_per_s'], 1e9, '{:.1f}')}"
                    f" | {_g(src.get(f'{key}_flops_per_s_median'), 1e9, '{:.1f}')} |"
                    + (f" {_g(again.get(f'{key}_flops_per_s'), 1e9, '{:.1f}')}"
