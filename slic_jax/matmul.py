@@ -69,8 +69,9 @@ def accumulate(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
   are not native (`platforms.cpu_low_precision_dots` is 'float32': no AVX512_BF16 or
   AMX-BF16), bfloat16/float16 operands are widened to float32 first: the same products
   (exact in float32) and the same float32 sums up to their order, at XLA:CPU's float32
-  rate instead of its mixed dot's (on a 2-core Xeon without them 174–203 against 279–288
-  GFLOP/s, `benchmarks/NOTES.md`, session 38). No custom gradient: for gradients in the
+  rate instead of its mixed dot's (on a 2-core Xeon without them: mixed 174–205, float32
+  261–288, widened 226–250 GFLOP/s for a square 2048 matmul; `benchmarks/NOTES.md`,
+  session 38). No custom gradient: for gradients in the
   compute dtype use `einsum`.
   """
   if (a.dtype != jnp.float32 and platforms.target_platform() == "cpu"
@@ -146,18 +147,34 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
   return _materialized_transpose(out, lo, so)
 
 
+def _widened(v: jax.Array) -> jax.Array:
+  """v in float32, for a backward-pass operand that the forward pass also widened.
+
+  A bfloat16 number is the upper half of the float32 with its value, so its bits shifted
+  into place are that float32 (exact, NaN and infinity included): the same value as
+  ``v.astype(float32)`` written as other ops, so that XLA does not merge it (CSE) with the
+  forward pass's cast of the same residual and keep that float32 copy alive from the
+  forward pass to the backward (T5 1.1 small, bf16 widened, 4 pairs: XLA temporaries
+  1113 against 866 MB; `benchmarks/NOTES.md`, session 38). It stays elementwise, so a
+  sharded operand stays sharded (a cast behind `_opaque` did as well for memory, but the
+  SPMD partitioner gathered its operand over the mesh). Other dtypes: ``astype``.
+  """
+  if v.dtype != jnp.bfloat16:
+    return v.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) << 16
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _materialized_transpose(v, src: str, dst: str, dtype=None):
   """v with its dimensions reordered from `src` to `dst` (and cast to `dtype` if given),
   as an array XLA keeps.
 
   XLA's simplifier folds a plain transpose into the dot that consumes it, which would
   undo the layout; computed behind `_opaque` it is kept (with the cast in the same pass).
-  A cast alone is behind `_opaque` too: a plain one would be merged (CSE) with the forward
-  pass's cast of the same residual, and that float32 copy kept alive until the backward
-  pass (T5 1.1 small, bf16 widened, 4 pairs: peak RSS 2098 against 1728 MB; session 38).
+  A cast alone is `_widened`.
   """
   if src == dst:
-    return v if dtype is None else _opaque(lambda a: a.astype(dtype), v)
+    return v if dtype is None else _widened(v)
   perm = [src.index(c) for c in dst]
   return _opaque(lambda a: jnp.transpose(a, perm).astype(dtype or a.dtype), v)
 

@@ -6,6 +6,9 @@ which `partitioning.Partitioner.activation_rules` enters), else jax's default ba
 two differ when a step is compiled ahead of time for devices the process does not run on:
 `tools/mesh_step_cost.py --topology v5e:2x4` traces the step on a CPU host for a TPU slice,
 which must get the TPU's code paths, not the host's.
+
+`cpu_low_precision_dots()` says whether the CPU's bf16 × bf16 → float32 dots run as
+written or with their operands widened to float32 (a CPU without a bf16 dot instruction).
 """
 from __future__ import annotations
 
@@ -60,12 +63,14 @@ def cpu_low_precision_dots() -> str:
   AVX512_BF16 / AMX-BF16 at up to several times its float32 rate). 'float32': the rounded
   operands are widened to float32 first and the dot is a float32 one, the same products
   (a bf16 or f16 product is exact in float32) summed in float32: on a CPU without a bf16
-  dot instruction XLA:CPU's mixed dot runs at 60–70% of its float32 rate
+  dot instruction XLA:CPU's mixed dot runs at 60–75% of its float32 rate
   (`tools/benchmark.py`'s matmul peaks; `benchmarks/NOTES.md`, session 38).
 
   ``$SLIC_JAX_CPU_LOW_PRECISION_DOTS`` = 'native' | 'float32' | 'auto' (default) decides;
   'auto' is 'native' where `cpu_has_native_bf16` says yes or cannot tell, else 'float32'.
-  Read when a step is traced; only the CPU's code path asks (`slic_jax.matmul`).
+  Read when a step is traced (set it before the first one: JAX keeps traces in its
+  caches, `jax.clear_caches()` drops them); only the CPU's code path asks
+  (`slic_jax.matmul`). float16 follows the bf16 flags.
   """
   mode = os.environ.get(LOW_PRECISION_DOTS_ENV, "auto").strip().lower() or "auto"
   if mode not in _LOW_PRECISION_DOTS_MODES:

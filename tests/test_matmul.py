@@ -238,3 +238,17 @@ def test_float32_vjp_moves_the_smaller_operand_for_the_weight_gradient():
   assert largest_moved(laid_out) <= 2048 * 512, largest_moved(laid_out)
   assert (laid_out.memory_analysis().temp_size_in_bytes
           < plain.memory_analysis().temp_size_in_bytes)  # measured: 20 vs 32 MB
+
+
+def test_widened_is_the_float32_of_every_bfloat16():
+  """`_widened` (the backward pass's cast, written as a bit shift) equals ``astype`` for
+  every one of the 65536 bfloat16 bit patterns: NaNs, infinities, ±0, subnormals."""
+  v = jax.lax.bitcast_convert_type(jnp.arange(2 ** 16, dtype=jnp.uint32).astype(jnp.uint16),
+                                   jnp.bfloat16)
+  got = jax.jit(matmul._widened)(v)
+  want = v.astype(jnp.float32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, jnp.uint32),
+                                jax.lax.bitcast_convert_type(want, jnp.uint32))
+  half = jnp.asarray([1.5, -2.0], jnp.float16)
+  np.testing.assert_array_equal(matmul._widened(half), half.astype(jnp.float32))
