@@ -71,8 +71,7 @@ def accumulate(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
   (exact in float32) and the same float32 sums up to their order, at XLA:CPU's float32
   rate instead of its mixed dot's (on a 2-core Xeon without them: mixed 174–205, float32
   261–288, widened 226–250 GFLOP/s for a square 2048 matmul; `benchmarks/NOTES.md`,
-  session 38). No custom gradient: for gradients in the
-  compute dtype use `einsum`.
+  session 38). No custom gradient: for gradients in the compute dtype use `einsum`.
   """
   if (a.dtype != jnp.float32 and platforms.target_platform() == "cpu"
       and platforms.cpu_low_precision_dots() == "float32"):
@@ -155,9 +154,10 @@ def _widened(v: jax.Array) -> jax.Array:
   ``v.astype(float32)`` written as other ops, so that XLA does not merge it (CSE) with the
   forward pass's cast of the same residual and keep that float32 copy alive from the
   forward pass to the backward (T5 1.1 small, bf16 widened, 4 pairs: XLA temporaries
-  1113 against 866 MB; `benchmarks/NOTES.md`, session 38). It stays elementwise, so a
-  sharded operand stays sharded (a cast behind `_opaque` did as well for memory, but the
-  SPMD partitioner gathered its operand over the mesh). Other dtypes: ``astype``.
+  835 MB, 1113 with a plain cast; `benchmarks/NOTES.md`, session 38). It stays
+  elementwise, so a sharded operand stays sharded (a cast behind `_opaque` kept the
+  memory down too, 866 MB, but the SPMD partitioner gathered its operand over the mesh).
+  Other dtypes: ``astype``.
   """
   if v.dtype != jnp.bfloat16:
     return v.astype(jnp.float32)
