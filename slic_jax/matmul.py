@@ -22,8 +22,10 @@ float32 dots in YNNPACK at several times its float32 rate (`tools/benchmark.py` 
 both peaks; `benchmarks/NOTES.md`), while a bfloat16 → bfloat16 dot is converted to
 float32 and is slower than float32 itself. On a CPU without a bf16 dot instruction
 (neither AVX512_BF16 nor AMX-BF16) the mixed dot runs below XLA:CPU's float32 rate, so
-there every such dot widens its rounded operands to float32 and runs as a float32 dot:
-the same products, summed in float32 (`accumulate`, `platforms.cpu_low_precision_dots`).
+there a dot that does enough FLOPs per operand element (the projections, not the
+attention's dots with a [B, H, Q, K] operand) widens its rounded operands to float32 and
+runs as a float32 dot: the same products, summed in float32 (`accumulate`, `_widens`,
+`platforms.cpu_low_precision_dots`).
 On TPUs/GPUs this is the native bf16 matmul.
 
 Equations use explicit single-letter subscripts for both operands and the output
@@ -67,16 +69,47 @@ def accumulate(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
   ``jnp.einsum(..., preferred_element_type=float32)``. Traced for a CPU whose bf16 dots
   are not native (`platforms.cpu_low_precision_dots` is 'float32': no AVX512_BF16 or
-  AMX-BF16), bfloat16/float16 operands are widened to float32 first: the same products
+  AMX-BF16), bfloat16/float16 operands are widened to float32 first where the dot does
+  enough FLOPs per operand element to pay for that pass (`_widens`): the same products
   (exact in float32) and the same float32 sums up to their order, at XLA:CPU's float32
   rate instead of its mixed dot's (on a 2-core Xeon without them: mixed 174–205, float32
   261–288, widened 226–250 GFLOP/s for a square 2048 matmul; `benchmarks/NOTES.md`,
   session 38). No custom gradient: for gradients in the compute dtype use `einsum`.
   """
-  if (a.dtype != jnp.float32 and platforms.target_platform() == "cpu"
-      and platforms.cpu_low_precision_dots() == "float32"):
+  sa, sb, _ = _parse(equation)
+  if _widens({**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}, a, b):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+
+
+# Widening a bf16 dot's operands is a pass over them (read 2 bytes, write 4, and the dot
+# reads 4 instead of 2); it pays where the dot does enough FLOPs per operand element.
+# On the 2-core Xeon without bf16 dots ('mk,kn->mn' in bf16, M 2048, K 512, widened
+# against mixed, 30 alternated runs each): N 64 (124 FLOPs per operand element) mixed
+# 0.68× the widened time, N 128 (241) 1.05×, N 2048 (2048) 1.35×; the attention's
+# p·v and its gradients (about 2·head_dim FLOPs per element of the [B, H, Q, K]
+# probabilities) mixed 0.63–0.76× at Li 512, 0.40–0.47× at Li 1024
+# (`benchmarks/NOTES.md`, session 39).
+WIDEN_MIN_FLOPS_PER_ELEMENT = 192
+
+
+def _widens(sizes: dict[str, int], a: jax.Array, b: jax.Array) -> bool:
+  """Whether the dot of ``a`` and ``b`` (subscript sizes ``sizes``) runs on operands
+  widened to float32 instead of XLA's mixed bf16 × bf16 → f32 dot.
+
+  Only for bfloat16/float16 operands traced for a CPU without native bf16 dots
+  (`platforms.cpu_low_precision_dots` 'float32'), and only where the dot does at least
+  `WIDEN_MIN_FLOPS_PER_ELEMENT` FLOPs per operand element:
+
+      2 · Π sizes  ≥  WIDEN_MIN_FLOPS_PER_ELEMENT · (|a| + |b|)
+
+  (the model's projections: hundreds to thousands; the attention's dots with a
+  [B, H, Q, K] operand: under 2 · head_dim, so they stay mixed).
+  """
+  if (a.dtype == jnp.float32 or platforms.target_platform() != "cpu"
+      or platforms.cpu_low_precision_dots() != "float32"):
+    return False
+  return 2 * math.prod(sizes.values()) >= WIDEN_MIN_FLOPS_PER_ELEMENT * (a.size + b.size)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -123,9 +156,9 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
   if platforms.target_platform() != "cpu":
     return jnp.einsum(f"{sx},{sy}->{so}", x, y, preferred_element_type=jnp.float32)
   # Operands of a dot that is not native here are widened to float32 as they are moved
-  # (`accumulate`); the float32 dot then takes the same layout.
-  widen = x.dtype != jnp.float32 and platforms.cpu_low_precision_dots() == "float32"
+  # where that pays (`_widens`); the float32 dot then takes the same layout.
   sizes = {**dict(zip(sx, x.shape)), **dict(zip(sy, y.shape))}
+  widen = _widens(sizes, x, y)
   best = None
   for (s1, v1), (s2, v2) in (((sx, x), (sy, y)), ((sy, y), (sx, x))):
     batch = [c for c in so if c in s1 and c in s2]

@@ -71,16 +71,20 @@ def recorded_mallopt(monkeypatch):
 @pytest.fixture
 def low_precision_dots():
   """Sets how bf16 dots traced for the CPU run (`platforms.cpu_low_precision_dots`):
-  ``low_precision_dots('native' | 'float32')``. The mode is read when a function is
-  traced and JAX keeps traces in its caches, so they are cleared on each change and
-  when the test ends (with the environment restored)."""
+  ``low_precision_dots('native' | 'float32', widen_min=None)``; ``widen_min`` replaces
+  `matmul.WIDEN_MIN_FLOPS_PER_ELEMENT` (0: every bf16 dot widened in 'float32' mode).
+  Both are read when a function is traced and JAX keeps traces in its caches, so they
+  are cleared on each change and when the test ends (with the environment and the
+  threshold restored)."""
   import jax
-  from slic_jax import platforms
+  from slic_jax import matmul, platforms
   name = platforms.LOW_PRECISION_DOTS_ENV
   before = os.environ.get(name)
+  threshold = matmul.WIDEN_MIN_FLOPS_PER_ELEMENT
 
-  def set_mode(mode: str):
+  def set_mode(mode: str, widen_min: float | None = None):
     os.environ[name] = mode
+    matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = threshold if widen_min is None else widen_min
     jax.clear_caches()
 
   yield set_mode
@@ -88,4 +92,5 @@ def low_precision_dots():
     os.environ.pop(name, None)
   else:
     os.environ[name] = before
+  matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = threshold
   jax.clear_caches()

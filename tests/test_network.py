@@ -580,13 +580,16 @@ def test_bfloat16_gradients_close_to_float32(tiny, logits_dtype):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU lowering check')
-@pytest.mark.parametrize('dots,operands', [('native', 'bf16'), ('float32', 'f32')])
-def test_bfloat16_training_step_has_only_bfloat16_dots(tiny, low_precision_dots, dots, operands):
+@pytest.mark.parametrize('dots,widen_min', [('native', None), ('float32', None), ('float32', 0)])
+def test_bfloat16_training_step_has_only_bfloat16_dots(tiny, low_precision_dots, dots,
+                                                        widen_min):
   """With dtype = logits_dtype = bf16, every dot of forward + backward is bf16 × bf16;
   on a CPU without native bf16 dots (`platforms.cpu_low_precision_dots` 'float32') every
-  one is float32 × float32 (the rounded operands widened), none left mixed."""
+  one that does at least `matmul.WIDEN_MIN_FLOPS_PER_ELEMENT` FLOPs per operand element
+  is float32 × float32 (the rounded operands widened) and the others bf16 × bf16 (all of
+  them widened with the threshold 0); none left mixed."""
   import re
-  low_precision_dots(dots)
+  low_precision_dots(dots, widen_min)
   model, variables = tiny
   bf_model = network.Transformer(dataclasses.replace(
       model.config, dtype='bfloat16', logits_dtype='bfloat16'))
@@ -595,17 +598,28 @@ def test_bfloat16_training_step_has_only_bfloat16_dots(tiny, low_precision_dots,
   hlo = step.lower(variables['params']).compile().as_text()
   types = {name: (dtype, [int(n) for n in dims.split(',') if n]) for name, dtype, dims in
            re.findall(r'^\s*(?:ROOT )?(%\S+) = (\w+)\[([^\]]*)\]', hlo, re.M)}
-  dots = [[types.get(o.strip()) for o in d.split(',')]
-          for d in re.findall(r' dot\(([^)]*)\)', hlo)]
+  found = []  # ([(dtype, dims) of each operand], FLOPs per operand element)
+  for out, operands, contracting in re.findall(
+      r'= f32\[([\d,]*)\]\S* dot\(([^)]*)\), .*?lhs_contracting_dims=\{([\d,]*)\}', hlo):
+    ops = [types.get(o.strip()) for o in operands.split(',')]
+    flops = 2 * np.prod([int(n) for n in out.split(',') if n]) * np.prod(
+        [ops[0][1][int(i)] for i in contracting.split(',') if i])
+    found.append((ops, flops / sum(np.prod(dims) for _, dims in ops)))
   # Besides the model's matmuls, float32 sums and broadcasts may be dots with a ones
   # vector (matmul.sum_by_dot / broadcast_by_dot: an operand of rank 1 or with a
   # dimension of 1; at these tiny sizes XLA turns most of them back into reductions).
   vector = lambda dims: len(dims) <= 1 or 1 in dims
-  model_dots = [d for d in dots if not any(vector(dims) for _, dims in d)]
-  sums = [d for d in dots if any(vector(dims) for _, dims in d)]
+  model_dots = [d for d in found if not any(vector(dims) for _, dims in d[0])]
+  sums = [d for d, _ in found if any(vector(dims) for _, dims in d)]
   assert len(model_dots) >= 3 * 6
-  bad = [d for d in model_dots if [dtype for dtype, _ in d] != [operands, operands]]
+  threshold = matmul.WIDEN_MIN_FLOPS_PER_ELEMENT
+  expected = lambda fpe: 'f32' if dots == 'float32' and fpe >= threshold else 'bf16'
+  bad = [d for d in model_dots if [dtype for dtype, _ in d[0]] != [expected(d[1])] * 2]
   assert not bad, bad[:3]
+  kinds = {expected(fpe) for _, fpe in model_dots}
+  # The tiny model has dots on both sides of the default threshold.
+  assert kinds == ({'bf16'} if dots == 'native' else {'f32'} if widen_min == 0 else
+                   {'bf16', 'f32'}), sorted(fpe for _, fpe in model_dots)
   assert all(dtype == 'f32' for d in sums for dtype, _ in d), sums[:3]
 
 
