@@ -193,6 +193,7 @@ def test_markdown_report_has_all_rows():
                          "slic_jax_2row_bf16_fused_softmax": run(1.8, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_fused_softmax": run(3.1, 4e11),
                          "slic_jax_2row_bf16_mixed_dots": run(2.6, 4e11, dtype="bfloat16"),
+                         "slic_jax_2row_bf16_widen_all": run(2.5, 4e11, dtype="bfloat16"),
                          "trl": run(6.0, 7.5e11),
                          "trl_bf16": run(2.5, 7.5e11),
                          "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
@@ -433,13 +434,15 @@ def test_the_mixed_dots_row_runs_xlas_mixed_bf16_dots_and_the_peaks_show_both(tm
   """slic_jax_2row_bf16_mixed_dots: its step process gets
   SLIC_JAX_CPU_LOW_PRECISION_DOTS=native, the bf16 row the CPU's own choice; the report
   names a widened bf16 peak as such and shows XLA's mixed dot beside it."""
-  envs = {}
+  envs, widen = {}, []
 
   def fake_run_json(cmd, timeout, env=None):
     if cmd[cmd.index("--_worker") + 1] == "matmul":
       return {"jax_float32_flops_per_s": 2.8e11, "jax_bf16f32acc_flops_per_s": 2.5e11,
               "jax_bf16f32acc_native_flops_per_s": 2.0e11, "cpu_low_precision_dots": "float32"}
     envs.setdefault(cmd[cmd.index("--dtype") + 1], []).append(env)
+    flag = "--widen_min_flops_per_element"
+    widen.append(cmd[cmd.index(flag) + 1] if flag in cmd else None)
     return {"step_s_median": 3.0, "step_s_min": 2.9, "pairs_per_s": 4 / 3.0,
             "model_flops_per_step": 4.38e11, "peak_rss_mb": 100.0,
             "dtype": cmd[cmd.index("--dtype") + 1]}
@@ -447,10 +450,13 @@ def test_the_mixed_dots_row_runs_xlas_mixed_bf16_dots_and_the_peaks_show_both(tm
   monkeypatch.setattr(benchmark, "_run_json", fake_run_json)
   monkeypatch.setattr(benchmark, "peer_cmd", lambda *a, **k: None)
   args = benchmark.parse_args(["--sizes", "small", "--sweep", "", "--rows",
-                               "slic_jax_2row_bf16,slic_jax_2row_bf16_mixed_dots",
+                               "slic_jax_2row_bf16,slic_jax_2row_bf16_mixed_dots,"
+                               "slic_jax_2row_bf16_widen_all",
                                "--out_dir", str(tmp_path)])
   res = benchmark.orchestrate(args)
-  assert envs == {"bfloat16": [None, {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"}]}
+  assert envs == {"bfloat16": [None, {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"}, None]}
+  # the widen-all row: every bf16 dot widened (threshold 0), the others the library's
+  assert widen == [None, None, "0"]
   md = benchmark.to_markdown(res)
   assert ("| jax | bfloat16 × bfloat16 → float32 (slic_jax's bf16 matmuls: operands widened "
           "to float32 on this CPU) | 250.0 |") in md

@@ -99,7 +99,7 @@ SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc",
              "slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn",
              "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax",
-             "slic_jax_2row_bf16_mixed_dots")
+             "slic_jax_2row_bf16_mixed_dots", "slic_jax_2row_bf16_widen_all")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -119,7 +119,8 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_2row_bf16_remat_cudnn": ("chosen", 1, "bfloat16", "full"),
                 "slic_jax_2row_bf16_fused_softmax": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_fused_softmax": ("chosen", 1, "float32", "none"),
-                "slic_jax_2row_bf16_mixed_dots": ("chosen", 1, "bfloat16", "none")}
+                "slic_jax_2row_bf16_mixed_dots": ("chosen", 1, "bfloat16", "none"),
+                "slic_jax_2row_bf16_widen_all": ("chosen", 1, "bfloat16", "none")}
 # rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
 # others call `host_memory.reuse_freed_memory()` first, as slic_jax.train does.
 GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
@@ -132,6 +133,10 @@ FUSED_SOFTMAX_ROWS = ("slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_s
 # (`$SLIC_JAX_CPU_LOW_PRECISION_DOTS=native`); the others as `platforms.cpu_low_precision_dots`
 # decides for this CPU (widened to float32 where it has no bf16 dot instruction).
 MIXED_DOTS_ROWS = ("slic_jax_2row_bf16_mixed_dots",)
+# rows whose step widens every bf16 dot where bf16 dots are not native, whatever its FLOPs
+# per operand element (`--widen_min_flops_per_element 0`; the others keep
+# `matmul.WIDEN_MIN_FLOPS_PER_ELEMENT`): session 38's rule.
+WIDEN_ALL_ROWS = ("slic_jax_2row_bf16_widen_all",)
 
 
 def row_attention(key: str) -> str:
@@ -154,6 +159,8 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
           "slic_jax_2row_fused_softmax": "slic_jax (2 rows), fused softmax kernels",
           "slic_jax_2row_bf16_mixed_dots": "slic_jax bf16 (2 rows), XLA's mixed bf16 dots "
                                            "(`SLIC_JAX_CPU_LOW_PRECISION_DOTS=native`)",
+          "slic_jax_2row_bf16_widen_all": "slic_jax bf16 (2 rows), every bf16 dot widened "
+                                          "(`--widen_min_flops_per_element 0`)",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
           "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
@@ -429,7 +436,9 @@ def worker_slic(args) -> dict:
   reuse = apply_host_malloc(args.host_malloc)  # first, before jax starts its backend
   import jax
   import numpy as np
-  from slic_jax import partitioning, platforms  # (no SeqIO/TF here: see build_step)
+  from slic_jax import matmul, partitioning, platforms  # (no SeqIO/TF here: see build_step)
+  if args.widen_min_flops_per_element is not None:
+    matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = args.widen_min_flops_per_element
 
   rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
@@ -495,6 +504,7 @@ def worker_slic(args) -> dict:
       "tensorflow_loaded": "tensorflow" in sys.modules,
       "cpu_low_precision_dots": (platforms.cpu_low_precision_dots()
                                  if jax.default_backend() == "cpu" else None),
+      "widen_min_flops_per_element": matmul.WIDEN_MIN_FLOPS_PER_ELEMENT,
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
       "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
@@ -621,14 +631,15 @@ def _brief(r: dict) -> str:
 def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
              reg_target="reference", xla_default=False, microbatches=1,
              logits_dtype=None, host_malloc="reuse",
-             attention_implementation="default") -> list[str]:
+             attention_implementation="default", widen_min=None) -> list[str]:
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target,
          "--microbatches", str(microbatches), "--logits_dtype", logits_dtype or dtype,
          "--host_malloc", host_malloc, "--attention_implementation", attention_implementation]
-  return cmd + (["--xla_default"] if xla_default else [])
+  return (cmd + (["--xla_default"] if xla_default else [])
+          + ([] if widen_min is None else ["--widen_min_flops_per_element", str(widen_min)]))
 
 
 def peer_python(args) -> str:
@@ -749,7 +760,8 @@ def orchestrate(args) -> dict:
         runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype, remat=remat,
                                             reg_target=reg_target, microbatches=micro,
                                             host_malloc=malloc,
-                                            attention_implementation=row_attention(key)),
+                                            attention_implementation=row_attention(key),
+                                            widen_min=0 if key in WIDEN_ALL_ROWS else None),
                                     t, {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"}
                                     if key in MIXED_DOTS_ROWS else None))
       for pkey in peers:
@@ -1193,6 +1205,9 @@ def parse_args(argv=None):
                   help="step worker only: network.T5Config.attention_implementation "
                        "('cudnn': cuDNN fused attention, NVIDIA GPUs, bfloat16); side by "
                        "side, the *_cudnn rows")
+  ap.add_argument("--widen_min_flops_per_element", type=float, default=None,
+                  help="step worker: replaces matmul.WIDEN_MIN_FLOPS_PER_ELEMENT (0: every "
+                       "bf16 dot widened where bf16 dots are not native)")
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
