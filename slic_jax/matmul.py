@@ -84,12 +84,12 @@ def accumulate(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 # Widening a bf16 dot's operands is a pass over them (read 2 bytes, write 4, and the dot
 # reads 4 instead of 2); it pays where the dot does enough FLOPs per operand element.
-# On the 2-core Xeon without bf16 dots ('mk,kn->mn' in bf16, M 2048, K 512, widened
-# against mixed, 30 alternated runs each): N 64 (124 FLOPs per operand element) mixed
-# 0.68× the widened time, N 128 (241) 1.05×, N 2048 (2048) 1.35×; the attention's
-# p·v and its gradients (about 2·head_dim FLOPs per element of the [B, H, Q, K]
-# probabilities) mixed 0.63–0.76× at Li 512, 0.40–0.47× at Li 1024
-# (`benchmarks/NOTES.md`, session 39).
+# On the 2-core Xeon without bf16 dots (`tools/bench_widening.py --reps 20`, the two
+# forms alternated in one process; `benchmarks/widening_session39_intel.md`): for
+# 'mk,kn->mn' in bf16 with M 2048, K 512 the mixed dot took 0.69× the widened time at
+# N 64 (124 FLOPs per operand element), 1.17× at N 128 (241), 1.32× at N 2048; the
+# attention's p·v and its gradients (about 2·head_dim FLOPs per element of the
+# [B, H, Q, K] probabilities) 0.62–0.78× at Li 512 and 0.40–0.49× at Li 1024.
 WIDEN_MIN_FLOPS_PER_ELEMENT = 192
 
 
