@@ -61,10 +61,11 @@ def cpu_low_precision_dots() -> str:
 
   'native': as it is written, bf16 operands (XLA:CPU gives it to YNNPACK, which runs it on
   AVX512_BF16 / AMX-BF16 at up to several times its float32 rate). 'float32': the rounded
-  operands are widened to float32 first and the dot is a float32 one, the same products
-  (a bf16 or f16 product is exact in float32) summed in float32: on a CPU without a bf16
-  dot instruction XLA:CPU's mixed dot runs at 60–75% of its float32 rate
-  (`tools/benchmark.py`'s matmul peaks; `benchmarks/NOTES.md`, session 38).
+  operands of a dot with enough FLOPs per operand element (`matmul._widens`) are widened
+  to float32 first and the dot is a float32 one, the same products (a bf16 or f16 product
+  is exact in float32) summed in float32: on a CPU without a bf16 dot instruction
+  XLA:CPU's mixed dot runs at 60–75% of its float32 rate (`tools/benchmark.py`'s matmul
+  peaks; `benchmarks/NOTES.md`, session 38); the other dots stay mixed.
 
   ``$SLIC_JAX_CPU_LOW_PRECISION_DOTS`` = 'native' | 'float32' | 'auto' (default) decides;
   'auto' is 'native' where `cpu_has_native_bf16` says yes or cannot tell, else 'float32'.
