@@ -180,6 +180,107 @@ def test_only_dots_with_enough_flops_per_operand_element_are_widened(
   assert _dot_operand_types(hlo) == [["f32", "f32"]]
 
 
+def test_contract_is_einsum_backward_matmul():
+  """float32: jnp.einsum; bf16: bf16-rounded operands summed in float32, float32 result."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4))
+  b = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 3, 4))
+  eq = 'bqhd,bkhd->bhqk'
+  np.testing.assert_allclose(matmul.contract(eq, a, b, dtype=jnp.float32),
+                             jnp.einsum(eq, a, b, precision='highest'), rtol=1e-5, atol=1e-5)
+  got = matmul.contract(eq, a, b, dtype=jnp.bfloat16)
+  rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  want = jnp.einsum(eq, rounded(a), rounded(b), precision='highest')
+  assert got.dtype == jnp.float32 and got.shape == (2, 3, 5, 7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_gradient_first_is_the_identity_with_tied_cotangents():
+  """(x, w) unchanged; the VJP returns dx + 0 · dw[0] (same values) and dw, and dx depends on dw."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 5))
+  f = lambda x, w: jnp.sum(jnp.sin(matmul.dense(x, w, dtype=jnp.float32, weight_grad_first=True)))
+  ref = lambda x, w: jnp.sum(jnp.sin(x @ w))
+  np.testing.assert_allclose(f(x, w), ref(x, w), rtol=1e-6)
+  for a, b in zip(jax.grad(f, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # The dependency itself: dx's jaxpr reads dw (a 0-multiplied element of it).
+  (y, tied), vjp = jax.vjp(matmul.weight_gradient_first, x, w)
+  assert y is x and tied is w
+  jaxpr = str(jax.make_jaxpr(vjp)((jnp.ones_like(x), jnp.full_like(w, jnp.nan))))
+  assert 'mul' in jaxpr
+  dx, dw = vjp((jnp.ones_like(x), jnp.full_like(w, jnp.nan)))
+  assert bool(jnp.isnan(dx).all()) and bool(jnp.isnan(dw).all())  # NaN dw reaches dx
+
+
+def test_sum_and_broadcast_by_dot_are_sums_and_broadcasts_as_dots_on_the_cpu():
+  """matmul.sum_by_dot / broadcast_by_dot: values and gradients of jnp.sum / broadcast_to;
+  on the CPU the long sums compile to dots, no reductions (XLA:CPU's reduce-window trees)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 300))
+  for axis in (0, 1, 2, -1):
+    np.testing.assert_allclose(matmul.sum_by_dot(x, axis), x.sum(axis), rtol=1e-5, atol=1e-5)
+    assert matmul.sum_by_dot(x, axis, keepdims=True).shape == x.sum(axis, keepdims=True).shape
+  w = jnp.linspace(0.5, 2.0, 300)
+  np.testing.assert_allclose(matmul.sum_by_dot(x, -1, weights=w), (x * w).sum(-1), rtol=1e-5,
+                             atol=1e-5)
+  v = jnp.arange(4.0)
+  np.testing.assert_array_equal(matmul.broadcast_by_dot(v, (2, 3)), jnp.broadcast_to(v, (2, 3, 4)))
+  g = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4))
+  (dv,) = jax.vjp(lambda v: matmul.broadcast_by_dot(v, (2, 3)), v)[1](g)
+  np.testing.assert_allclose(dv, g.sum((0, 1)), rtol=1e-6)
+  big = jnp.ones((256, 4096))
+  for f in (lambda a: matmul.sum_by_dot(a, -1), lambda a: matmul.sum_by_dot(a, 0),
+            lambda a: jax.grad(lambda v: (matmul.broadcast_by_dot(v, (256,)) * a).sum())(a[0])):
+    hlo = jax.jit(f).lower(big).compile().as_text()
+    assert ' dot(' in hlo and 'reduce' not in hlo, hlo[-2000:]
+  hlo = jax.jit(lambda a: a.sum(-1)).lower(big).compile().as_text()
+  assert 'reduce' in hlo  # what it replaces
+
+
+@pytest.mark.parametrize("equation,sa,sb", EQUATIONS + [("nd,vd->nv", (6, 8), (9, 8))])
+def test_float32_vjp_gives_autodiffs_values_and_gradients(equation, sa, sb):
+  """float32_vjp changes where the gradient matmuls' operands are laid out, not their values."""
+  ka, kb, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+  a = jax.random.normal(ka, sa, jnp.float32)
+  b = jax.random.normal(kb, sb, jnp.float32)
+  g = jax.random.normal(kg, jnp.einsum(equation, a, b).shape, jnp.float32)
+  y, vjp = jax.vjp(lambda a, b: matmul.einsum(equation, a, b, dtype=jnp.float32,
+                                              float32_vjp=True), a, b)
+  y_ref, vjp_ref = jax.vjp(lambda a, b: jnp.einsum(equation, a, b, precision='highest'), a, b)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_vjp_moves_the_smaller_operand_for_the_weight_gradient():
+  """x [2048, 512] · W [512, 2, 1024] on the CPU: JAX's autodiff computes dW as (gᵀ x)ᵀ and
+  XLA:CPU copies the cotangent g (2048 × 2048 elements) into [N, tokens]; with
+  float32_vjp no array that large is transposed or copied (x's transpose is 1M elements),
+  and the compiled gradient needs fewer temporary bytes."""
+  from slic_jax import compiler_options
+  x = jax.ShapeDtypeStruct((4, 512, 512), jnp.float32)
+  w = jax.ShapeDtypeStruct((512, 2, 1024), jnp.float32)
+
+  def compiled(float32_vjp):
+    f = lambda x, w: jnp.sum(jnp.sin(matmul.dense(x, w, dtype=jnp.float32,
+                                                  float32_vjp=float32_vjp)))
+    return jax.jit(jax.grad(f, argnums=(0, 1)),
+                   compiler_options=compiler_options.step_compiler_options("cpu")
+                   ).lower(x, w).compile()
+
+  def largest_moved(c):
+    sizes = [int(np.prod([int(d) for d in m.group(1).split(",")]))
+             for m in re.finditer(r"= f32\[([\d,]+)\]\{[\d,]+\} (?:transpose|copy)\(",
+                                  c.as_text())]
+    return max(sizes, default=0)
+
+  plain, laid_out = compiled(False), compiled(True)
+  assert largest_moved(plain) >= 2048 * 2048  # measured: the cotangent, 4M elements
+  assert largest_moved(laid_out) <= 2048 * 512, largest_moved(laid_out)
+  assert (laid_out.memory_analysis().temp_size_in_bytes
+          < plain.memory_analysis().temp_size_in_bytes)  # measured: 20 vs 32 MB
+
+
 def test_widened_is_the_float32_of_every_bfloat16():
   """`_widened` (the backward pass's cast, written as a bit shift) equals ``astype`` for
   every one of the 65536 bfloat16 bit patterns: NaNs, infinities, ±0, subnormals."""
