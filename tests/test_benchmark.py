@@ -218,7 +218,8 @@ def test_markdown_report_has_all_rows():
 
 
 def test_sweep_runs_the_lengths_in_turn_and_shows_each_lengths_fastest(tmp_path, monkeypatch):
-  """--repeats R: the sweep's processes run 128 256 128 256 ..., each length's row is its
+  """--repeats R: the sweep's processes run 128 256 256 128 128 256 (the order reversed
+  every other round), each length's row is its
   fastest run (all runs kept), and the table gives each length's cost per FLOP against
   the cheapest length's."""
   calls, times = [], {128: [2.0, 1.0, 1.5], 256: [2.4, 3.0, 2.8]}
@@ -238,7 +239,7 @@ def test_sweep_runs_the_lengths_in_turn_and_shows_each_lengths_fastest(tmp_path,
   args = benchmark.parse_args(["--sizes", "", "--sweep", "128,256", "--repeats", "3",
                                "--out_dir", str(tmp_path)])
   res = benchmark.orchestrate(args)
-  assert calls == [128, 256] * 3
+  assert calls == [128, 256, 256, 128, 128, 256]
   rows = {row["li"]: row["slic_jax"] for row in res["sweep"]}
   assert rows[128]["step_s_median"] == 1.0 and rows[256]["step_s_median"] == 2.4
   assert [r["step_s_median"] for r in rows[256]["runs"]] == [2.4, 3.0, 2.8]
@@ -461,3 +462,39 @@ def test_the_mixed_dots_row_runs_xlas_mixed_bf16_dots_and_the_peaks_show_both(tm
   assert ("| jax | bfloat16 × bfloat16 → float32 (slic_jax's bf16 matmuls: operands widened "
           "to float32 on this CPU) | 250.0 |") in md
   assert "| jax | bfloat16 × bfloat16 → float32, XLA's mixed dot | 200.0 |" in md
+
+
+def test_side_by_side_processes_run_in_turn_with_the_order_reversed_every_other_round(
+    tmp_path, monkeypatch):
+  """--repeats 3 with two slic_jax rows and TRL (default and without checkpointing):
+  A B C D, D C B A, A B C D; each row is its fastest process, all kept in "runs"."""
+  order, steps = [], iter([3.0, 2.0, 6.0, 5.0, 5.5, 6.5, 2.5, 2.8, 3.1, 2.1, 6.2, 5.2])
+
+  def fake_run_json(cmd, timeout, env=None):
+    if "--_worker" in cmd and cmd[cmd.index("--_worker") + 1] == "matmul":
+      return {"jax_float32_flops_per_s": 2.8e11}
+    if "--_worker" in cmd:
+      name = cmd[cmd.index("--dtype") + 1]
+    else:
+      name = "trl_" + cmd[cmd.index("--gradient_checkpointing") + 1]
+    order.append(name)
+    s = next(steps)
+    return {"step_s_median": s, "step_s_min": s, "pairs_per_s": 4 / s,
+            "model_flops_per_step": 4.38e11, "peak_rss_mb": 100.0}
+
+  monkeypatch.setattr(benchmark, "_run_json", fake_run_json)
+  monkeypatch.setattr(benchmark, "peer_cmd", lambda args, size, li, bf16=False,
+                      checkpointing="default", matmul_only=False: None if matmul_only else [
+                          "peer", "--gradient_checkpointing", checkpointing])
+  res = benchmark.orchestrate(benchmark.parse_args(
+      ["--sizes", "small", "--sweep", "", "--rows", "slic_jax_2row,slic_jax_2row_bf16",
+       "--peer_no_checkpointing", "--repeats", "3", "--out_dir", str(tmp_path)]))
+  one = ["float32", "bfloat16", "trl_default", "trl_off"]
+  assert order == one + one[::-1] + one
+  row = res["comparison"][0]
+  assert [r["step_s_median"] for r in row["slic_jax_2row"]["runs"]] == [3.0, 2.8, 3.1]
+  assert [r["step_s_median"] for r in row["trl_nockpt"]["runs"]] == [5.0, 5.5, 5.2]
+  assert row["slic_jax_2row"]["step_s_median"] == 2.8
+  assert row["slic_jax_2row_bf16"]["step_s_median"] == 2.0
+  assert row["trl"]["step_s_median"] == 6.0
+  assert "run in turn, the order reversed every other round" in (tmp_path / "results.md").read_text()

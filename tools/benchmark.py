@@ -368,6 +368,13 @@ def build_step(cfg, batch_shapes: dict, seed: int = 0, optimizer: str = "adafact
   return step, init_state
 
 
+def in_turn(items: list, rnd: int) -> list:
+  """The processes of round ``rnd`` (0-based) of a run in turn: ``items`` in even rounds,
+  reversed in odd ones, so that no process always runs first or right after the same
+  neighbour."""
+  return list(items) if rnd % 2 == 0 else list(items)[::-1]
+
+
 def add_xla_option_flag(ap) -> None:
   ap.add_argument("--xla_option", action="append", default=[], metavar="KEY=VALUE",
                   help="step worker: an XLA compiler option merged over slic_jax's "
@@ -743,9 +750,13 @@ def orchestrate(args) -> dict:
   # Side-by-side comparison at the main setting.
   # slic_jax twice: the paper's SLiC-HF-direct (3 decoded rows: y_ref = SFT summary) and
   # TRL CPO's exact loss (2 rows: NLL on y+), then the peer.
-  # With --repeats R the three processes run R times in turn (A B C A B C ...) and each
-  # framework's row is its run with the lowest median step time; all runs are kept in
-  # the JSON ("runs"). This VM's speed drifts over minutes, which a single run can catch.
+  # With --repeats R the processes run R times in turn, the order reversed every other
+  # round (A B C, C B A, A B C, ...), and each framework's row is its run with the lowest
+  # median step time; all runs are kept in the JSON ("runs"). This VM's speed drifts over
+  # minutes, which a single run can catch, and a fixed order can favour one position: in
+  # session 40's A/B of two commits (`tools/ab_commits.py`, order swapped every other
+  # round) the second process of each round was the faster in all 4 rounds, whichever
+  # commit it ran (`benchmarks/NOTES.md`).
   for size in sizes:
     row = {"size": size}
     keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
@@ -753,8 +764,24 @@ def orchestrate(args) -> dict:
              + ["trl_nockpt"] * args.peer_no_checkpointing
              + ["trl_bf16_nockpt"] * (args.peer_bf16 and args.peer_no_checkpointing))
     runs = {**{k: [] for k in keys}, **{k: [] for k in peers}}
-    for _ in range(max(args.repeats, 1)):
-      for key in keys:
+
+    def run_peer(pkey, size=size):
+      pc = None if args.no_peer else peer_cmd(
+          args, size, args.li, bf16=pkey.startswith("trl_bf16"),
+          checkpointing="off" if pkey.endswith("_nockpt") else "default")
+      env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if pkey == "trl_reuse" else None
+      peer = _run_json(pc, t, env) if pc else {"error": "peer skipped or env missing"}
+      if "step_s_median" in peer:
+        pf = peer_flops(size, args.batch, args.li, args.lt)
+        peer["model_flops_per_step"] = pf["train_step"]
+        peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
+      runs[pkey].append(peer)
+
+    for rnd in range(max(args.repeats, 1)):
+      for key in in_turn(keys + peers, rnd):
+        if key in peers:
+          run_peer(key)
+          continue
         reg_target, micro, dtype, remat = SLIC_CONFIGS[key]
         malloc = "default" if key in GLIBC_DEFAULT_ROWS else "reuse"
         runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype, remat=remat,
@@ -764,17 +791,6 @@ def orchestrate(args) -> dict:
                                             widen_min=0 if key in WIDEN_ALL_ROWS else None),
                                     t, {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"}
                                     if key in MIXED_DOTS_ROWS else None))
-      for pkey in peers:
-        pc = None if args.no_peer else peer_cmd(
-            args, size, args.li, bf16=pkey.startswith("trl_bf16"),
-            checkpointing="off" if pkey.endswith("_nockpt") else "default")
-        env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if pkey == "trl_reuse" else None
-        peer = _run_json(pc, t, env) if pc else {"error": "peer skipped or env missing"}
-        if "step_s_median" in peer:
-          pf = peer_flops(size, args.batch, args.li, args.lt)
-          peer["model_flops_per_step"] = pf["train_step"]
-          peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
-        runs[pkey].append(peer)
     for key, rs in runs.items():
       row[key] = _fastest(rs)
       add_peak(row[key])
@@ -790,8 +806,9 @@ def orchestrate(args) -> dict:
     res["comparison"].append(row)
     _write(args, res)
 
-  # Input-length sweep. With --repeats R the lengths' processes run R times in turn
-  # (128 256 512 1024 128 256 ...), so the VM's drift reaches every length alike; each
+  # Input-length sweep. With --repeats R the lengths' processes run R times in turn, the
+  # order reversed every other round (128 256 512 1024 1024 512 256 128 128 ...), so the
+  # VM's drift and the position in the round reach every length alike; each
   # length shows its fastest run (`_fastest`), and the report also compares each length
   # with the other lengths of the same round (`sweep_rounds`). The side by side's run of
   # the same size and length is reused (already the fastest of its R).
@@ -800,8 +817,8 @@ def orchestrate(args) -> dict:
   frameworks = ["slic_jax"] + ["trl"] * (args.sweep_peer and not args.no_peer)
 
   sweep_runs = {(li, fw): [] for li in lengths for fw in frameworks}
-  for _ in range(max(args.repeats, 1)) if lengths else ():
-    for li in lengths:
+  for rnd in range(max(args.repeats, 1)) if lengths else ():
+    for li in in_turn(lengths, rnd):
       for fw in frameworks:
         if _side_by_side_row(res, size, li, fw) is not None:
           continue
@@ -956,7 +973,8 @@ def to_markdown(res: dict) -> str:
       f"- setting: {s['batch_pairs']} pairs/step, prompt Li={s['li']}, target Lt={s['lt']}, "
       f"median of {s['steps']} steps after {s['warmup']} warm-up steps (TRL: {s.get('peer_steps')} "
       f"after {s.get('peer_warmup')}), float32 unless noted; side by side: the fastest of "
-      f"{s.get('repeats', 1)} process run(s) per framework, run in turn (all in results.json)",
+      f"{s.get('repeats', 1)} process run(s) per framework, run in turn, the order reversed every "
+      f"other round (all in results.json)",
       *_parameter_line(res),
       f"- t5x: {res['t5x']['status']} ({res['t5x']['note']})", "",
       "## Matmul peak (same run, square N×N)", "",
@@ -1235,7 +1253,7 @@ def parse_args(argv=None):
                   help="slic_jax rows of the side-by-side (" + ", ".join(SLIC_ROWS) + ")")
   ap.add_argument("--repeats", type=int, default=1,
                   help="side-by-side processes per framework (and the sweep's per length), run "
-                       "in turn; the fastest is shown")
+                       "in turn, the order reversed every other round; the fastest is shown")
   ap.add_argument("--peer_warmup", type=int, default=1)
   ap.add_argument("--peer_reuse_malloc", action="store_true",
                   help="also run TRL (float32) with slic_jax's glibc malloc settings "
