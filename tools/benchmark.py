@@ -753,10 +753,12 @@ def orchestrate(args) -> dict:
   # With --repeats R the processes run R times in turn, the order reversed every other
   # round (A B C, C B A, A B C, ...), and each framework's row is its run with the lowest
   # median step time; all runs are kept in the JSON ("runs"). This VM's speed drifts over
-  # minutes, which a single run can catch, and a fixed order can favour one position: in
-  # session 40's A/B of two commits (`tools/ab_commits.py`, order swapped every other
-  # round) the second process of each round was the faster in all 4 rounds, whichever
-  # commit it ran (`benchmarks/NOTES.md`).
+  # minutes, which a single run can catch, and a fixed order would put any effect of the
+  # position (the process right after another one, or first after a pause) on one row
+  # alone: in session 40's A/B of two commits (`tools/ab_commits.py`, the order swapped
+  # every other round) the second process of each round was the faster in all 4 rounds,
+  # whichever commit it ran; the A/A run after it did not show that (`benchmarks/NOTES.md`,
+  # session 40, finding 2), but a fixed order could not have told them apart.
   for size in sizes:
     row = {"size": size}
     keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
