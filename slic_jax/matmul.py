@@ -151,12 +151,16 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
   elements is used. A float32 dot in any other layout is run by XLA:CPU after copying
   its operands into this one, choosing which by itself: for dW = xᵀ g it copies the
   cotangent g [tokens, N] where x [tokens, D] is often the smaller (`einsum`'s
-  float32_vjp). A float32 right operand may also stay [batch, N, K] (contracted
-  dimensions last on both sides, x · yᵀ): XLA:CPU (jax 0.10) gives that dot to YNNPACK
-  as it is, so the input gradient of a dense layer, g [tokens, F] · W [D, F]ᵀ, copies
-  nothing where it used to copy W (for T5 1.1 small's vocabulary projection a [32128,
-  512] float32 transpose); a bf16 one keeps the layout it was tuned with. Other backends
-  get the einsum as written.
+  float32_vjp). A right operand of a float32 dot (float32, or widened) may also stay
+  [batch, N, K] (contracted dimensions last on both sides, x · yᵀ): XLA:CPU (jax 0.10)
+  gives that dot to YNNPACK as it is, so the input gradient of a dense layer,
+  g [tokens, F] · W [D, F]ᵀ, moves nothing (a widened W is only cast, by `_widened`)
+  where it used to copy W into [F, D] behind a conditional: for T5 1.1 small's
+  vocabulary projection a [32128, 512] float32 array. XLA temporaries of the 4-pair
+  step 1096 → 1081 MB in float32, 822 → 771 MB in bf16 widened, the same losses, step
+  time not shown different (`tools/ab_commits.py`; `benchmarks/NOTES.md`, session 40).
+  A mixed bf16 dot keeps the layout it was tuned with (its speed in the other layout is
+  unmeasured on a CPU with bf16 dots). Other backends get the einsum as written.
   """
   if platforms.target_platform() != "cpu":
     return jnp.einsum(f"{sx},{sy}->{so}", x, y, preferred_element_type=jnp.float32)
@@ -171,8 +175,8 @@ def _canonical_einsum(sx: str, sy: str, so: str, x, y):
     free1 = [c for c in so if c in s1 and c not in s2]
     free2 = [c for c in so if c in s2 and c not in s1]
     l1, l2 = "".join(batch + free1 + contract), "".join(batch + contract + free2)
-    if v2.dtype == jnp.float32 and s2 == "".join(batch + free2 + contract):
-      l2 = s2  # [batch, N, K]: taken by YNNPACK as it is in float32
+    if (v2.dtype == jnp.float32 or widen) and s2 == "".join(batch + free2 + contract):
+      l2 = s2  # [batch, N, K]: taken by YNNPACK as it is in a float32 dot
     lo = "".join(batch + free1 + free2)
     cost = ((l1 != s1) * v1.size + (l2 != s2) * v2.size
             + (lo != so) * math.prod(sizes[c] for c in so))
