@@ -27,8 +27,12 @@ import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (standard library only at import)
+
+REPO = benchmark.REPO
 WORKTREE = "WORKTREE"
+WORKER_TIMEOUT_S = 3600
 
 
 def resolve(rev: str, repo: str) -> str:
@@ -59,21 +63,15 @@ def remove(path: str, repo: str) -> None:
 
 
 def run_worker(tree: str, worker_args: list[str]) -> dict:
-  """One step process of the checkout ``tree``: the worker's JSON (its last stdout line)."""
+  """One step process of the checkout ``tree``, in the environment `tools/benchmark.py`
+  gives its own workers (`benchmark._run_json`): the worker's JSON."""
   cmd = [sys.executable, os.path.join(tree, "tools", "benchmark.py"), "--_worker", "slic",
          *worker_args]
-  p = subprocess.run(cmd, capture_output=True, text=True, cwd=tree,
-                     env={**os.environ, "PYTHONPATH": tree})
-  lines = p.stdout.strip().splitlines()
-  if p.returncode != 0 or not lines:
-    raise SystemExit(f"ab_commits: the worker of {tree} failed (exit {p.returncode}):\n"
-                     f"{' '.join(cmd)}\n{p.stderr[-3000:]}")
-  return json.loads(lines[-1])
-
-
-def order(rnd: int, labels: tuple[str, str]) -> tuple[str, str]:
-  """The revisions' order in round ``rnd``: as given, swapped every other round."""
-  return labels if rnd % 2 == 0 else labels[::-1]
+  d = benchmark._run_json(cmd, WORKER_TIMEOUT_S, {"PYTHONPATH": tree}, cwd=tree)  # pylint: disable=protected-access
+  if "error" in d:
+    raise SystemExit(f"ab_commits: the worker of {tree} failed ({d['error']}):\n"
+                     f"{' '.join(cmd)}\n{d.get('stderr_tail', '')}")
+  return d
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -156,7 +154,7 @@ def main(argv=None) -> None:
     trees = {label: checkout(commits[label], parent, repo) for label in labels}
     try:
       for rnd in range(args.rounds):
-        for label in order(rnd, labels):
+        for label in benchmark.in_turn(labels, rnd):
           d = run_worker(trees[label], worker_args)
           runs.append(dict(round=rnd, label=label, commit=commits[label],
                            step_s_median=d["step_s_median"], step_s_min=d["step_s_min"],

@@ -593,8 +593,9 @@ def worker_matmul(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def _run_json(cmd: list[str], timeout: float, env=None) -> dict:
-  """Runs one worker subprocess; returns its last stdout line as JSON (or an error)."""
+def _run_json(cmd: list[str], timeout: float, env=None, cwd: str = REPO) -> dict:
+  """Runs one worker subprocess (in ``cwd``); returns its last stdout line as JSON (or an
+  error)."""
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0",
          "HF_HUB_OFFLINE": "1", **(env or {})}
   env.pop("XLA_FLAGS", None)  # one real CPU device, not the tests' fake 8
@@ -603,7 +604,7 @@ def _run_json(cmd: list[str], timeout: float, env=None) -> dict:
   print("[benchmark] $", " ".join(cmd), file=sys.stderr, flush=True)
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=REPO)
+                          cwd=cwd)
   except subprocess.TimeoutExpired as e:
     tail = e.stderr or b""
     tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
