@@ -437,24 +437,25 @@ def apply_host_malloc(host_malloc: str) -> bool:
   return host_memory.reuse_freed_memory(enabled=None, single_arena=host_malloc == "reuse")
 
 
-def worker_slic(args) -> dict:
-  t_start = time.perf_counter()
-  from slic_jax import host_memory
-  reuse = apply_host_malloc(args.host_malloc)  # first, before jax starts its backend
+def compile_slic_step(args, t_start: float) -> dict:
+  """The step worker's SLiC-HF step for ``args`` (`parse_args`'s worker flags), compiled and
+  with its initial state, as `slic_jax.train` builds them (`build_step`), on one device.
+
+  Call `apply_host_malloc` first. ``--widen_min_flops_per_element`` replaces
+  `matmul.WIDEN_MIN_FLOPS_PER_ELEMENT` before the step is traced (the caller restores it
+  where several steps share the process). Returns {compiled, state, batch, cfg, compile_s,
+  xla_flops, mem (XLA's memory analysis, MB), rss_compiled, peak_compiled}.
+  """
   import jax
-  import numpy as np
-  from slic_jax import matmul, partitioning, platforms  # (no SeqIO/TF here: see build_step)
+  from slic_jax import host_memory, matmul, partitioning
   if args.widen_min_flops_per_element is not None:
     matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = args.widen_min_flops_per_element
-
-  rss_import = _peak_rss_mb()
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
                     args.weight_grad_first, args.attention_block_bytes,
                     args.attention_implementation)
   np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
-  _progress(t_start, f"backend {jax.default_backend()}, glibc reuse settings {reuse}")
   with p.activation_rules():
     step, init_state = build_step(cfg, shapes, args.seed, reg_target=args.reg_target,
                                   xla_default=args.xla_default,
@@ -471,31 +472,58 @@ def worker_slic(args) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    _progress(t_start, f"step compiled in {compile_s:.1f} s")
-    host_memory.trim()  # as slic_jax.train
-    rss_compiled, peak_compiled = _current_rss_mb(), _peak_rss_mb()
-    xla_flops = xla_cost_flops(compiled)
-    mem = {}
-    try:
-      ma = compiled.memory_analysis()
-      for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                "alias_size_in_bytes"):
-        if hasattr(ma, k):
-          mem[k.replace("_in_bytes", "_mb")] = getattr(ma, k) / 2 ** 20
-    except Exception:  # pragma: no cover
-      pass
-    times, faults, kernel_s = [], [], []
-    for i in range(args.warmup + args.steps):
-      u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      t1, u1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-      _progress(t_start, f"step {i}: {t1 - t0:.3f} s")
-      if i >= args.warmup:
-        times.append(t1 - t0)
-        faults.append(u1.ru_minflt - u0.ru_minflt)
-        kernel_s.append(u1.ru_stime - u0.ru_stime)
-    loss = float(np.asarray(metrics["loss"].compute()))
+  _progress(t_start, f"step compiled in {compile_s:.1f} s")
+  host_memory.trim()  # as slic_jax.train
+  out = dict(compiled=compiled, state=state, batch=batch, cfg=cfg, compile_s=compile_s,
+             rss_compiled=_current_rss_mb(), peak_compiled=_peak_rss_mb(),
+             xla_flops=xla_cost_flops(compiled), mem={})
+  try:
+    ma = compiled.memory_analysis()
+    for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+              "alias_size_in_bytes"):
+      if hasattr(ma, k):
+        out["mem"][k.replace("_in_bytes", "_mb")] = getattr(ma, k) / 2 ** 20
+  except Exception:  # pragma: no cover
+    pass
+  return out
+
+
+def timed_step(compiled, state, batch):
+  """One step, waited for: (state, metrics, wall s, minor page faults, kernel CPU s)."""
+  import jax
+  u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  t1, u1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  return state, metrics, t1 - t0, u1.ru_minflt - u0.ru_minflt, u1.ru_stime - u0.ru_stime
+
+
+def final_loss(metrics) -> float:
+  """The step's reported loss (its metrics' ``loss``) as a Python float."""
+  import numpy as np
+  return float(np.asarray(metrics["loss"].compute()))
+
+
+def worker_slic(args) -> dict:
+  t_start = time.perf_counter()
+  reuse = apply_host_malloc(args.host_malloc)  # first, before jax starts its backend
+  import jax
+  import numpy as np
+  from slic_jax import matmul, platforms  # (no SeqIO/TF here: see build_step)
+
+  rss_import = _peak_rss_mb()
+  _progress(t_start, f"backend {jax.default_backend()}, glibc reuse settings {reuse}")
+  c = compile_slic_step(args, t_start)
+  compiled, state, batch, cfg = c["compiled"], c["state"], c["batch"], c["cfg"]
+  times, faults, kernel_s = [], [], []
+  for i in range(args.warmup + args.steps):
+    state, metrics, dt, flt, ks = timed_step(compiled, state, batch)
+    _progress(t_start, f"step {i}: {dt:.3f} s")
+    if i >= args.warmup:
+      times.append(dt)
+      faults.append(flt)
+      kernel_s.append(ks)
+  loss = final_loss(metrics)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   n_rows = 2 if args.reg_target == "chosen" else 3
   flops = config_flops(cfg, args.batch, args.li, args.lt, n_targets=n_rows)
@@ -513,16 +541,16 @@ def worker_slic(args) -> dict:
                                  if jax.default_backend() == "cpu" else None),
       "widen_min_flops_per_element": matmul.WIDEN_MIN_FLOPS_PER_ELEMENT,
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
-      "compile_s": compile_s, "step_times_s": times, "step_s_median": med,
+      "compile_s": c["compile_s"], "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
       "host_malloc": args.host_malloc if reuse else "glibc default",
       "minor_faults_per_step": statistics.median(faults),
       "kernel_s_per_step": statistics.median(kernel_s),
       "model_flops_per_step": flops["train_step"], "flops_breakdown": flops,
-      "xla_cost_analysis_flops": xla_flops, "xla_memory_analysis": mem,
+      "xla_cost_analysis_flops": c["xla_flops"], "xla_memory_analysis": c["mem"],
       "achieved_model_flops_per_s": flops["train_step"] / med,
       "final_loss": loss, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": rss_import,
-      "peak_rss_through_compile_mb": peak_compiled, "rss_after_compile_mb": rss_compiled,
+      "peak_rss_through_compile_mb": c["peak_compiled"], "rss_after_compile_mb": c["rss_compiled"],
       "rss_after_steps_mb": _current_rss_mb(),
       "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
       **_jax_device_info(),
