@@ -119,6 +119,15 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def write_report(report: dict, md: str, out: str) -> None:
+  """``report`` as JSON at ``out``, ``md`` beside it (``.md``) and on stdout."""
+  with open(out, "w") as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    f.write(md)
+  print(md)
+
+
 def cpu_name() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -170,12 +179,7 @@ def main(argv=None) -> None:
                 worker_args=worker_args, cpu=cpu_name(),
                 command="python tools/ab_commits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 runs=runs, summary=summarize(runs))
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
-  md = markdown(report)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(md)
-  print(md)
+  write_report(report, markdown(report), args.out)
 
 
 if __name__ == "__main__":

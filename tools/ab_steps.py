@@ -25,7 +25,6 @@ the method on the machine at hand.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -128,12 +127,7 @@ def main(argv=None) -> None:
     raise SystemExit("ab_steps: --pairs must be >= 1 and --warmup >= 0")
   report = run(common, args.base, args.head, args.pairs, args.warmup)
   report["command"] = "python tools/ab_steps.py " + " ".join(shlex.quote(a) for a in argv)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
-  md = markdown(report)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(md)
-  print(md)
+  ab_commits.write_report(report, markdown(report), args.out)
 
 
 if __name__ == "__main__":
