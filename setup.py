@@ -28,7 +28,7 @@ setuptools.setup(
     description="SLiC-HF and TLCR preference training for T5 encoder-decoders in JAX",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["slic_jax", "slic_jax.*", "tasks", "tasks.*"]),
-    package_data={"slic_jax": ["assets/*", "csrc/*.cc"]},
+    package_data={"slic_jax": ["assets/*", "csrc/*.cc", "csrc/*.h"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
 )

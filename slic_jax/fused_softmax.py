@@ -16,16 +16,9 @@ relative-position-bias reduction), which leave the caches at long inputs (T5 1.1
 as one value per diagonal (`network.RelativePositionBiases(..., diagonals=True)`), never
 as an [H, Lq, Lk] array.
 
-The kernels are compiled from source on first use with the C++ compiler in `$CXX`
-(default `g++`) for the host CPU (`-march=native`, or `$SLIC_JAX_KERNEL_ARCH_FLAGS`:
-AVX-512 BF16 intrinsics where the target has them, plain loops otherwise) into `$SLIC_JAX_KERNEL_CACHE` (default
-`~/.cache/slic_jax/kernels`), keyed by the source, jaxlib's version, the compiler and the
-CPU, and registered with XLA as CPU custom calls. A build marks its use (mtime) each time
-it is loaded; each new build removes the cache's builds unused for `UNUSED_DAYS` days
-(other source versions, jaxlibs, compilers; unused builds of still-used environments come
-back on their next use) and temporary files left by interrupted builds. The
-probabilities are in the compute dtype (bfloat16 or float32), as in
-`network.softmax_weighted_values`.
+The kernels are built, cached and registered by `slic_jax.cpu_kernels` (AVX-512 BF16
+intrinsics where the target has them, plain loops otherwise). The probabilities are in
+the compute dtype (bfloat16 or float32), as in `network.softmax_weighted_values`.
 
 Under a device mesh both calls are partitioned (`jax.experimental.custom_partitioning`):
 every row is independent, so the batch and head axes keep the mesh axes they arrive
@@ -36,135 +29,41 @@ summed over the batch's mesh axes (`psum`) after it.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from slic_jax import matmul
+from slic_jax import cpu_kernels, matmul
 
-SOURCE = Path(__file__).parent / "csrc" / "fused_softmax.cc"
+SOURCE = cpu_kernels.CSRC / "fused_softmax.cc"
 # The custom calls by the probabilities' dtype.
 FORWARD_TARGETS = {"bfloat16": "slic_fused_softmax_fwd_bf16", "float32": "slic_fused_softmax_fwd_f32"}
 BACKWARD_TARGETS = {"bfloat16": "slic_fused_softmax_bwd_bf16", "float32": "slic_fused_softmax_bwd_f32"}
-_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c++17")
-UNUSED_DAYS = 30  # a new build removes the cache's builds not loaded for this long
-_PREFIX = "fused_softmax-"
-
-
-class KernelUnavailable(RuntimeError):
-  """The fused softmax kernels cannot be built or loaded on this machine."""
-
-
-def _cpu_signature() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = [l for l in f if l.startswith(("model name", "flags", "Features"))]
-    return "".join(sorted(set(lines)))
-  except OSError:
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-  return Path(os.environ.get("SLIC_JAX_KERNEL_CACHE",
-                             Path.home() / ".cache" / "slic_jax" / "kernels"))
+_FEATURE = "attention_implementation='fused_softmax'"
+UNUSED_DAYS = cpu_kernels.UNUSED_DAYS
+KernelUnavailable = cpu_kernels.KernelUnavailable
 
 
 def library_path() -> Path:
-  """Builds the kernels' shared library if needed; returns its path.
-
-  Raises `KernelUnavailable` (naming the compiler or the source file and the compiler's
-  message) when there is no compiler or the build fails.
-  """
-  cxx = os.environ.get("CXX", "g++")
-  compiler = shutil.which(cxx)
-  if compiler is None:
-    raise KernelUnavailable(
-        f"attention_implementation='fused_softmax' compiles {SOURCE} on first use and "
-        f"needs a C++17 compiler: {cxx!r} (from $CXX, default g++) is not on PATH")
-  flags = _FLAGS + tuple(os.environ.get("SLIC_JAX_KERNEL_ARCH_FLAGS", "-march=native").split())
-  key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
-               " ".join(flags).encode(), _cpu_signature().encode(),
-               platform.machine().encode()):
-    key.update(part)
-  out = _cache_dir() / f"{_PREFIX}{key.hexdigest()[:20]}.so"
-  try:
-    os.utime(out)  # marks the use; a build pruned meanwhile is rebuilt below
-    return out
-  except FileNotFoundError:
-    pass
-  except OSError:  # a read-only cache (shared): use it as it is
-    if out.exists():
-      return out
-  try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-  except OSError as e:
-    raise KernelUnavailable(
-        f"cannot write the kernel cache {out.parent} ({e}); set $SLIC_JAX_KERNEL_CACHE to a "
-        f"writable directory") from e
-  os.close(fd)
-  cmd = [compiler, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-      raise KernelUnavailable(
-          f"building {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-    os.replace(tmp, out)  # atomic: concurrent builders each leave a whole library
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  prune_cache(out.parent, keep=out)
-  return out
+  """Builds the kernels' shared library if needed; returns its path
+  (`cpu_kernels.library_path`: `KernelUnavailable` names the compiler or the failure)."""
+  return cpu_kernels.library_path(SOURCE, _FEATURE)
 
 
 def prune_cache(directory: Path, keep: Path, unused_days: float = UNUSED_DAYS) -> list[Path]:
-  """Removes the kernel builds in `directory` not used (loaded or built) for
-  `unused_days` days, and temporary files of builds interrupted a day or more ago;
-  never `keep`. Returns the removed paths. Files that vanish or cannot be removed
-  meanwhile (another process, a read-only cache) are left alone."""
-  now = time.time()
-  removed = []
-  for path in directory.iterdir():
-    if path == keep or path.suffix != ".so":
-      continue
-    if path.name.startswith(_PREFIX):
-      age = unused_days * 86400.0
-    elif path.name.startswith("tmp"):  # tempfile.mkstemp's names above
-      age = 86400.0
-    else:
-      continue
-    try:
-      if now - path.stat().st_mtime > age:
-        path.unlink()
-        removed.append(path)
-    except OSError:
-      continue
-  return removed
+  """`cpu_kernels.prune_cache` for this source's builds."""
+  return cpu_kernels.prune_cache(directory, keep, f"{SOURCE.stem}-", unused_days)
 
 
-@functools.lru_cache(maxsize=None)
 def register() -> Path:
   """Builds (once per machine) and registers the CPU custom calls (forward and backward,
   bf16 and float32); idempotent."""
-  path = library_path()
-  lib = ctypes.CDLL(str(path))
-  for name in (*FORWARD_TARGETS.values(), *BACKWARD_TARGETS.values()):
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-  return path
+  return cpu_kernels.register(SOURCE, (*FORWARD_TARGETS.values(), *BACKWARD_TARGETS.values()),
+                              _FEATURE)
 
 
 def available() -> bool:

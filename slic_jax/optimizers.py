@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import factorized
 
-from slic_jax import matmul
+from slic_jax import adafactor_kernels, matmul
 
 
 def learning_rate_schedule(
@@ -85,6 +85,7 @@ def clipped_adafactor(
     min_dim_size_to_factor: int = 128,
     eps: float = 1e-30,
     group_same_shapes: bool = False,
+    cpu_kernels: bool = False,
 ) -> optax.GradientTransformation:
   """``optax.chain(clip_by_global_norm(clip_norm), optax.adafactor(...))`` as one update.
 
@@ -119,7 +120,16 @@ def clipped_adafactor(
   the per-array update was 1550 of the bf16 step's 2546 kernels and 3.5 of its 19 ms of
   kernel time (T5 1.1 small, 32 pairs; `benchmarks/NOTES.md`, session 25). The stacks
   are copies: one more pass over the gradients, parameters and statistics.
+
+  ``cpu_kernels=True`` (``create_optimizer(implementation='cpu_kernels')``, XLA:CPU only)
+  takes the reductions of each factored float32 [R, C] gradient from two CPU kernels
+  (`adafactor_kernels`), each one read of g: its row and column sums of g² (unscaled:
+  the statistics are s² times them, the norm their sum) and Σ g² f0² f1²; the update
+  stays one elementwise pass. The other gradients are reduced as above.
   """
+  if cpu_kernels and group_same_shapes:
+    raise ValueError("clipped_adafactor: cpu_kernels=True reduces each gradient with its own "
+                     "kernel calls; it does not combine with group_same_shapes=True")
   reference = optax.chain(
       clip_by_global_norm(clip_norm),
       optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
@@ -133,6 +143,9 @@ def clipped_adafactor(
       raise ValueError("clipped_adafactor needs params (as optax.adafactor)")
     clip_state, inner = state
     fstate, lr_state = inner[0], inner[2]
+    if cpu_kernels:
+      _check_cpu()
+      grads = _after_backward(grads)
     beta = factorized._decay_rate_pow(fstate.count, decay_rate)  # pylint: disable=protected-access
     if callable(learning_rate):
       lr = learning_rate(lr_state.count)
@@ -151,13 +164,31 @@ def clipped_adafactor(
                for idx in groups.values()]
     else:
       parts = [([i], [c[i] for c in columns]) for i in range(len(leaves))]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(arrays[0].astype(jnp.float32)))
-                        for _, arrays in parts))
+    # With cpu_kernels: {leaf index: (sums of g² over axis 0 [C], over axis 1 [R])}; the
+    # same calls as the norm's below (`_square_sum`), which XLA computes once.
+    sums = {idx[0]: adafactor_kernels.square_sums(arrays[0])[::-1]
+            for idx, arrays in parts if cpu_kernels and _kernel_reduces(
+                arrays[0], min_dim_size_to_factor)}
+    norm = jnp.sqrt(sum(_square_sum(arrays[0], cpu_kernels) for _, arrays in parts))
     scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
 
-    def one(g, p, v_row, v_col, v):
-      g = g * scale.astype(g.dtype)
+    def one(g, p, v_row, v_col, v, g_sums=None):
       dims = factorized._factored_dims(g.shape, True, min_dim_size_to_factor)  # pylint: disable=protected-access
+      if g_sums is not None:  # the kernels' sums of the unscaled g²: ĝ² = s² g²
+        d1, d0 = dims
+        s2 = scale * scale
+        v_row = (beta * v_row + (1 - beta) * (g_sums[d0] * s2 / g.shape[d0] + eps)).astype(p.dtype)
+        v_col = (beta * v_col + (1 - beta) * (g_sums[d1] * s2 / g.shape[d1] + eps)).astype(p.dtype)
+        row_factor = (v_row / jnp.mean(v_row)) ** -0.5
+        col_factor = v_col ** -0.5
+        f1, f0 = (col_factor, row_factor) if d0 == 1 else (row_factor, col_factor)
+        mean_u2 = adafactor_kernels.weighted_square_sum(g, f0 * f0, f1 * f1) * s2 / g.size
+        k = -lr / jnp.maximum(1.0, jnp.sqrt(mean_u2) / clipping_threshold)
+        update = g * (f0 * (k * scale))[:, None] * f1[None, :]
+        if weight_decay_rate:
+          update = update - weight_decay_rate * p
+        return update.astype(p.dtype), v_row, v_col, v
+      g = g * scale.astype(g.dtype)
       if dims is not None and g.ndim == 2:
         d1, d0 = dims
         g2 = g * g
@@ -197,14 +228,62 @@ def clipped_adafactor(
         for j, i in enumerate(idx):
           out[i] = tuple(x[j] for x in stacked)
       else:
-        out[idx[0]] = one(*arrays)
+        out[idx[0]] = one(*arrays, g_sums=sums.get(idx[0]))
     unflat = lambda i: treedef.unflatten([o[i] for o in out])
     fstate = factorized.FactoredState(count=optax.safe_increment(fstate.count),
                                       v_row=unflat(1), v_col=unflat(2), v=unflat(3))
     inner = (fstate, inner[1], lr_state) + tuple(inner[3:])
     return unflat(0), (clip_state, inner)
 
+  if cpu_kernels:
+    return KernelNormTransformation(reference.init, update_fn)
   return optax.GradientTransformation(reference.init, update_fn)
+
+
+class KernelNormTransformation(optax.GradientTransformation):
+  """An optax transformation whose update takes the gradients' global norm from the CPU
+  kernels (`kernel_global_norm`); its ``global_norm`` is that norm, which the update step
+  reports as ``grad_norm`` (`update_step.make_train_step`), so that XLA computes it once."""
+  __slots__ = ()
+
+  def global_norm(self, grads) -> jax.Array:
+    return kernel_global_norm(_after_backward(grads))
+
+
+def _after_backward(grads):
+  """The gradients behind an optimization barrier: the kernels start once the backward
+  pass is done. Started inside it (as soon as their gradient was ready) they ran beside
+  its matmuls, and the step was no faster (benchmarks/NOTES.md, session 42). The update
+  and `KernelNormTransformation.global_norm` put the same barrier on the same gradients,
+  which XLA computes once, and so the same kernel calls."""
+  return jax.lax.optimization_barrier(grads)
+
+
+def kernel_global_norm(tree) -> jax.Array:
+  """‖tree‖₂ = sqrt(Σ_leaves Σ x²), each float32 matrix's Σ x² the sum of its row sums
+  of squares from `adafactor_kernels.square_sums` (XLA:CPU), the other leaves' XLA's."""
+  return jnp.sqrt(sum(_square_sum(x, True) for x in jax.tree.leaves(tree)))
+
+
+def _square_sum(x, cpu_kernels: bool) -> jax.Array:
+  """Σ x² in float32; with cpu_kernels a float32 matrix's from its kernel row sums."""
+  if cpu_kernels and x.ndim == 2 and x.dtype == jnp.float32:
+    return jnp.sum(adafactor_kernels.square_sums(x)[0])
+  return jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+
+def _check_cpu():
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"create_optimizer(implementation='cpu_kernels') runs its reductions as "
+                     f"XLA:CPU kernels; this program's backend is {jax.default_backend()!r}: "
+                     f"use implementation='fused'")
+
+
+def _kernel_reduces(g, min_dim_size_to_factor: int) -> bool:
+  """Whether `clipped_adafactor(cpu_kernels=True)` reduces g with the CPU kernels: a
+  factored float32 matrix."""
+  return (g.ndim == 2 and g.dtype == jnp.float32 and factorized._factored_dims(  # pylint: disable=protected-access
+      g.shape, True, min_dim_size_to_factor) is not None)
 
 
 def create_optimizer(
@@ -234,18 +313,20 @@ def create_optimizer(
       uses a constant 1e-3 step without parameter scaling; that is the default.
     implementation: Adafactor with clipping and without parameter scaling as
       `clipped_adafactor` ('fused'; 'grouped': the same with the arrays of one shape
-      updated together, ``group_same_shapes=True``) or as the optax chain ('optax'); same
-      state, same updates up to float32 rounding.
+      updated together, ``group_same_shapes=True``; 'cpu_kernels': the same with the
+      factored gradients' reductions as XLA:CPU kernels, ``cpu_kernels=True``, CPU only)
+      or as the optax chain ('optax'); same state, same updates up to float32 rounding.
   """
-  if implementation not in ("fused", "grouped", "optax"):
+  if implementation not in ("fused", "grouped", "cpu_kernels", "optax"):
     raise ValueError(f"unknown implementation {implementation!r}; expected 'fused', "
-                     "'grouped' or 'optax'")
+                     "'grouped', 'cpu_kernels' or 'optax'")
   lr = learning_rate if learning_rate is not None else learning_rate_schedule()
-  if (name == "adafactor" and clip_norm and implementation in ("fused", "grouped")
+  if (name == "adafactor" and clip_norm and implementation != "optax"
       and not multiply_by_parameter_scale):
     return clipped_adafactor(lr, clip_norm=clip_norm, decay_rate=decay_rate,
                              clipping_threshold=1.0, weight_decay_rate=weight_decay or None,
-                             group_same_shapes=implementation == "grouped")
+                             group_same_shapes=implementation == "grouped",
+                             cpu_kernels=implementation == "cpu_kernels")
   if name == "adafactor":
     opt = optax.adafactor(
         learning_rate=lr,

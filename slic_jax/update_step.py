@@ -50,7 +50,10 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
                     per_device_accumulation: bool = False) -> Callable:
   """The pure update: (state, batch) → (state', metrics). Jitted by the caller.
 
-  ``g = ∇ model.loss_fn(params, batch)``; ``params' = params + tx(g)``.
+  ``g = ∇ model.loss_fn(params, batch)``; ``params' = params + tx(g)``; the metric
+  ``grad_norm = ‖g‖₂``, by ``tx.global_norm(g)`` where the transformation has one (the
+  norm its own update computes, e.g. `optimizers.KernelNormTransformation`: XLA then
+  computes it once), else `optax.tree.norm`.
 
   num_microbatches: k > 1 splits the batch into k microbatches (example b goes to
     microbatch b mod k, so each device's shard of a data-sharded batch splits locally),
@@ -151,7 +154,7 @@ def make_train_step(model, tx: optax.GradientTransformation, dropout_seed: int,
         state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = _scalar_metric(optax.tree.norm(grads))
+    metrics["grad_norm"] = _scalar_metric(getattr(tx, "global_norm", optax.tree.norm)(grads))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

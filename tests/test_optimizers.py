@@ -7,7 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from slic_jax import optimizers
+from slic_jax import adafactor_kernels, optimizers
+
+needs_kernels = pytest.mark.skipif(
+    not adafactor_kernels.available(),
+    reason="the Adafactor kernels need a C++17 compiler ($CXX, default g++)")
 
 
 def test_constant_with_warmup():
@@ -114,6 +118,43 @@ def test_clipped_adafactor_matches_the_optax_chain(schedule, grad_scale, weight_
   # The updates are not trivially equal: clipping, the factored statistics and the
   # block-rms clip all act here (the first step's factored update has rms 1 by design).
   assert float(jnp.max(jnp.abs(u["rc"]))) > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("schedule", [False, True])
+@pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # clipping off / on
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_cpu_kernels_adafactor_matches_the_optax_chain(schedule, grad_scale, weight_decay):
+  """implementation='cpu_kernels' (the factored matrices reduced by the CPU kernels, the
+  others as 'fused'): the same state, updates and statistics as the optax chain over
+  three steps, on every path of the update."""
+  lr = optimizers.learning_rate_schedule(learning_rate=1e-2, warmup_steps=2) if schedule else 1e-2
+  params, grads = _params_and_grads(2, grad_scale)
+  u = _updates_against_the_optax_chain("cpu_kernels", params, grads, lr, weight_decay)
+  assert float(jnp.max(jnp.abs(u["cr"]))) > 0
+
+
+@needs_kernels
+def test_cpu_kernels_reduce_each_factored_matrix_in_two_calls():
+  """'cpu_kernels': two custom calls per factored float32 matrix (its square sums, its
+  update's rms) and no matrix-vector products; a small float32 matrix's norm also by the
+  kernel, a vector and a bfloat16 matrix XLA's; 'grouped' does not combine with it; the
+  step's grad_norm (`tx.global_norm`) is the update's own norm, the same calls."""
+  params = {"w": jnp.ones((256, 640), jnp.float32), "t": jnp.ones((640, 256), jnp.float32),
+            "v": jnp.ones((300,), jnp.float32), "s": jnp.ones((32, 6), jnp.float32),
+            "h": jnp.ones((256, 640), jnp.bfloat16)}
+  tx = optimizers.create_optimizer(learning_rate=1e-3, clip_norm=1.0, implementation="cpu_kernels")
+  step = lambda g, s, p: (*tx.update(g, s, p), tx.global_norm(g))  # noqa: E731
+  hlo = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+  calls = lambda t: sum(f'custom_call_target="{t}"' in l for l in hlo.splitlines())
+  assert calls(adafactor_kernels.SQUARE_SUMS) == 3
+  assert calls(adafactor_kernels.WEIGHTED_SQUARE_SUM) == 2
+  assert hlo.count(" dot(") == 3  # the bfloat16 matrix's, as 'fused'
+  want = np.sqrt(sum(float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in params.values()))
+  np.testing.assert_allclose(float(jax.jit(step)(params, tx.init(params), params)[2]), want,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="does not combine with group_same_shapes"):
+    optimizers.clipped_adafactor(1e-3, group_same_shapes=True, cpu_kernels=True)
 
 
 @pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # clipping off / on

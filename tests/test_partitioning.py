@@ -9,6 +9,7 @@ import pytest
 import seqio
 from jax.sharding import PartitionSpec as P
 
+from slic_jax import adafactor_kernels
 from slic_jax import fused_softmax
 from slic_jax import models
 from slic_jax import network
@@ -59,9 +60,11 @@ def test_standard_rules_follow_t5x():
   assert dict(partitioning.standard_logical_axis_rules(parameter_partitioning_dims=2))["embed"] == "data"
 
 
-def _model(cfg=CFG):
+def _model(cfg=CFG, optimizer_implementation="fused"):
   return models.SlicHFModel(network.Transformer(cfg), VOCAB, VOCAB,
-                            optimizers.create_optimizer(learning_rate=1e-2), reg_weight=0.1)
+                            optimizers.create_optimizer(
+                                learning_rate=1e-2, implementation=optimizer_implementation),
+                            reg_weight=0.1)
 
 
 def test_params_and_optimizer_state_shardings_from_logical_axes():
@@ -106,9 +109,9 @@ def test_a_model_axis_that_does_not_divide_a_param_is_named():
 
 
 def _run_step(partitioner, batch, num_microbatches=None, cfg=CFG, hlo=None,
-              per_device_accumulation=False):
+              per_device_accumulation=False, optimizer_implementation="fused"):
   """One train step; appends the compiled step's HLO text to `hlo` if given."""
-  model = _model(cfg)
+  model = _model(cfg, optimizer_implementation)
   tx = model.optimizer_def
   shapes = {k: v.shape for k, v in batch.items()}
   _, state_sh = partitioner.train_state_shardings(model, tx, shapes)
@@ -276,6 +279,30 @@ def test_fused_softmax_step_on_the_mesh_runs_the_kernels_per_shard():
   np.testing.assert_allclose(one_metrics["grad_norm"], mesh_metrics["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  assert one_metrics["grad_norm"] > 0
+
+
+@pytest.mark.skipif(not adafactor_kernels.available(), reason="the Adafactor kernels need a "
+                    "C++17 compiler ($CXX, default g++)")
+def test_cpu_kernels_optimizer_on_the_mesh_reduces_each_block():
+  """create_optimizer(implementation='cpu_kernels') under the (4, 2) mesh: the kernels
+  run on each device's block of a partitioned gradient ([D, F/2] for wi, [F/2, D] for
+  wo), and the step is the one device's with the XLA reductions ('fused')."""
+  batch = _batch(4)
+  one_state, one_metrics = _run_step(partitioning.Partitioner(devices=jax.devices()[:1]), batch)
+  hlo = []
+  mesh_state, mesh_metrics = _run_step(partitioning.Partitioner(num_partitions=2), batch,
+                                       hlo=hlo, optimizer_implementation="cpu_kernels")
+  calls = [l for l in hlo[0].splitlines()
+           if f'custom_call_target="{adafactor_kernels.SQUARE_SUMS}"' in l]
+  assert any(f"f32[{CFG.emb_dim},{CFG.mlp_dim // 2}]" in l for l in calls), calls
+  assert any(f"f32[{CFG.mlp_dim // 2},{CFG.emb_dim}]" in l for l in calls), calls
+  np.testing.assert_allclose(one_metrics["loss"], mesh_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(one_metrics["grad_norm"], mesh_metrics["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(mesh_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_state.opt_state), jax.tree.leaves(mesh_state.opt_state)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-12)
   assert one_metrics["grad_norm"] > 0
 
 

@@ -257,7 +257,8 @@ class _EosOnlyVocabulary:
 
 def make_optimizer(name: str = "adafactor", implementation: str = "fused"):
   """The benchmark's optimizer: `optimizers.create_optimizer` (clip 1.0, lr 1e-4);
-  ``implementation`` 'fused' (`optimizers.clipped_adafactor`, the default) or 'optax'."""
+  ``implementation`` 'fused' (`optimizers.clipped_adafactor`, the default), 'grouped',
+  'cpu_kernels' or 'optax' (`optimizers.create_optimizer`)."""
   from slic_jax import optimizers
   return optimizers.create_optimizer(name=name, learning_rate=1e-4, clip_norm=1.0,
                                      implementation=implementation)
@@ -1261,10 +1262,11 @@ def parse_args(argv=None):
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
   ap.add_argument("--optimizer_implementation", default="fused",
-                  choices=["fused", "grouped", "optax"],
+                  choices=["fused", "grouped", "cpu_kernels", "optax"],
                   help="step worker: optimizers.create_optimizer(implementation=...): "
                        "Adafactor + clipping as one update (fused), the same with arrays of one "
-                       "shape stacked (grouped), or as the optax chain")
+                       "shape stacked (grouped) or with the CPU reduction kernels "
+                       "(cpu_kernels), or as the optax chain")
   ap.add_argument("--reg_target", default="reference", choices=["reference", "chosen"],
                   help="SlicHFModel.reg_target: 'reference' decodes 3 rows (paper: y_ref = SFT "
                        "summary), 'chosen' 2 rows (y_ref = y+, TRL CPO's NLL term)")

@@ -25,13 +25,9 @@
 // Rounding to bf16 is round-to-nearest-even, as XLA's convert. Work is split into
 // blocks of query rows run on XLA's intra-op thread pool and the calling thread.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -40,9 +36,11 @@
 #define SLIC_AVX512_BF16 1
 #endif
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using slic_jax::ParallelFor;
 
 namespace {
 
@@ -60,39 +58,6 @@ inline float FromBf16(uint16_t h) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-// Runs body(i) for i in [0, n) on the calling thread and up to num_threads - 1 tasks
-// of the pool; returns when all n are done. Tasks that start after the last block was
-// taken return at once, so the caller never waits on a task that has not started.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto shared = std::make_shared<Shared>();
-  auto work = [shared, n, &body]() {
-    int64_t mine = 0;
-    for (int64_t i; (i = shared->next.fetch_add(1)) < n;) {
-      body(i);
-      ++mine;
-    }
-    if (mine > 0 && shared->done.fetch_add(mine) + mine == n) {
-      std::lock_guard<std::mutex> lock(shared->mu);
-      shared->cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == n; });
 }
 
 #ifdef SLIC_AVX512_BF16
