@@ -194,6 +194,8 @@ def test_markdown_report_has_all_rows():
                          "slic_jax_2row_fused_softmax": run(3.1, 4e11),
                          "slic_jax_2row_bf16_mixed_dots": run(2.6, 4e11, dtype="bfloat16"),
                          "slic_jax_2row_bf16_widen_all": run(2.5, 4e11, dtype="bfloat16"),
+                         "slic_jax_2row_cpu_kernels": run(2.9, 4e11),
+                         "slic_jax_2row_bf16_cpu_kernels": run(1.9, 4e11, dtype="bfloat16"),
                          "trl": run(6.0, 7.5e11),
                          "trl_bf16": run(2.5, 7.5e11),
                          "trl_reuse": run(5.5, 7.5e11, minor_faults_per_step=0,
@@ -428,6 +430,33 @@ def test_cudnn_rows_ask_their_workers_for_cudnn_attention_and_only_they_do():
   assert {k for k in benchmark.SLIC_ROWS if benchmark.row_attention(k) == "fused_softmax"} == {
       "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax"}
   assert benchmark.SLIC_CONFIGS["slic_jax_2row_fused_softmax"][2] == "float32"
+
+
+def test_cpu_kernels_rows_ask_their_workers_for_the_kernel_optimizer_and_only_they_do(
+    tmp_path, monkeypatch):
+  """The two `_cpu_kernels` rows (float32, bf16) run their workers with
+  `--optimizer_implementation cpu_kernels`, every other row with 'fused'."""
+  seen = {}
+
+  def fake_run_json(cmd, timeout, env=None):
+    if cmd[cmd.index("--_worker") + 1] == "matmul":
+      return {"jax_float32_flops_per_s": 2.8e11, "jax_bf16f32acc_flops_per_s": 2.5e11}
+    key = (cmd[cmd.index("--dtype") + 1], cmd[cmd.index("--optimizer_implementation") + 1])
+    seen[key] = seen.get(key, 0) + 1
+    return {"step_s_median": 3.0, "step_s_min": 2.9, "pairs_per_s": 4 / 3.0,
+            "model_flops_per_step": 4.38e11, "peak_rss_mb": 100.0,
+            "dtype": cmd[cmd.index("--dtype") + 1]}
+
+  monkeypatch.setattr(benchmark, "_run_json", fake_run_json)
+  monkeypatch.setattr(benchmark, "peer_cmd", lambda *a, **k: None)
+  args = benchmark.parse_args(["--sizes", "small", "--sweep", "", "--rows",
+                               "slic_jax_2row,slic_jax_2row_cpu_kernels,slic_jax_2row_bf16,"
+                               "slic_jax_2row_bf16_cpu_kernels", "--out_dir", str(tmp_path)])
+  benchmark.orchestrate(args)
+  assert seen == {("float32", "fused"): 1, ("float32", "cpu_kernels"): 1,
+                  ("bfloat16", "fused"): 1, ("bfloat16", "cpu_kernels"): 1}
+  assert set(benchmark.CPU_KERNELS_OPTIMIZER_ROWS) == {
+      k for k in benchmark.SLIC_ROWS if k.endswith("_cpu_kernels")}
 
 
 def test_the_mixed_dots_row_runs_xlas_mixed_bf16_dots_and_the_peaks_show_both(tmp_path,

@@ -79,6 +79,18 @@ def test_bf16_add_on_files_switch_dtype_and_attention_for_either_experiment(add_
     assert cfg.dropout_rate == 0.0  # neither attention has dropout on the weights
 
 
+@pytest.mark.parametrize("experiment", ["gin/slic_hf.gin", "gin/sft.gin"])
+def test_the_kernel_optimizer_is_one_gin_binding(experiment):
+  """--gin.optimizers.create_optimizer.implementation="'cpu_kernels'" gives the model the
+  optimizer whose update and grad_norm take the CPU kernels' reductions."""
+  from slic_jax import optimizers
+  parse_for_slic_jax(experiment, ["optimizers.create_optimizer.implementation = 'cpu_kernels'"])
+  tx = t5x_bridge.as_optax(build("%MODEL").optimizer_def)
+  assert isinstance(tx, optimizers.KernelNormTransformation)
+  parse_for_slic_jax(experiment)
+  assert not hasattr(t5x_bridge.as_optax(build("%MODEL").optimizer_def), "global_norm")
+
+
 def test_demo_style_overrides():
   """tools/run_demo.py's command-line bindings (as --gin.NAME=VALUE)."""
   parse_for_slic_jax("gin/slic_hf.gin", [

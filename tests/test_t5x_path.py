@@ -209,8 +209,13 @@ def test_t5x_trains_slic_hf_like_slic_jax_and_checkpoints_cross_restore(world, t
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree["target"]))
 
 
-def test_t5x_trains_with_the_cpu_softmax_kernels(world, tmp_path):
-  """gin/cpu_bf16.gin under `python -m t5x.train`: the kernels build, load and train."""
+def test_t5x_trains_with_the_cpu_kernels(world, tmp_path):
+  """gin/cpu_bf16.gin and the kernel optimizer (create_optimizer(implementation=
+  'cpu_kernels'), inside T5X's OptaxWrapper) under `python -m t5x.train`: the kernels
+  build, load and train."""
   log = run_t5x(["gin/slic_hf.gin", "gin/cpu_bf16.gin"], str(tmp_path / "kernels"), world,
-                {"TRAIN_STEPS": "2", "EVAL_PERIOD": "2", "CHECKPOINT_PERIOD": "2"})
+                {"TRAIN_STEPS": "2", "EVAL_PERIOD": "2", "CHECKPOINT_PERIOD": "2",
+                 "optimizers.create_optimizer.implementation": "'cpu_kernels'"})
+  with open(tmp_path / "kernels" / "config.gin") as f:  # T5X's operative config
+    assert "implementation = 'cpu_kernels'" in f.read()
   assert np.isfinite(t5x_train_losses(log)[2])

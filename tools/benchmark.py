@@ -99,7 +99,8 @@ SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_remat", "slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc",
              "slic_jax_2row_bf16_cudnn", "slic_jax_2row_bf16_remat_cudnn",
              "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax",
-             "slic_jax_2row_bf16_mixed_dots", "slic_jax_2row_bf16_widen_all")
+             "slic_jax_2row_bf16_mixed_dots", "slic_jax_2row_bf16_widen_all",
+             "slic_jax_2row_cpu_kernels", "slic_jax_2row_bf16_cpu_kernels")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -120,7 +121,9 @@ SLIC_CONFIGS = {"slic_jax": ("reference", 1, "float32", "none"),
                 "slic_jax_2row_bf16_fused_softmax": ("chosen", 1, "bfloat16", "none"),
                 "slic_jax_2row_fused_softmax": ("chosen", 1, "float32", "none"),
                 "slic_jax_2row_bf16_mixed_dots": ("chosen", 1, "bfloat16", "none"),
-                "slic_jax_2row_bf16_widen_all": ("chosen", 1, "bfloat16", "none")}
+                "slic_jax_2row_bf16_widen_all": ("chosen", 1, "bfloat16", "none"),
+                "slic_jax_2row_cpu_kernels": ("chosen", 1, "float32", "none"),
+                "slic_jax_2row_bf16_cpu_kernels": ("chosen", 1, "bfloat16", "none")}
 # rows whose step process keeps glibc's default malloc (`--host_malloc default`); all
 # others call `host_memory.reuse_freed_memory()` first, as slic_jax.train does.
 GLIBC_DEFAULT_ROWS = ("slic_jax_2row_glibc", "slic_jax_2row_bf16_glibc")
@@ -137,6 +140,9 @@ MIXED_DOTS_ROWS = ("slic_jax_2row_bf16_mixed_dots",)
 # per operand element (`--widen_min_flops_per_element 0`; the others keep
 # `matmul.WIDEN_MIN_FLOPS_PER_ELEMENT`): session 38's rule.
 WIDEN_ALL_ROWS = ("slic_jax_2row_bf16_widen_all",)
+# rows whose optimizer takes Adafactor's reductions from the CPU kernels
+# (`optimizers.create_optimizer(implementation='cpu_kernels')`); the others 'fused'.
+CPU_KERNELS_OPTIMIZER_ROWS = ("slic_jax_2row_cpu_kernels", "slic_jax_2row_bf16_cpu_kernels")
 
 
 def row_attention(key: str) -> str:
@@ -161,6 +167,11 @@ LABELS = {"slic_jax": "slic_jax (3 rows: y⁺, y⁻, SFT ref)",
                                            "(`SLIC_JAX_CPU_LOW_PRECISION_DOTS=native`)",
           "slic_jax_2row_bf16_widen_all": "slic_jax bf16 (2 rows), every bf16 dot widened "
                                           "(`--widen_min_flops_per_element 0`)",
+          "slic_jax_2row_cpu_kernels": "slic_jax (2 rows), Adafactor's reductions as CPU "
+                                       "kernels (`--optimizer_implementation cpu_kernels`)",
+          "slic_jax_2row_bf16_cpu_kernels": "slic_jax bf16 (2 rows), Adafactor's reductions as "
+                                            "CPU kernels (`--optimizer_implementation "
+                                            "cpu_kernels`)",
           "trl": "TRL CPOTrainer (hinge + NLL on y⁺; CPOConfig defaults: gradient checkpointing on)",
           "trl_nockpt": "TRL CPOTrainer, gradient_checkpointing=False (`--peer_no_checkpointing`)",
           "trl_bf16": "TRL CPOTrainer, bf16 autocast (`--peer_bf16`)",
@@ -668,13 +679,15 @@ def _brief(r: dict) -> str:
 def slic_cmd(args, size, li, dtype="float32", remat="none", batch=None,
              reg_target="reference", xla_default=False, microbatches=1,
              logits_dtype=None, host_malloc="reuse",
-             attention_implementation="default", widen_min=None) -> list[str]:
+             attention_implementation="default", widen_min=None,
+             optimizer_implementation="fused") -> list[str]:
   cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "slic", "--size", size,
          "--li", str(li), "--lt", str(args.lt), "--batch", str(batch or args.batch),
          "--dtype", dtype, "--remat", remat, "--steps", str(args.steps),
          "--warmup", str(args.warmup), "--seed", str(args.seed), "--reg_target", reg_target,
          "--microbatches", str(microbatches), "--logits_dtype", logits_dtype or dtype,
-         "--host_malloc", host_malloc, "--attention_implementation", attention_implementation]
+         "--host_malloc", host_malloc, "--attention_implementation", attention_implementation,
+         "--optimizer_implementation", optimizer_implementation]
   return (cmd + (["--xla_default"] if xla_default else [])
           + ([] if widen_min is None else ["--widen_min_flops_per_element", str(widen_min)]))
 
@@ -820,7 +833,9 @@ def orchestrate(args) -> dict:
                                             reg_target=reg_target, microbatches=micro,
                                             host_malloc=malloc,
                                             attention_implementation=row_attention(key),
-                                            widen_min=0 if key in WIDEN_ALL_ROWS else None),
+                                            widen_min=0 if key in WIDEN_ALL_ROWS else None,
+                                            optimizer_implementation="cpu_kernels"
+                                            if key in CPU_KERNELS_OPTIMIZER_ROWS else "fused"),
                                     t, {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"}
                                     if key in MIXED_DOTS_ROWS else None))
     for key, rs in runs.items():
