@@ -40,11 +40,7 @@ def register():
 
 def available() -> bool:
   """True if the kernels build and load here (used by tests to skip, counted)."""
-  try:
-    register()
-  except KernelUnavailable:
-    return False
-  return True
+  return cpu_kernels.builds(register)
 
 
 def _check(g):
@@ -79,12 +75,7 @@ def _weighted_call(g, w0, w1):
 
 # --- partitioning: each device sums its block, the partial sums are psum'd --------------
 
-def _axes(sharding):
-  """(R's mesh axes, C's mesh axes) of g's sharding; None: not partitioned."""
-  if not isinstance(sharding, NamedSharding):
-    return None, None
-  spec = tuple(sharding.spec) + (None, None)
-  return spec[0], spec[1]
+_axes = cpu_kernels.leading_mesh_axes  # (R's mesh axes, C's mesh axes) of g's sharding
 
 
 def _square_sums_infer(mesh, arg_shapes, result_shape):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import jaxlib
+from jax.sharding import NamedSharding
 
 CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ("-O3", "-fPIC", "-shared", "-std=c++17")
@@ -141,3 +142,22 @@ def register(source: Path, targets: tuple[str, ...], feature: str) -> Path:
   for name in targets:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
   return path
+
+
+def builds(register_fn) -> bool:
+  """True if `register_fn()` (a module's `register`) builds and loads its kernels here."""
+  try:
+    register_fn()
+  except KernelUnavailable:
+    return False
+  return True
+
+
+def leading_mesh_axes(sharding) -> tuple:
+  """The mesh axes of an operand's first two dimensions under a `NamedSharding` (None for a
+  dimension not partitioned; (None, None) for any other sharding): what the kernels'
+  partitioning rules keep or sum over."""
+  if not isinstance(sharding, NamedSharding):
+    return None, None
+  spec = tuple(sharding.spec) + (None, None)
+  return spec[0], spec[1]

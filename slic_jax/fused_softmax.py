@@ -68,11 +68,7 @@ def register() -> Path:
 
 def available() -> bool:
   """True if the kernels build and load here (used by tests to skip, counted)."""
-  try:
-    register()
-  except KernelUnavailable:
-    return False
-  return True
+  return cpu_kernels.builds(register)
 
 
 def _kind(dtype) -> str:
@@ -146,12 +142,7 @@ def _check_not_partially_manual():
         f"attention_implementation='default' or per_device_accumulation=False")
 
 
-def _row_axes(sharding):
-  """(batch axes, head axes) of a [B, H, Q, K] operand's sharding; None: replicated."""
-  if not isinstance(sharding, NamedSharding):
-    return None, None
-  spec = tuple(sharding.spec) + (None, None)
-  return spec[0], spec[1]
+_row_axes = cpu_kernels.leading_mesh_axes  # (batch axes, head axes) of a [B, H, Q, K] operand
 
 
 def _forward_shardings(mesh, batch, heads):

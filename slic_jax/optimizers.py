@@ -8,7 +8,8 @@ carries as ``optimizer_def`` (T5X's name for it):
 With clipping, Adafactor runs as `clipped_adafactor`: the same transformation and state
 as ``optax.chain(clip_by_global_norm, optax.adafactor)``, written as one update whose
 reductions run as matrix-vector products on the CPU (``implementation='fused'``, the
-default; ``'optax'`` builds the optax chain itself).
+default; ``'cpu_kernels'``: the gradient matrices' reductions as XLA:CPU kernels,
+`adafactor_kernels`; ``'optax'`` builds the optax chain itself).
 
 Schedules (``schedule=``), with ``s`` the step, ``w`` warm-up steps, ``lr`` the
 base rate and ``T`` the total steps:
@@ -321,8 +322,13 @@ def create_optimizer(
     raise ValueError(f"unknown implementation {implementation!r}; expected 'fused', "
                      "'grouped', 'cpu_kernels' or 'optax'")
   lr = learning_rate if learning_rate is not None else learning_rate_schedule()
-  if (name == "adafactor" and clip_norm and implementation != "optax"
-      and not multiply_by_parameter_scale):
+  fused = name == "adafactor" and clip_norm and not multiply_by_parameter_scale
+  if implementation == "cpu_kernels" and not fused:
+    raise ValueError(
+        "create_optimizer(implementation='cpu_kernels') is Adafactor with clipping and "
+        f"without parameter scaling; got name={name!r}, clip_norm={clip_norm!r}, "
+        f"multiply_by_parameter_scale={multiply_by_parameter_scale!r}")
+  if fused and implementation != "optax":
     return clipped_adafactor(lr, clip_norm=clip_norm, decay_rate=decay_rate,
                              clipping_threshold=1.0, weight_decay_rate=weight_decay or None,
                              group_same_shapes=implementation == "grouped",

@@ -412,6 +412,13 @@ def test_markdown_report_on_a_gpu_shows_the_accelerator_and_device_memory():
   assert "| 56% / 56% | jax f32 |" in md
 
 
+def _fake_step_result(cmd):
+  """What a step worker returns, for orchestrate() tests that fake the workers."""
+  return {"step_s_median": 3.0, "step_s_min": 2.9, "pairs_per_s": 4 / 3.0,
+          "model_flops_per_step": 4.38e11, "peak_rss_mb": 100.0,
+          "dtype": cmd[cmd.index("--dtype") + 1]}
+
+
 def test_cudnn_rows_ask_their_workers_for_cudnn_attention_and_only_they_do():
   args = benchmark.parse_args(["--batch", "32"])
   for key in benchmark.SLIC_ROWS:
@@ -443,9 +450,7 @@ def test_cpu_kernels_rows_ask_their_workers_for_the_kernel_optimizer_and_only_th
       return {"jax_float32_flops_per_s": 2.8e11, "jax_bf16f32acc_flops_per_s": 2.5e11}
     key = (cmd[cmd.index("--dtype") + 1], cmd[cmd.index("--optimizer_implementation") + 1])
     seen[key] = seen.get(key, 0) + 1
-    return {"step_s_median": 3.0, "step_s_min": 2.9, "pairs_per_s": 4 / 3.0,
-            "model_flops_per_step": 4.38e11, "peak_rss_mb": 100.0,
-            "dtype": cmd[cmd.index("--dtype") + 1]}
+    return _fake_step_result(cmd)
 
   monkeypatch.setattr(benchmark, "_run_json", fake_run_json)
   monkeypatch.setattr(benchmark, "peer_cmd", lambda *a, **k: None)
@@ -473,9 +478,7 @@ def test_the_mixed_dots_row_runs_xlas_mixed_bf16_dots_and_the_peaks_show_both(tm
     envs.setdefault(cmd[cmd.index("--dtype") + 1], []).append(env)
     flag = "--widen_min_flops_per_element"
     widen.append(cmd[cmd.index(flag) + 1] if flag in cmd else None)
-    return {"step_s_median": 3.0, "step_s_min": 2.9, "pairs_per_s": 4 / 3.0,
-            "model_flops_per_step": 4.38e11, "peak_rss_mb": 100.0,
-            "dtype": cmd[cmd.index("--dtype") + 1]}
+    return _fake_step_result(cmd)
 
   monkeypatch.setattr(benchmark, "_run_json", fake_run_json)
   monkeypatch.setattr(benchmark, "peer_cmd", lambda *a, **k: None)

@@ -155,6 +155,10 @@ def test_cpu_kernels_reduce_each_factored_matrix_in_two_calls():
                              rtol=1e-6)
   with pytest.raises(ValueError, match="does not combine with group_same_shapes"):
     optimizers.clipped_adafactor(1e-3, group_same_shapes=True, cpu_kernels=True)
+  with pytest.raises(ValueError, match="Adafactor with clipping.*got name='adamw'"):
+    optimizers.create_optimizer(name="adamw", implementation="cpu_kernels")
+  with pytest.raises(ValueError, match="clip_norm=None"):
+    optimizers.create_optimizer(clip_norm=None, implementation="cpu_kernels")
 
 
 @pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # clipping off / on
