@@ -93,9 +93,14 @@ class T5Config:
       matmul inputs and cotangents are freed in that layer. None (default): on with
       remat, where the backward pass holds the step's peak memory (T5 1.1 small, 4
       pairs, remat 'full': 1313 -> 795 MB of XLA buffers at the peak, parameters
-      included, float32; bf16 1028 -> 601 MB; `tools/step_peak_buffers.sh`), off
-      without it, where the forward's saved activations hold the peak and the earlier
-      weight gradients raise it at the start of the backward pass (bf16: +123 MB).
+      included, float32; bf16 1028 -> 601 MB; `tools/step_peak_buffers.sh`). Without
+      remat on where the step is traced for the CPU (`platforms.target_platform`):
+      there XLA:CPU's peak is never higher with it and often lower (4 pairs, Li 512:
+      float32 1366 -> 1263 MB, bf16 980 -> 960; Li 1024 float32 2526 -> 2384; 16
+      pairs level), and the step is no slower (`tools/ab_steps.py`: float32 0.951 of
+      the step time, bf16 0.986; `benchmarks/NOTES.md`, session 43); off on other
+      backends, where it was never measured without remat (in session 12 it raised
+      the CPU's bf16 peak by 123 MB, before later changes to the backward pass).
     float32_matmul_vjp: float32 on the CPU: the projections', attention's and the
       logits' matmul gradients in the layouts `matmul.einsum(float32_vjp=True)` picks,
       not XLA's (T5 1.1 small, 4 pairs, float32: step 2.86 -> 2.60 s, peak RSS 2056 ->
@@ -168,9 +173,13 @@ class T5Config:
 
   @property
   def weight_gradients_first(self) -> bool:
-    """`weight_grad_first`, resolved: None means on iff remat_policy != 'none'."""
+    """`weight_grad_first`, resolved: None means on with remat or on the CPU.
+
+    The platform is the step's (`platforms.target_platform`), read where the layers are
+    built, i.e. while the step is traced.
+    """
     if self.weight_grad_first is None:
-      return self.remat_policy != 'none'
+      return self.remat_policy != 'none' or platforms.target_platform() == 'cpu'
     return bool(self.weight_grad_first)
 
   def __post_init__(self):

@@ -344,14 +344,39 @@ def _assert_same_loss_and_gradients(config, other, params, atol=1e-5, rtol=1e-5)
                grads_o, grads)
 
 
-def test_weight_gradients_first_resolves_with_remat():
-  cfg = network.make_config('tiny')
-  assert not cfg.weight_gradients_first
-  assert network.make_config('tiny', remat_policy='full').weight_gradients_first
-  assert network.make_config('tiny', remat_policy='minimal').weight_gradients_first
-  assert not network.make_config('tiny', remat_policy='full',
-                                 weight_grad_first=False).weight_gradients_first
-  assert network.make_config('tiny', weight_grad_first=True).weight_gradients_first
+def test_weight_gradients_first_resolves_with_remat_and_the_platform(monkeypatch):
+  """None: on with remat, and without remat where the step is traced for the CPU (here)."""
+  from slic_jax import platforms
+  assert network.make_config('tiny').weight_gradients_first
+  assert not network.make_config('tiny', weight_grad_first=False).weight_gradients_first
+  for platform in ('gpu', 'tpu'):
+    monkeypatch.setattr(platforms, 'target_platform', lambda p=platform: p)
+    assert not network.make_config('tiny').weight_gradients_first
+    assert network.make_config('tiny', remat_policy='full').weight_gradients_first
+    assert network.make_config('tiny', remat_policy='minimal').weight_gradients_first
+    assert not network.make_config('tiny', remat_policy='full',
+                                   weight_grad_first=False).weight_gradients_first
+    assert network.make_config('tiny', weight_grad_first=True).weight_gradients_first
+
+
+def test_the_cpu_step_computes_weight_gradients_first_by_default():
+  """Without remat, traced for the CPU: each layer's weight gradients are tied to its
+  input gradient (`matmul.weight_gradient_first`), so the compiled backward pass of the
+  default config equals the one with weight_grad_first=True, not False."""
+  enc = jnp.ones((2, 32), jnp.int32)
+  dec = jnp.ones((2, 8), jnp.int32)
+
+  def hlo(first):
+    cfg = network.make_config('tiny', num_encoder_layers=2, num_decoder_layers=2,
+                              weight_grad_first=first)
+    model = network.Transformer(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), enc, dec, dec))['params']
+    loss = lambda p: model.apply({'params': p}, enc, dec, dec).std()
+    return jax.jit(jax.grad(loss)).lower(params).as_text()
+
+  default, on, off = hlo(None), hlo(True), hlo(False)
+  assert default == on
+  assert default != off
 
 
 def test_float32_matmul_vjp_resolves_with_remat():

@@ -1262,7 +1262,8 @@ def parse_args(argv=None):
   ap.add_argument("--lt", type=int, default=64)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--weight_grad_first", default="auto", choices=["auto", "on", "off"],
-                  help="step worker: network.T5Config.weight_grad_first (auto: on with remat)")
+                  help="step worker: network.T5Config.weight_grad_first (auto: on with remat "
+                       "or on the CPU)")
   ap.add_argument("--attention_block_bytes", type=int, default=0,
                   help="step worker: network.T5Config.attention_block_bytes (0: unblocked)")
   ap.add_argument("--attention_implementation", default="default",
