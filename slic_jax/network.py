@@ -88,19 +88,25 @@ class T5Config:
     remat_policy: 'none', 'full' (recompute every layer in the backward pass) or
       'minimal' (keep matmul outputs, recompute the rest).
     weight_grad_first: in the backward pass, compute each projection's weight gradient
-      (and the relative position bias's) before passing the input gradient on
+      (and the relative position bias's; the vocabulary projection's too, see `Decoder`)
+      before passing the input gradient on
       (`matmul.weight_gradient_first`, `add_position_bias`), so that each layer's
       matmul inputs and cotangents are freed in that layer. None (default): on with
       remat, where the backward pass holds the step's peak memory (T5 1.1 small, 4
       pairs, remat 'full': 1313 -> 795 MB of XLA buffers at the peak, parameters
       included, float32; bf16 1028 -> 601 MB; `tools/step_peak_buffers.sh`). Without
       remat on where the step is traced for the CPU (`platforms.target_platform`):
-      there XLA:CPU's peak is never higher with it and often lower (4 pairs, Li 512:
-      float32 1366 -> 1263 MB, bf16 980 -> 960; Li 1024 float32 2526 -> 2384; 16
-      pairs level), and the step is no slower (`tools/ab_steps.py`: float32 0.951 of
-      the step time, bf16 0.986; `benchmarks/NOTES.md`, session 43); off on other
+      there XLA:CPU's peak with it, the vocabulary projection's tie left out, is never
+      higher and often lower (4 pairs, Li 512: float32 1366 -> 1263 MB, bf16 980 -> 960;
+      Li 1024 float32 2526 -> 2384; 16 pairs level), and the step is no slower
+      (`tools/ab_steps.py`: float32 0.951 of the step time, bf16 0.986); the
+      vocabulary's tie (`logits_weight_grad_first`) then trades memory for speed
+      (`benchmarks/NOTES.md`, session 43); off on other
       backends, where it was never measured without remat (in session 12 it raised
       the CPU's bf16 peak by 123 MB, before later changes to the backward pass).
+    logits_weight_grad_first: the same for the vocabulary projection (`Decoder`).
+      None (default): as `weight_grad_first` resolves; False keeps its dW [D, V] out
+      of the start of the backward pass (FIGS2).
     float32_matmul_vjp: float32 on the CPU: the projections', attention's and the
       logits' matmul gradients in the layouts `matmul.einsum(float32_vjp=True)` picks,
       not XLA's (T5 1.1 small, 4 pairs, float32: step 2.86 -> 2.60 s, peak RSS 2056 ->
@@ -160,6 +166,7 @@ class T5Config:
   relative_attention_max_distance: int = 128
   remat_policy: str = 'none'
   weight_grad_first: Optional[bool] = None
+  logits_weight_grad_first: Optional[bool] = None
   float32_matmul_vjp: Optional[bool] = None
   attention_block_bytes: int = 0
   attention_implementation: str = 'default'
@@ -181,6 +188,13 @@ class T5Config:
     if self.weight_grad_first is None:
       return self.remat_policy != 'none' or platforms.target_platform() == 'cpu'
     return bool(self.weight_grad_first)
+
+  @property
+  def logits_weight_gradient_first(self) -> bool:
+    """`logits_weight_grad_first`, resolved: None means `weight_gradients_first`."""
+    if self.logits_weight_grad_first is None:
+      return self.weight_gradients_first
+    return bool(self.logits_weight_grad_first)
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
@@ -1222,12 +1236,14 @@ class Decoder(nn.Module):
       logits = self.shared_embedding.attend(
           y, cfg.logits_dtype, cfg.float32_matmul_vjps) / jnp.sqrt(y.shape[-1])
     else:
-      # Never `weight_grad_first`: at the start of the backward pass the vocabulary
-      # gradient would hold dlogits [rows·Lt, V] and its softmax alongside every layer's
-      # saved activations (+48 MB at that peak, T5 1.1 small, 4 pairs, float32;
-      # `tools/step_peak_buffers.sh` with the tie edited in here).
+      # With `logits_weight_grad_first` (default: as `weight_grad_first`) the vocabulary
+      # gradient dW = yᵀ dlogits is computed before dy = dlogits Wᵀ, not beside it: on a
+      # 2-core CPU the two [rows·Lt, V] matmuls otherwise run at once and slow each
+      # other; dW [D, V] then lives from the start of the backward pass, beside the saved
+      # activations (FIGS).
       logits = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.logits_dtype,
                      cfg.weight_dtype, name='logits_dense', out_dtype=jnp.float32,
+                     weight_grad_first=cfg.logits_weight_gradient_first,
                      float32_vjp=cfg.float32_matmul_vjps)(y)
     return with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
 

@@ -240,11 +240,13 @@ def config_flops(cfg, batch: int, li: int, lt: int, n_targets: int = 3, **kw) ->
 # ----------------------------------------------------------------------------- slic_jax side
 def make_config(size: str, dtype: str = "float32", remat: str = "none",
                 logits_dtype: str = "float32", weight_grad_first: str = "auto",
-                attention_block_bytes: int = 0, attention_implementation: str = "default"):
+                attention_block_bytes: int = 0, attention_implementation: str = "default",
+                logits_weight_grad_first: str = "auto"):
   from slic_jax import network
-  first = {"auto": None, "on": True, "off": False}[weight_grad_first]
+  tri = {"auto": None, "on": True, "off": False}
   return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat,
-                          logits_dtype=logits_dtype, weight_grad_first=first,
+                          logits_dtype=logits_dtype, weight_grad_first=tri[weight_grad_first],
+                          logits_weight_grad_first=tri[logits_weight_grad_first],
                           attention_block_bytes=attention_block_bytes,
                           attention_implementation=attention_implementation)
 
@@ -464,7 +466,7 @@ def compile_slic_step(args, t_start: float) -> dict:
     matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = args.widen_min_flops_per_element
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
                     args.weight_grad_first, args.attention_block_bytes,
-                    args.attention_implementation)
+                    args.attention_implementation, args.logits_weight_grad_first)
   np_batch = random_pair_batch(args.batch, args.li, args.lt, cfg.vocab_size, args.seed)
   shapes = {k: v.shape for k, v in np_batch.items()}
   p = partitioning.Partitioner(devices=jax.devices()[:1])
@@ -1264,6 +1266,9 @@ def parse_args(argv=None):
   ap.add_argument("--weight_grad_first", default="auto", choices=["auto", "on", "off"],
                   help="step worker: network.T5Config.weight_grad_first (auto: on with remat "
                        "or on the CPU)")
+  ap.add_argument("--logits_weight_grad_first", default="auto", choices=["auto", "on", "off"],
+                  help="step worker: network.T5Config.logits_weight_grad_first (auto: as "
+                       "--weight_grad_first)")
   ap.add_argument("--attention_block_bytes", type=int, default=0,
                   help="step worker: network.T5Config.attention_block_bytes (0: unblocked)")
   ap.add_argument("--attention_implementation", default="default",
