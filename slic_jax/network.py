@@ -88,8 +88,8 @@ class T5Config:
     remat_policy: 'none', 'full' (recompute every layer in the backward pass) or
       'minimal' (keep matmul outputs, recompute the rest).
     weight_grad_first: in the backward pass, compute each projection's weight gradient
-      (and the relative position bias's; the vocabulary projection's too, see `Decoder`)
-      before passing the input gradient on
+      (and the relative position bias's; not the vocabulary projection's, see
+      `logits_weight_grad_first`) before passing the input gradient on
       (`matmul.weight_gradient_first`, `add_position_bias`), so that each layer's
       matmul inputs and cotangents are freed in that layer. None (default): on with
       remat, where the backward pass holds the step's peak memory (T5 1.1 small, 4
@@ -99,14 +99,16 @@ class T5Config:
       there XLA:CPU's peak with it, the vocabulary projection's tie left out, is never
       higher and often lower (4 pairs, Li 512: float32 1366 -> 1263 MB, bf16 980 -> 960;
       Li 1024 float32 2526 -> 2384; 16 pairs level), and the step is no slower
-      (`tools/ab_steps.py`: float32 0.951 of the step time, bf16 0.986); the
-      vocabulary's tie (`logits_weight_grad_first`) then trades memory for speed
-      (`benchmarks/NOTES.md`, session 43); off on other
+      (`tools/ab_steps.py`: float32 0.951 of the step time, bf16 0.986;
+      `benchmarks/NOTES.md`, session 43); off on other
       backends, where it was never measured without remat (in session 12 it raised
       the CPU's bf16 peak by 123 MB, before later changes to the backward pass).
-    logits_weight_grad_first: the same for the vocabulary projection (`Decoder`).
-      None (default): as `weight_grad_first` resolves; False keeps its dW [D, V] out
-      of the start of the backward pass (FIGS2).
+    logits_weight_grad_first: the same for the vocabulary projection (`Decoder`), on
+      its own switch: off by default. On, dW [D, V] is computed before dy and then
+      lives from the start of the backward pass beside the saved activations: XLA:CPU's
+      peak +62 MB (T5 1.1 small, 4 pairs, float32; 16 pairs +59; bf16 level), for a
+      speed change not shown on the 2-core CPU (`tools/ab_steps.py`: 0.987 and 1.030 of
+      the step time; `benchmarks/NOTES.md`, session 43).
     float32_matmul_vjp: float32 on the CPU: the projections', attention's and the
       logits' matmul gradients in the layouts `matmul.einsum(float32_vjp=True)` picks,
       not XLA's (T5 1.1 small, 4 pairs, float32: step 2.86 -> 2.60 s, peak RSS 2056 ->
@@ -166,7 +168,7 @@ class T5Config:
   relative_attention_max_distance: int = 128
   remat_policy: str = 'none'
   weight_grad_first: Optional[bool] = None
-  logits_weight_grad_first: Optional[bool] = None
+  logits_weight_grad_first: bool = False
   float32_matmul_vjp: Optional[bool] = None
   attention_block_bytes: int = 0
   attention_implementation: str = 'default'
@@ -188,13 +190,6 @@ class T5Config:
     if self.weight_grad_first is None:
       return self.remat_policy != 'none' or platforms.target_platform() == 'cpu'
     return bool(self.weight_grad_first)
-
-  @property
-  def logits_weight_gradient_first(self) -> bool:
-    """`logits_weight_grad_first`, resolved: None means `weight_gradients_first`."""
-    if self.logits_weight_grad_first is None:
-      return self.weight_gradients_first
-    return bool(self.logits_weight_grad_first)
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', jnp.dtype(self.dtype))
@@ -1236,14 +1231,13 @@ class Decoder(nn.Module):
       logits = self.shared_embedding.attend(
           y, cfg.logits_dtype, cfg.float32_matmul_vjps) / jnp.sqrt(y.shape[-1])
     else:
-      # With `logits_weight_grad_first` (default: as `weight_grad_first`) the vocabulary
-      # gradient dW = yᵀ dlogits is computed before dy = dlogits Wᵀ, not beside it: on a
-      # 2-core CPU the two [rows·Lt, V] matmuls otherwise run at once and slow each
-      # other; dW [D, V] then lives from the start of the backward pass, beside the saved
-      # activations (FIGS).
+      # `weight_grad_first` leaves this projection out: at the start of the backward pass
+      # its dW [D, V] would live beside every layer's saved activations (+62 MB at
+      # XLA:CPU's float32 peak, T5 1.1 small, 4 pairs; `logits_weight_grad_first` puts
+      # it in, for a speed change not shown; `benchmarks/NOTES.md`, session 43).
       logits = Dense(cfg.vocab_size, ('embed', 'vocab'), cfg.logits_dtype,
                      cfg.weight_dtype, name='logits_dense', out_dtype=jnp.float32,
-                     weight_grad_first=cfg.logits_weight_gradient_first,
+                     weight_grad_first=cfg.logits_weight_grad_first,
                      float32_vjp=cfg.float32_matmul_vjps)(y)
     return with_sharding_constraint(logits, ('batch', 'length', 'vocab'))
 

@@ -357,14 +357,6 @@ def test_weight_gradients_first_resolves_with_remat_and_the_platform(monkeypatch
     assert not network.make_config('tiny', remat_policy='full',
                                    weight_grad_first=False).weight_gradients_first
     assert network.make_config('tiny', weight_grad_first=True).weight_gradients_first
-    assert not network.make_config('tiny').logits_weight_gradient_first
-    assert network.make_config('tiny', remat_policy='full').logits_weight_gradient_first
-  monkeypatch.undo()  # back on the CPU
-  assert network.make_config('tiny').logits_weight_gradient_first
-  assert not network.make_config('tiny', logits_weight_grad_first=False
-                                 ).logits_weight_gradient_first
-  assert network.make_config('tiny', weight_grad_first=False,
-                             logits_weight_grad_first=True).logits_weight_gradient_first
 
 
 def test_the_cpu_step_computes_weight_gradients_first_by_default():
@@ -457,11 +449,10 @@ def test_weight_gradients_first_frees_each_layers_buffers_in_its_backward():
   assert tied < 0.6 * untied, (tied, untied)  # measured: 66 vs 152 MB
 
 
-def test_the_vocabulary_projection_computes_its_weight_gradient_first_too():
-  """With weight_grad_first (the CPU default) the logits' dW = yᵀ dlogits is tied ahead of
-  dy like every other projection's (`matmul.weight_gradient_first`), so that the two
-  [rows·Lt, V] matmuls do not run at once; 12 ties for one layer each (encoder 4,
-  decoder 7, the vocabulary 1), none without it, 11 with logits_weight_grad_first=False."""
+def test_the_vocabulary_projection_computes_its_weight_gradient_first_on_its_own_switch():
+  """weight_grad_first (the CPU default) ties every projection's dW ahead of its dx
+  (`matmul.weight_gradient_first`) except the vocabulary's: 11 ties for one layer each
+  (encoder 4, decoder 7); logits_weight_grad_first adds the vocabulary's [D, V] one."""
   import re
   enc = jnp.ones((2, 16), jnp.int32)
   dec = jnp.ones((2, 8), jnp.int32)
@@ -477,12 +468,12 @@ def test_the_vocabulary_projection_computes_its_weight_gradient_first_too():
   vocabulary_tie = re.compile(
       rf':f32\[{d},{v}\] = custom_vjp_call\[\s*name=weight_gradient_first')
   default, off = jaxpr(None), jaxpr(False)
-  assert default.count('name=weight_gradient_first') == 12
-  assert vocabulary_tie.search(default)
+  assert default.count('name=weight_gradient_first') == 11
+  assert not vocabulary_tie.search(default)
   assert 'name=weight_gradient_first' not in off
-  untied = jaxpr(None, logits_weight_grad_first=False)
-  assert untied.count('name=weight_gradient_first') == 11
-  assert not vocabulary_tie.search(untied)
+  tied = jaxpr(None, logits_weight_grad_first=True)
+  assert tied.count('name=weight_gradient_first') == 12
+  assert vocabulary_tie.search(tied)
 
 
 def test_make_config_sizes():

@@ -241,12 +241,12 @@ def config_flops(cfg, batch: int, li: int, lt: int, n_targets: int = 3, **kw) ->
 def make_config(size: str, dtype: str = "float32", remat: str = "none",
                 logits_dtype: str = "float32", weight_grad_first: str = "auto",
                 attention_block_bytes: int = 0, attention_implementation: str = "default",
-                logits_weight_grad_first: str = "auto"):
+                logits_weight_grad_first: str = "off"):
   from slic_jax import network
-  tri = {"auto": None, "on": True, "off": False}
+  first = {"auto": None, "on": True, "off": False}[weight_grad_first]
   return network.T5Config(**size_dims(size), dtype=dtype, remat_policy=remat,
-                          logits_dtype=logits_dtype, weight_grad_first=tri[weight_grad_first],
-                          logits_weight_grad_first=tri[logits_weight_grad_first],
+                          logits_dtype=logits_dtype, weight_grad_first=first,
+                          logits_weight_grad_first=logits_weight_grad_first == "on",
                           attention_block_bytes=attention_block_bytes,
                           attention_implementation=attention_implementation)
 
@@ -1266,9 +1266,8 @@ def parse_args(argv=None):
   ap.add_argument("--weight_grad_first", default="auto", choices=["auto", "on", "off"],
                   help="step worker: network.T5Config.weight_grad_first (auto: on with remat "
                        "or on the CPU)")
-  ap.add_argument("--logits_weight_grad_first", default="auto", choices=["auto", "on", "off"],
-                  help="step worker: network.T5Config.logits_weight_grad_first (auto: as "
-                       "--weight_grad_first)")
+  ap.add_argument("--logits_weight_grad_first", default="off", choices=["on", "off"],
+                  help="step worker: network.T5Config.logits_weight_grad_first")
   ap.add_argument("--attention_block_bytes", type=int, default=0,
                   help="step worker: network.T5Config.attention_block_bytes (0: unblocked)")
   ap.add_argument("--attention_implementation", default="default",
