@@ -530,3 +530,43 @@ def test_side_by_side_processes_run_in_turn_with_the_order_reversed_every_other_
   assert row["slic_jax_2row_bf16"]["step_s_median"] == 2.0
   assert row["trl"]["step_s_median"] == 6.0
   assert "run in turn, the order reversed every other round" in (tmp_path / "results.md").read_text()
+  # Round by round: TRL's median step over slic_jax's in the same round, and the median of
+  # those ratios (the fastest processes above: 6.0 / 2.8 = 2.14 against TRL's default).
+  rounds = benchmark.side_by_side_rounds(res)
+  assert rounds[("small", "slic_jax_2row", "trl")] == pytest.approx([6.0 / 3.0, 6.5 / 2.8, 6.2 / 3.1])
+  assert rounds[("small", "slic_jax_2row", "trl_nockpt")] == pytest.approx(
+      [5.0 / 3.0, 5.5 / 2.8, 5.2 / 3.1])
+  assert rounds[("small", "slic_jax_2row_bf16", "trl")] == pytest.approx([3.0, 2.6, 6.2 / 2.1])
+  assert len(rounds) == 4
+  md = (tmp_path / "results.md").read_text()
+  assert ("| small | slic_jax (2 rows: y⁺, y⁻; NLL on y⁺ as TRL) | TRL CPOTrainer, "
+          "gradient_checkpointing=False (`--peer_no_checkpointing`) | 1.67× | 1.96× | 1.68× "
+          "| 1.68× |") in md
+
+
+def test_side_by_side_rounds_pair_runs_of_the_same_round_and_skip_failed_ones():
+  """A round where either process failed is '–' and left out of the median; a float32
+  row is not compared with TRL's bf16 autocast, a bf16 row is; fewer than two complete
+  rounds (--repeats 1) give no table."""
+  def runs(*medians):
+    return {"runs": [{"step_s_median": m} for m in medians]}
+
+  res = {"comparison": [{"size": "small",
+                         "slic_jax_2row": runs(2.0, None, 3.0, 2.5),
+                         "slic_jax_2row_bf16": runs(1.0, 1.5, 1.2, 1.1),
+                         "trl": runs(5.0, 6.0, None, 6.0),
+                         "trl_bf16": runs(8.0, 9.0, 8.4, 7.7)}]}
+  rounds = benchmark.side_by_side_rounds(res)
+  assert sorted(rounds) == [("small", "slic_jax_2row", "trl"),
+                            ("small", "slic_jax_2row_bf16", "trl"),
+                            ("small", "slic_jax_2row_bf16", "trl_bf16")]
+  assert rounds[("small", "slic_jax_2row", "trl")] == pytest.approx([2.5, None, None, 2.4])
+  assert rounds[("small", "slic_jax_2row_bf16", "trl_bf16")] == pytest.approx([8, 6, 7, 7])
+  md = "\n".join(benchmark._side_by_side_rounds_markdown(res))
+  assert "| 2.50× | – | – | 2.40× | 2.45× |" in md
+  res["comparison"][0]["slic_jax_2row"] = runs(2.0, None, 3.0, None)
+  assert ("small", "slic_jax_2row", "trl") not in benchmark.side_by_side_rounds(res)
+  for k in ("slic_jax_2row", "slic_jax_2row_bf16", "trl", "trl_bf16"):
+    res["comparison"][0][k]["runs"] = res["comparison"][0][k]["runs"][:1]
+  assert benchmark.side_by_side_rounds(res) == {}
+  assert benchmark._side_by_side_rounds_markdown(res) == []

@@ -101,6 +101,9 @@ SLIC_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_2row_mb4", "slic_jax_bf16",
              "slic_jax_2row_bf16_fused_softmax", "slic_jax_2row_fused_softmax",
              "slic_jax_2row_bf16_mixed_dots", "slic_jax_2row_bf16_widen_all",
              "slic_jax_2row_cpu_kernels", "slic_jax_2row_bf16_cpu_kernels")
+# TRL's rows: as configured by default, with bf16 autocast, with slic_jax's malloc settings,
+# without gradient checkpointing (float32, bf16 autocast).
+PEER_ROWS = ("trl", "trl_bf16", "trl_reuse", "trl_nockpt", "trl_bf16_nockpt")
 DEFAULT_ROWS = ("slic_jax", "slic_jax_2row", "slic_jax_bf16", "slic_jax_2row_bf16",
                 "slic_jax_2row_bf16_mb4", "slic_jax_2row_bf16_remat", "slic_jax_2row_glibc",
                 "slic_jax_2row_bf16_glibc")
@@ -1060,7 +1063,7 @@ def to_markdown(res: dict) -> str:
               "peak device MB | compile s | page faults / step | kernel s / step |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for c in res["comparison"]:
-    for fw in SLIC_ROWS + ("trl", "trl_bf16", "trl_reuse", "trl_nockpt", "trl_bf16_nockpt"):
+    for fw in SLIC_ROWS + PEER_ROWS:
       r = c.get(fw)
       if r is None:
         continue
@@ -1090,6 +1093,7 @@ def to_markdown(res: dict) -> str:
           f"{_g(r.get('compile_s'), 1, '{:.1f}')} | "
           f"{_g(r.get('minor_faults_per_step'), 1, '{:.0f}')} | "
           f"{_g(r.get('kernel_s_per_step'), 1, '{:.2f}')} |")
+  lines += _side_by_side_rounds_markdown(res)
   if res["sweep"]:
     repeats = s.get("repeats") or 1
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
@@ -1243,6 +1247,51 @@ def _sweep_rounds_markdown(res: dict) -> list[str]:
                + [""] * (n - len(rel[li])))
       lines.append(f"| {size} | {fw} | {li} | " + " | ".join(cells)
                    + f" | {100 * statistics.median(done):+.1f}% |")
+  return lines
+
+
+def side_by_side_rounds(res: dict) -> dict:
+  """Each slic_jax row's speed-up over each TRL row, round by round.
+
+  The side-by-side table compares each framework's fastest process, which the VM's drift
+  may have put in different phases. With --repeats R round k holds every row's k-th
+  process, run minutes apart, so the ratio of two rows' median steps in one round
+  compares them in the same phase. Returns {(size, slic_jax row, TRL row): [TRL's median
+  step / slic_jax's, one per round, None where either run of that round has no median
+  step]}: every slic_jax row against TRL's float32 rows, its bfloat16 rows also against
+  TRL's bf16 autocast rows; left out where a pair has fewer than two complete rounds.
+  """
+  out = {}
+  for c in res["comparison"]:
+    runs = {k: [x.get("step_s_median") for x in c[k].get("runs", ())]
+            for k in SLIC_ROWS + PEER_ROWS if k in c}
+    for key in (k for k in SLIC_ROWS if k in runs):
+      bf16 = SLIC_CONFIGS[key][2] == "bfloat16"
+      for pkey in (k for k in PEER_ROWS if k in runs and (bf16 or "bf16" not in k)):
+        n = min(len(runs[key]), len(runs[pkey]))
+        ratios = [p / m if p and m else None for m, p in zip(runs[key][:n], runs[pkey][:n])]
+        if sum(r is not None for r in ratios) >= 2:
+          out[(c["size"], key, pkey)] = ratios
+  return out
+
+
+def _side_by_side_rounds_markdown(res: dict) -> list[str]:
+  """The table of `side_by_side_rounds`, or nothing where it is empty."""
+  table = side_by_side_rounds(res)
+  if not table:
+    return []
+  n = max(len(v) for v in table.values())
+  lines = ["", "Speed-up per round (round k: every row's k-th process, run in turn minutes "
+           "apart; TRL's median step over slic_jax's in that round; –: a run of that round "
+           "failed). The median over rounds compares the two in the same phase of the "
+           "machine, where the table above takes each framework's fastest process:", "",
+           "| model | slic_jax | against | " + " | ".join(f"round {k + 1}" for k in range(n))
+           + " | median over rounds |", "|---|---|---|" + "---|" * (n + 1)]
+  for (size, key, pkey), ratios in table.items():
+    done = [x for x in ratios if x is not None]
+    cells = [f"{x:.2f}×" if x is not None else "–" for x in ratios] + [""] * (n - len(ratios))
+    lines.append(f"| {size} | {LABELS[key]} | {LABELS[pkey]} | " + " | ".join(cells)
+                 + f" | {statistics.median(done):.2f}× |")
   return lines
 
 
