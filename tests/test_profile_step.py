@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 import jax
+import pytest
 import jax.numpy as jnp
 
 _TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
@@ -13,6 +14,7 @@ sys.path.insert(0, _TOOLS)
 _spec = importlib.util.spec_from_file_location("slic_jax_tools_profile_step",
                                                os.path.join(_TOOLS, "profile_step.py"))
 profile_step = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = profile_step  # (its dataclasses look their module up)
 _spec.loader.exec_module(profile_step)
 
 
@@ -285,3 +287,65 @@ def test_from_trace_reports_the_kept_h200_trace(capsys):
   coarse = out.split("coarse split:")[1].split("\n")
   assert coarse[2].split() == ["3.4", "0.0", "optimizer", "/", "other"]
   assert "summed op time 13 ms" in out
+
+
+def test_executed_dots_count_each_traced_run_of_the_ops_holding_them():
+  """The dots of the ops a trace shows, with their shapes and dimension numbers, counted
+  per traced run; an op the trace does not show (a branch not taken) counts nothing."""
+  f = lambda a, b, c: (jnp.tanh(a @ b), jnp.einsum("bqd,bkd->bqk", c, c))
+  a, b, c = jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones((3, 5, 7))
+  text = jax.jit(f).lower(a, b, c).compile().as_text()
+  comps, insts, shapes = profile_step.parse_hlo(text)
+  entry = re.search(r"ENTRY %(\S+)", text).group(1)
+  with_dots = [n for n, (comp, _) in insts.items()
+               if comp == entry and profile_step.op_flops(n, comps, insts, shapes)]
+  assert len(with_dots) == 2
+  events = [{"ph": "X", "name": n, "dur": 5.0} for n in with_dots + with_dots[:1]]
+  dots, source = profile_step.executed_dots(events, comps, insts, shapes)
+  by_flops = {d.flops: (d, n) for d, n in dots.items()}
+  assert sorted(by_flops) == [2 * 8 * 16 * 4, 2 * 3 * 5 * 5 * 7]
+  mm, batched = by_flops[2 * 8 * 16 * 4][0], by_flops[2 * 3 * 5 * 5 * 7][0]
+  assert sum(dots.values()) == 3
+  assert profile_step._dims(mm.out) == [8, 4] and mm.lhs_contracting == (1,)
+  assert batched.lhs_batch == (0,) and batched.rhs_batch == (0,)
+  assert profile_step._dims(batched.out) == [3, 5, 5]
+  assert set(source) == set(dots)
+  only_second, _ = profile_step.executed_dots(events[1:2], comps, insts, shapes)
+  assert only_second == {d: 1 for d, n in dots.items() if n == 1}
+
+
+def test_dot_callable_computes_the_dot_it_stands_for():
+  dot = profile_step.Dot("f32[2,3,4]{2,1,0}", "f32[2,5,4]{2,1,0}", "f32[2,3,5]{2,1,0}",
+                         lhs_contracting=(2,), rhs_contracting=(2,), lhs_batch=(0,), rhs_batch=(0,))
+  assert dot.flops == 2 * 2 * 3 * 5 * 4
+  compiled, (a, b) = profile_step.dot_callable(dot)
+  out = compiled(a, b)
+  assert out.shape == (2, 3, 5) and out.dtype == jnp.float32
+  assert jnp.allclose(out, jnp.einsum("bqd,bkd->bqk", a, b), atol=1e-5)
+  half = profile_step.Dot("bf16[8,16]{1,0}", "bf16[16,4]{1,0}", "f32[8,4]{1,0}", (1,), (0,))
+  compiled, (a, b) = profile_step.dot_callable(half)
+  assert a.dtype == jnp.bfloat16 and compiled(a, b).dtype == jnp.float32
+
+
+def test_dots_alone_weighs_each_dot_by_its_calls_round_by_round():
+  """Each round: the step's time, then Σ calls × (each dot's time alone), and the square
+  peak; the report gives the dots' share of the step per round and their median."""
+  big = profile_step.Dot("f32[64,64]{1,0}", "f32[64,64]{1,0}", "f32[64,64]{1,0}", (1,), (0,))
+  small = profile_step.Dot("f32[64,64]{1,0}", "f32[64,1]{1,0}", "f32[64,1]{1,0}", (1,), (0,))
+  dots = {big: 3, small: 5}
+  steps = iter([0.5, 0.25])
+  res = profile_step.dots_alone(dots, lambda: next(steps), rounds=2, peak_n=64)
+  assert [r["step_s"] for r in res["rounds"]] == [0.5, 0.25]
+  for k, r in enumerate(res["rounds"]):
+    per = {d: res["per_dot"][d][k] for d in dots}
+    assert all(t >= 0 for t in per.values())
+    assert r["dots_s"] == pytest.approx(3 * per[big] + 5 * per[small])
+    assert r["peak_flops_per_s"] > 0 and r["dispatch_s"] > 0
+  text = profile_step.dots_alone_report(dots, {big: "encoder/L/mlp", small: ""}, res)
+  assert "2 distinct dots, 8 calls" in text
+  share = [f"{r['dots_s'] / r['step_s']:.0%}" for r in res["rounds"]]
+  lines = text.splitlines()
+  assert lines[3].split()[:2] == ["1", "0.500"] and share[0] in lines[3]
+  assert lines[4].split()[:2] == ["2", "0.250"] and share[1] in lines[4]
+  assert lines[5].startswith("median")
+  assert "f32[64,64] · f32[64,64] -> f32[64,64]; encoder/L/mlp" in text

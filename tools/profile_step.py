@@ -35,7 +35,12 @@ report then starts with the device's view: kernels' busy time against the step's
 time (the rest is the GPU waiting for the host) and the longest host-side runtime
 events (e.g. XLA's CUDA-graph ``command_buffer::update``). ``--from_trace DIR --hlo FILE``
 reports a kept trace (``--trace_dir``) and HLO (``--dump_hlo``, gzipped or not) again,
-off the machine that made them. Like ``slic_jax.train``, it first calls
+off the machine that made them. ``--dots_alone ROUNDS`` then asks how near the step is to what XLA's own dots allow on
+its shapes: each distinct dot the traced step ran (`executed_dots`) is jitted by itself
+with the step's compiler options and timed, its time counted once per call in the step,
+beside one step and the square float32 matmul peak in each round (`dots_alone`); the
+report gives per round the step, its dots alone, their share of the step and their
+aggregate GFLOP/s against the square peak. Like ``slic_jax.train``, it first calls
 `slic_jax.host_memory.reuse_freed_memory` (``--host_malloc default``: glibc's defaults, under
 which ops that first touch the step's temporaries also pay for their page faults).
 """
@@ -479,6 +484,166 @@ def _read_text(path: str) -> str:
     return f.read()
 
 
+# ----------------------------------------------------------------------------- dots alone
+@dataclasses.dataclass(frozen=True)
+class Dot:
+  """One HLO ``dot``'s operands, result and dimension numbers (shapes with dtype, e.g.
+  ``f32[2048,512]``; XLA:CPU's layout assignment has made every dot operand row-major)."""
+  lhs: str
+  rhs: str
+  out: str
+  lhs_contracting: tuple[int, ...]
+  rhs_contracting: tuple[int, ...]
+  lhs_batch: tuple[int, ...] = ()
+  rhs_batch: tuple[int, ...] = ()
+
+  @property
+  def flops(self) -> int:
+    """2 · prod(result dims) · prod(lhs contracting dims)."""
+    lhs, k, n = _dims(self.lhs), 1, 1
+    for i in self.lhs_contracting:
+      k *= lhs[i]
+    for d in _dims(self.out):
+      n *= d
+    return 2 * n * k
+
+  def label(self) -> str:
+    return f"{self.lhs.split('{')[0]} · {self.rhs.split('{')[0]} -> {self.out.split('{')[0]}"
+
+
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+
+
+def _parse_dot(comp: str, line: str, shapes) -> Dot | None:
+  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) dot\(%([^,\s)]+), %([^,\s)]+)\)(.*)", line)
+  if not m:
+    return None
+  out, lhs, rhs, rest = m.groups()
+
+  def dims(key):
+    d = re.search(key + r"=\{([0-9,]*)\}", rest)
+    return tuple(int(x) for x in d.group(1).split(",") if x) if d else ()
+
+  return Dot(shapes.get((comp, lhs), ""), shapes.get((comp, rhs), ""), out,
+             dims("lhs_contracting_dims"), dims("rhs_contracting_dims"),
+             dims("lhs_batch_dims"), dims("rhs_batch_dims"))
+
+
+def executed_dots(trace_events, comps, insts, shapes):
+  """The dots the traced step ran: ``({Dot: calls}, {Dot: source})``, each executed op's
+  dot (a ``dot`` instruction, or the dots of the fusion it calls) counted once per traced
+  run of the op, so a conditional's branch not taken counts nothing; the source is the
+  first call's JAX ``op_name`` (else its op's, `op_source`) with layer numbers folded."""
+  calls, source = collections.Counter(), {}
+  for e in traced_ops(trace_events, insts)[0]:
+    comp, line = insts[e["name"]]
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    lines = ([(comp, line)] if " dot(" in line else
+             [(called.group(1), x) for x in comps.get(called.group(1), []) if " dot(" in x]
+             if called else [])
+    for c, x in lines:
+      d = _parse_dot(c, x, shapes)
+      if d is not None and d.flops:
+        calls[d] += 1
+        name = re.search(r'op_name="([^"]*)"', x)
+        source.setdefault(d, fold(name.group(1) if name else op_source(e["name"], insts, comps)))
+  return calls, source
+
+
+def dot_callable(dot: Dot, options=None):
+  """``(compiled dot_general, its operands)``: the dot by itself, jitted with the step's
+  compiler options, on random operands of its shapes."""
+  import jax
+  import jax.numpy as jnp
+  dtype = lambda shape: jnp.dtype(_HLO_DTYPES[shape.split("[")[0]])
+  a = jax.random.normal(jax.random.PRNGKey(0), _dims(dot.lhs), jnp.float32).astype(dtype(dot.lhs))
+  b = jax.random.normal(jax.random.PRNGKey(1), _dims(dot.rhs), jnp.float32).astype(dtype(dot.rhs))
+  dn = ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch))
+  f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, dn, preferred_element_type=dtype(dot.out)))
+  return f.lower(a, b).compile(options), (a, b)
+
+
+def _best_call_s(f, xs, calls: int) -> float:
+  """The fastest of ``calls`` synchronous calls ``f(*xs)``, in seconds."""
+  import jax
+  best = float("inf")
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*xs))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def dots_alone(dots: dict, run_step, rounds: int, options=None, peak_n: int = 2048,
+               calls: int = 3):
+  """Round by round: one step (``run_step()``, seconds), then each distinct dot by itself
+  (`dot_callable`; the fastest of ``calls`` calls, less jax's dispatch) counted as many
+  times as the step ran it, then the square float32 matmul ``peak_n``² (the fastest of
+  ``calls``). The step and the dots it holds run seconds apart, so their ratio holds
+  through this VM's drifts. Jax's dispatch per call (a jitted scalar add, the fastest of
+  5 calls) is taken off each dot's time, floored at 0: the step pays no dispatch per op.
+
+  Returns ``{"rounds": [{"step_s", "dots_s", "dispatch_s", "peak_flops_per_s"}, ...],
+  "per_dot": {Dot: [s per call, one per round]}}``.
+  """
+  import jax
+  import jax.numpy as jnp
+  fns = {d: dot_callable(d, options) for d in dots}
+  x = jnp.ones((peak_n, peak_n), jnp.float32)
+  square = jax.jit(jnp.dot).lower(x, x).compile(options)
+  one = jnp.float32(1)
+  noop = jax.jit(lambda v: v + 1).lower(one).compile(options)
+  for f, xs in [*fns.values(), (square, (x, x)), (noop, (one,))]:
+    jax.block_until_ready(f(*xs))
+  out = {"rounds": [], "per_dot": {d: [] for d in dots}}
+  for _ in range(rounds):
+    step_s = run_step()
+    dispatch = _best_call_s(noop, (one,), 5)
+    total = 0.0
+    for d, (f, xs) in fns.items():
+      t = max(_best_call_s(f, xs, calls) - dispatch, 0.0)
+      out["per_dot"][d].append(t)
+      total += dots[d] * t
+    out["rounds"].append({"step_s": step_s, "dots_s": total, "dispatch_s": dispatch,
+                          "peak_flops_per_s": 2.0 * peak_n ** 3 / _best_call_s(square, (x, x), calls)})
+  return out
+
+
+def dots_alone_report(dots: dict, source: dict, res: dict, top: int = 20) -> str:
+  """The table of `dots_alone`: per round the step, its dots alone and their share, the
+  square peak; then the dots by their time alone (median over rounds)."""
+  import statistics
+  flops = sum(n * d.flops for d, n in dots.items())
+  rows = res["rounds"]
+  med = lambda xs: statistics.median(xs)
+  out = [f"the step's dots alone: {len(dots)} distinct dots, {sum(dots.values())} calls, "
+         f"{flops / 1e9:.1f} GFLOP; each jitted by itself with the step's compiler options "
+         "and timed once per round (the fastest of 3 calls, less jax's dispatch per call: "
+         f"{statistics.median(r['dispatch_s'] for r in res['rounds']) * 1e6:.0f} µs), times "
+         "its calls; the step once per round, seconds before", "",
+         " round  step s  dots alone s  dots / step  dots' GFLOP/s  square f32 peak GFLOP/s"
+         "  step at the peak's rate s"]
+  for k, r in enumerate(rows):
+    out.append(f"{k + 1:6d} {r['step_s']:7.3f} {r['dots_s']:13.3f} {r['dots_s'] / r['step_s']:11.0%} "
+               f"{flops / r['dots_s'] / 1e9:14.0f} {r['peak_flops_per_s'] / 1e9:24.0f} "
+               f"{flops / r['peak_flops_per_s']:26.3f}")
+  out.append(f"median {med([r['step_s'] for r in rows]):7.3f} "
+             f"{med([r['dots_s'] for r in rows]):13.3f} "
+             f"{med([r['dots_s'] / r['step_s'] for r in rows]):11.0%} "
+             f"{med([flops / r['dots_s'] for r in rows]) / 1e9:14.0f} "
+             f"{med([r['peak_flops_per_s'] for r in rows]) / 1e9:24.0f} "
+             f"{med([flops / r['peak_flops_per_s'] for r in rows]):26.3f}")
+  per = sorted(((dots[d] * med(ts), d) for d, ts in res["per_dot"].items()), key=lambda x: -x[0])
+  out += ["", f"dots by their time alone (median over rounds; the top {top}):",
+          "  ms all  calls  ms/call  GFLOP/s  dot; source"]
+  for ms, d in per[:top]:
+    each = ms / dots[d]
+    rate = f"{d.flops / each / 1e9:8.0f}" if each else "       –"
+    out.append(f"{ms * 1e3:8.1f} {dots[d]:6d} {each * 1e3:8.3f} {rate}  "
+               f"{d.label()}; {source.get(d, '')[-70:]}")
+  return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- main
 def _traced(run, trace_dir: str | None):
   """``(run(), the trace's events)`` with jax's profiler on around ``run()``.
@@ -617,6 +782,10 @@ def main(argv=None) -> int:
                   help="optimizers.create_optimizer(implementation=...)")
   ap.add_argument("--repeats", type=int, default=9,
                   help="--optimizer_only: timed calls (median) besides the traced one")
+  ap.add_argument("--dots_alone", type=int, default=0, metavar="ROUNDS",
+                  help="after the profile, time the step's dots each by itself beside the "
+                       "step, ROUNDS rounds (`dots_alone`): how much of the step its dots "
+                       "take at XLA's own rate for their shapes")
   ap.add_argument("--from_trace", default=None, metavar="DIR",
                   help="report the trace kept under DIR (an earlier --trace_dir) with --hlo, "
                        "building and running nothing")
@@ -668,9 +837,12 @@ def main(argv=None) -> int:
   for _ in range(args.warmup):
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
+  carry = [state]  # donated: each step's state feeds the next
+
   def one_step():
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(state, batch))
+    carry[0], _ = compiled(carry[0], batch)
+    jax.block_until_ready(carry[0])
     return time.perf_counter() - t0
 
   wall, events = _traced(one_step, args.trace_dir)
@@ -695,6 +867,12 @@ def main(argv=None) -> int:
         f"{jax.default_backend()}: profiled step {wall:.3f} s wall; model GFLOP/step "
         f"{model_flops / 1e9:.0f}")
   report(events, hlo_text, args, wall * 1e6, model_flops)
+  if args.dots_alone:
+    comps, insts, hlo_shapes = parse_hlo(hlo_text)
+    dots, source = executed_dots(events, comps, insts, hlo_shapes)
+    options = benchmark.step_options(args.xla_default, benchmark.parse_xla_options(args.xla_option))
+    print()
+    print(dots_alone_report(dots, source, dots_alone(dots, one_step, args.dots_alone, options)))
   return 0
 
 
