@@ -103,21 +103,54 @@ def _dims(shape: str) -> list[int]:
   return [int(x) for x in m.group(1).split(",") if x] if m else []
 
 
+@dataclasses.dataclass(frozen=True)
+class Dot:
+  """One HLO ``dot``'s operands, result and dimension numbers (shapes with dtype, e.g.
+  ``f32[2048,512]``; XLA:CPU's layout assignment has made every dot operand row-major)."""
+  lhs: str
+  rhs: str
+  out: str
+  lhs_contracting: tuple[int, ...]
+  rhs_contracting: tuple[int, ...]
+  lhs_batch: tuple[int, ...] = ()
+  rhs_batch: tuple[int, ...] = ()
+
+  @property
+  def flops(self) -> int:
+    """2 · prod(result dims) · prod(lhs contracting dims)."""
+    lhs, k, n = _dims(self.lhs), 1, 1
+    for i in self.lhs_contracting if lhs else ():  # (an operand shape the HLO lacks: k = 1)
+      k *= lhs[i]
+    for d in _dims(self.out):
+      n *= d
+    return 2 * n * k
+
+  def label(self) -> str:
+    return f"{self.lhs.split('{')[0]} · {self.rhs.split('{')[0]} -> {self.out.split('{')[0]}"
+
+
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
+
+
+def _parse_dot(comp: str, line: str, shapes) -> Dot | None:
+  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) dot\(%([^,\s)]+), %([^,\s)]+)\)(.*)", line)
+  if not m:
+    return None
+  out, lhs, rhs, rest = m.groups()
+
+  def dims(key):
+    d = re.search(key + r"=\{([0-9,]*)\}", rest)
+    return tuple(int(x) for x in d.group(1).split(",") if x) if d else ()
+
+  return Dot(shapes.get((comp, lhs), ""), shapes.get((comp, rhs), ""), out,
+             dims("lhs_contracting_dims"), dims("rhs_contracting_dims"),
+             dims("lhs_batch_dims"), dims("rhs_batch_dims"))
+
+
 def dot_flops(comp: str, line: str, shapes) -> int:
   """2 · prod(output dims) · prod(lhs contracting dims) of one HLO ``dot`` line."""
-  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) dot\(%([^,\s)]+)", line)
-  if not m:
-    return 0
-  out, lhs = _dims(m.group(1)), _dims(shapes.get((comp, m.group(2)), ""))
-  contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
-  k = 1
-  for i in (contracting.group(1).split(",") if contracting else []):
-    if i and lhs:
-      k *= lhs[int(i)]
-  n = 1
-  for d in out:
-    n *= d
-  return 2 * n * k
+  dot = _parse_dot(comp, line, shapes)
+  return dot.flops if dot else 0
 
 
 def op_flops(name: str, comps, insts, shapes) -> int:
@@ -485,50 +518,6 @@ def _read_text(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- dots alone
-@dataclasses.dataclass(frozen=True)
-class Dot:
-  """One HLO ``dot``'s operands, result and dimension numbers (shapes with dtype, e.g.
-  ``f32[2048,512]``; XLA:CPU's layout assignment has made every dot operand row-major)."""
-  lhs: str
-  rhs: str
-  out: str
-  lhs_contracting: tuple[int, ...]
-  rhs_contracting: tuple[int, ...]
-  lhs_batch: tuple[int, ...] = ()
-  rhs_batch: tuple[int, ...] = ()
-
-  @property
-  def flops(self) -> int:
-    """2 · prod(result dims) · prod(lhs contracting dims)."""
-    lhs, k, n = _dims(self.lhs), 1, 1
-    for i in self.lhs_contracting:
-      k *= lhs[i]
-    for d in _dims(self.out):
-      n *= d
-    return 2 * n * k
-
-  def label(self) -> str:
-    return f"{self.lhs.split('{')[0]} · {self.rhs.split('{')[0]} -> {self.out.split('{')[0]}"
-
-
-_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
-
-
-def _parse_dot(comp: str, line: str, shapes) -> Dot | None:
-  m = re.match(r"\s*(?:ROOT )?%\S+ = (\S+) dot\(%([^,\s)]+), %([^,\s)]+)\)(.*)", line)
-  if not m:
-    return None
-  out, lhs, rhs, rest = m.groups()
-
-  def dims(key):
-    d = re.search(key + r"=\{([0-9,]*)\}", rest)
-    return tuple(int(x) for x in d.group(1).split(",") if x) if d else ()
-
-  return Dot(shapes.get((comp, lhs), ""), shapes.get((comp, rhs), ""), out,
-             dims("lhs_contracting_dims"), dims("rhs_contracting_dims"),
-             dims("lhs_batch_dims"), dims("rhs_batch_dims"))
-
-
 def executed_dots(trace_events, comps, insts, shapes):
   """The dots the traced step ran: ``({Dot: calls}, {Dot: source})``, each executed op's
   dot (a ``dot`` instruction, or the dots of the fusion it calls) counted once per traced
