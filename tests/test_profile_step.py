@@ -349,3 +349,19 @@ def test_dots_alone_weighs_each_dot_by_its_calls_round_by_round():
   assert lines[4].split()[:2] == ["2", "0.250"] and share[1] in lines[4]
   assert lines[5].startswith("median")
   assert "f32[64,64] · f32[64,64] -> f32[64,64]; encoder/L/mlp" in text
+
+
+def test_main_times_the_traced_steps_dots_beside_further_steps(capsys):
+  """--dots_alone after a live profile: the step keeps running on its donated state, and
+  the report counts the dots the traced step ran (FLOPs as the profile's matmul total)."""
+  assert profile_step.main(["--size", "tiny", "--batch", "2", "--li", "64", "--lt", "16",
+                            "--reg_target", "chosen", "--top", "2", "--warmup", "1",
+                            "--dots_alone", "2"]) == 0
+  out = capsys.readouterr().out
+  total = re.search(r"matmul GFLOP ([0-9.]+)", out).group(1)
+  head = re.search(r"the step's dots alone: (\d+) distinct dots, (\d+) calls, ([0-9.]+) GFLOP", out)
+  assert float(total) > 0
+  assert head and int(head.group(1)) <= int(head.group(2)) and head.group(3) == total
+  rounds = [l.split() for l in out.splitlines() if re.match(r"\s+[12] ", l)]
+  assert len(rounds) == 2 and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rounds)
+  assert re.search(r"^median ", out, re.M)

@@ -55,6 +55,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -500,7 +501,7 @@ def report(trace_events, hlo_text: str, args, wall_us: float | None = None,
            model_flops: float | None = None) -> None:
   """Print the profile of one traced step: the device's view first where the trace has
   device kernel lines (a GPU), then the grouped ops (`summarize`) and, with
-  ``--top_ops``, the longest non-matmul ops."""
+  ``--top_ops``, the longest non-matmul ops. Returns the parsed HLO (`parse_hlo`)."""
   comps, insts, hlo_shapes = parse_hlo(hlo_text)
   lines = device_stream_lines(trace_events)
   mapped, library = split_device_kernels(trace_events, insts, lines)
@@ -509,6 +510,7 @@ def report(trace_events, hlo_text: str, args, wall_us: float | None = None,
     print()
     trace_events = mapped
   _report(trace_events, comps, insts, hlo_shapes, args, "longest non-matmul ops")
+  return comps, insts, hlo_shapes
 
 
 def _read_text(path: str) -> str:
@@ -601,14 +603,13 @@ def dots_alone(dots: dict, run_step, rounds: int, options=None, peak_n: int = 20
 def dots_alone_report(dots: dict, source: dict, res: dict, top: int = 20) -> str:
   """The table of `dots_alone`: per round the step, its dots alone and their share, the
   square peak; then the dots by their time alone (median over rounds)."""
-  import statistics
   flops = sum(n * d.flops for d, n in dots.items())
   rows = res["rounds"]
-  med = lambda xs: statistics.median(xs)
+  med = statistics.median
   out = [f"the step's dots alone: {len(dots)} distinct dots, {sum(dots.values())} calls, "
          f"{flops / 1e9:.1f} GFLOP; each jitted by itself with the step's compiler options "
          "and timed once per round (the fastest of 3 calls, less jax's dispatch per call: "
-         f"{statistics.median(r['dispatch_s'] for r in res['rounds']) * 1e6:.0f} µs), times "
+         f"{med([r['dispatch_s'] for r in rows]) * 1e6:.0f} µs), times "
          "its calls; the step once per round, seconds before", "",
          " round  step s  dots alone s  dots / step  dots' GFLOP/s  square f32 peak GFLOP/s"
          "  step at the peak's rate s"]
@@ -855,9 +856,8 @@ def main(argv=None) -> int:
         f"{'XLA defaults' if args.xla_default else 'slic_jax compiler options'}, backend "
         f"{jax.default_backend()}: profiled step {wall:.3f} s wall; model GFLOP/step "
         f"{model_flops / 1e9:.0f}")
-  report(events, hlo_text, args, wall * 1e6, model_flops)
+  comps, insts, hlo_shapes = report(events, hlo_text, args, wall * 1e6, model_flops)
   if args.dots_alone:
-    comps, insts, hlo_shapes = parse_hlo(hlo_text)
     dots, source = executed_dots(events, comps, insts, hlo_shapes)
     options = benchmark.step_options(args.xla_default, benchmark.parse_xla_options(args.xla_option))
     print()
