@@ -570,3 +570,69 @@ def test_side_by_side_rounds_pair_runs_of_the_same_round_and_skip_failed_ones():
     res["comparison"][0][k]["runs"] = res["comparison"][0][k]["runs"][:1]
   assert benchmark.side_by_side_rounds(res) == {}
   assert benchmark._side_by_side_rounds_markdown(res) == []
+
+
+def test_interleaved_rounds_start_every_row_at_once_and_pair_the_steps_of_each_cycle(
+    tmp_path, monkeypatch):
+  """--interleave --repeats 2: each round hands all its processes (the order reversed in
+  the second) to the turn-taking runner at once; TRL gets slic_jax's --steps/--warmup;
+  the report pairs each cycle's steps (TRL's / slic_jax's) over both rounds."""
+  rounds = []
+  slic_steps = iter([[2.0, 2.5, 3.0], [2.0, 2.0, 4.0]])
+  trl_steps = iter([[5.0, 4.0, 6.3], [4.2, 5.0, 7.0]])
+
+  def fake_in_turns(cmds, timeout):
+    rounds.append(list(cmds))
+    out = {}
+    for key, (cmd, _) in cmds.items():
+      st = next(slic_steps if "--_worker" in cmd else trl_steps)
+      if "--_worker" not in cmd:
+        assert cmd[cmd.index("--steps") + 1] == "3" and cmd[cmd.index("--warmup") + 1] == "1"
+      out[key] = {"step_times_s": st, "step_s_median": sorted(st)[1], "step_s_min": min(st),
+                  "pairs_per_s": 4 / sorted(st)[1], "model_flops_per_step": 4.38e11,
+                  "peak_rss_mb": 100.0, "turns": [(c, c, c + 0.5) for c in range(4)]}
+    return out
+
+  monkeypatch.setattr(benchmark, "_run_json", lambda cmd, timeout, env=None: {
+      "jax_float32_flops_per_s": 2.8e11})
+  monkeypatch.setattr(benchmark, "_run_in_turns", fake_in_turns)
+  monkeypatch.setattr(benchmark, "peer_cmd", lambda args, size, li, bf16=False,
+                      checkpointing="default", matmul_only=False: None if matmul_only else [
+                          "peer", "--steps", str(args.peer_steps), "--warmup",
+                          str(args.peer_warmup)])
+  res = benchmark.orchestrate(benchmark.parse_args(
+      ["--sizes", "small", "--sweep", "", "--rows", "slic_jax_2row", "--interleave",
+       "--repeats", "2", "--steps", "3", "--warmup", "1", "--out_dir", str(tmp_path)]))
+  assert rounds == [["slic_jax_2row", "trl"], ["trl", "slic_jax_2row"]]
+  assert res["settings"]["interleave"] and res["settings"]["peer_steps"] == 3
+  cycles = benchmark.interleaved_cycles(res)
+  assert cycles == {("small", "slic_jax_2row", "trl"): pytest.approx(
+      [2.5, 1.6, 2.1, 2.1, 2.5, 1.75])}
+  md = (tmp_path / "results.md").read_text()
+  assert "| 6 | 2.10× | 1.84–2.40× | 4 of 6 |" in md
+  # Rounds that did not run in turns (or failed) pair nothing.
+  del res["comparison"][0]["trl"]["runs"][1]["turns"]
+  res["comparison"][0]["slic_jax_2row"]["runs"][0] = {"error": "exit 1"}
+  assert benchmark.interleaved_cycles(res) == {}
+  assert benchmark._interleaved_cycles_markdown(res) == []
+
+
+def test_two_step_workers_run_in_turns_for_real(tmp_path):
+  """The step worker itself under the turn-taking runner: the tiny model in float32 and in
+  bf16, 1 warm-up and 2 timed steps each: 3 turns each, one cycle after the other, every
+  timed step inside its turn, and no two turns overlap."""
+  args = benchmark.parse_args(["--steps", "2", "--warmup", "1", "--lt", "8", "--batch", "1"])
+  cmds = {dtype: (benchmark.slic_cmd(args, "tiny", 32, dtype=dtype, reg_target="chosen"), None)
+          for dtype in ("float32", "bfloat16")}
+  out = benchmark._run_in_turns(cmds, timeout=600)
+  turns = []
+  for dtype, r in out.items():
+    assert "error" not in r, r.get("stderr_tail")
+    assert [c for c, _, _ in r["turns"]] == [0, 1, 2]
+    for (_, start, end), step in zip(r["turns"][1:], r["step_times_s"]):
+      assert step <= end - start
+    turns += [(start, end) for _, start, end in r["turns"]]
+  turns.sort()
+  assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(turns, turns[1:]))
+  assert [out["float32"]["turns"][c][1] < out["bfloat16"]["turns"][c][1]
+          for c in range(3)] == [True, False, True]

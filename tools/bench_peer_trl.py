@@ -48,6 +48,8 @@ import statistics
 import sys
 import time
 
+import step_turns  # this file's folder: standard library only
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -181,12 +183,15 @@ def run_cpo(args) -> dict:
       **({} if args.gradient_checkpointing == "default"
          else {"gradient_checkpointing": args.gradient_checkpointing == "on"}))
 
+  turns = step_turns.Turns(args._turns)  # tools/benchmark.py --interleave
+
   class Timer(TrainerCallback):
     def __init__(self):
       self.begin, self.compute, self.loop, self.last_end = None, [], [], None
       self.faults, self.kernel_s, self.usage = [], [], None
 
     def on_step_begin(self, *a, **k):
+      turns.take()
       _sync(args.device)
       self.begin = time.perf_counter()
       self.usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -201,6 +206,7 @@ def run_cpo(args) -> dict:
       if self.last_end is not None:
         self.loop.append(now - self.last_end)
       self.last_end = now
+      turns.give_back()
 
   timer = Timer()
   t0 = time.perf_counter()
@@ -276,6 +282,7 @@ def main(argv=None):
   ap.add_argument("--tf32", action="store_true", help="float32 matmuls may use TF32 (cuda)")
   ap.add_argument("--output_dir", default="/tmp/slic_jax_peer_trl_out")
   ap.add_argument("--out", default=None, help="also write the JSON here")
+  ap.add_argument("--_turns", default=None, help=argparse.SUPPRESS)  # step_turns.Turns
   args = ap.parse_args(argv)
   if args.tf32:
     import torch

@@ -31,6 +31,11 @@ compile caches / allocator state do not leak into the next:
 * ``peer``   : ``tools/bench_peer_trl.py`` in the peer venv (TRL CPOTrainer,
   hinge + cpo_alpha, same dims/batch/lengths); see that file for what it times.
   ``--peer_reuse_malloc`` also runs it with the same glibc settings (``GLIBC_TUNABLES``).
+* ``--interleave``: the side by side's processes of a round start at once and take turns
+  step by step (`step_turns`: one step runs while every other process waits, the order
+  reversed every cycle), each still timing its own steps in its own process; the report
+  adds TRL's step over slic_jax's per cycle (`interleaved_cycles`): two frameworks
+  compared seconds apart rather than minutes, on a VM whose speed drifts.
 * on a GPU (``tools/benchmark_gpu.sh``): slic_jax's workers run on jax's default backend
   (the accelerator), the peer with ``--peer_device cuda`` (``--peer_python``: one
   interpreter that has both stacks), the matmul peaks are the accelerator's, and the
@@ -90,6 +95,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_turns  # noqa: E402  (standard library only)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_ENV = os.environ.get("SLIC_JAX_PEER_ENV", "/tmp/slic_jax_peer_env")
@@ -532,9 +540,12 @@ def worker_slic(args) -> dict:
   _progress(t_start, f"backend {jax.default_backend()}, glibc reuse settings {reuse}")
   c = compile_slic_step(args, t_start)
   compiled, state, batch, cfg = c["compiled"], c["state"], c["batch"], c["cfg"]
+  turns = step_turns.Turns(args._turns)  # --interleave: each step in its turn
   times, faults, kernel_s = [], [], []
   for i in range(args.warmup + args.steps):
+    turns.take()
     state, metrics, dt, flt, ks = timed_step(compiled, state, batch)
+    turns.give_back()
     _progress(t_start, f"step {i}: {dt:.3f} s")
     if i >= args.warmup:
       times.append(dt)
@@ -638,36 +649,64 @@ def worker_matmul(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- orchestration
-def _run_json(cmd: list[str], timeout: float, env=None, cwd: str = REPO) -> dict:
-  """Runs one worker subprocess (in ``cwd``); returns its last stdout line as JSON (or an
-  error)."""
+def _worker_env(env=None) -> dict:
+  """A worker subprocess's environment: this one's, quiet, offline, one real CPU device."""
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0",
          "HF_HUB_OFFLINE": "1", **(env or {})}
   env.pop("XLA_FLAGS", None)  # one real CPU device, not the tests' fake 8
+  return env
+
+
+def _parse_worker(cmd: list[str], returncode, stdout: str, stderr: str, wall: float) -> dict:
+  """A worker's result: its last stdout line that is JSON, with ``wall_s``; or an error."""
+  lines = [l for l in stdout.strip().splitlines() if l.startswith("{")]
+  if returncode or not lines:
+    return {"error": f"exit {returncode}", "stderr_tail": stderr[-3000:], "cmd": cmd}
+  res = json.loads(lines[-1])
+  res["wall_s"] = wall
+  return res
+
+
+def _run_json(cmd: list[str], timeout: float, env=None, cwd: str = REPO) -> dict:
+  """Runs one worker subprocess (in ``cwd``); returns its last stdout line as JSON (or an
+  error)."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   t0 = time.perf_counter()
   print("[benchmark] $", " ".join(cmd), file=sys.stderr, flush=True)
   try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=_worker_env(env), cwd=cwd)
   except subprocess.TimeoutExpired as e:
     tail = e.stderr or b""
     tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
     print(f"[benchmark]   -> TIMEOUT after {timeout}s; stderr tail:\n{tail[-1500:]}",
           file=sys.stderr, flush=True)
     return {"error": f"timeout after {timeout}s", "stderr_tail": tail[-3000:], "cmd": cmd}
-  wall = time.perf_counter() - t0
   after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
-  if proc.returncode or not lines:
-    return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-3000:], "cmd": cmd}
-  res = json.loads(lines[-1])
-  res["wall_s"] = wall
+  res = _parse_worker(cmd, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0)
   # RUSAGE_CHILDREN is a max over all children so far: it confirms the worker's own
   # figure only when this child set a new maximum.
-  if after > before:
+  if after > before and "error" not in res:
     res["rusage_children_maxrss_mb"] = after / 1024.0
   print("[benchmark]   ->", _brief(res), file=sys.stderr, flush=True)
+  return res
+
+
+def _run_in_turns(cmds: dict, timeout: float) -> dict:
+  """`step_turns.run_in_turns` over {key: (cmd, env)}: every process at once, their steps
+  in turn; {key: the worker's result (as `_run_json`) with its ``turns``}."""
+  for cmd, _ in cmds.values():
+    print("[benchmark] $ (in turns)", " ".join(cmd), file=sys.stderr, flush=True)
+  out = step_turns.run_in_turns({k: (c, _worker_env(e)) for k, (c, e) in cmds.items()},
+                                timeout, cwd=REPO)
+  res = {}
+  for key, o in out.items():
+    r = ({"error": o["error"], "stderr_tail": o["stderr"][-3000:], "cmd": cmds[key][0]}
+         if "error" in o else
+         _parse_worker(cmds[key][0], o["returncode"], o["stdout"], o["stderr"], o["wall_s"]))
+    r["turns"] = o["turns"]
+    print("[benchmark]   ->", _brief(r), file=sys.stderr, flush=True)
+    res[key] = r
   return res
 
 
@@ -766,11 +805,12 @@ def _machine() -> dict:
 
 def _fastest(runs: list) -> dict:
   """The run with the lowest median step (the first run where none has one), with every
-  run's median, best step, peak RSS and error under "runs"."""
+  run's median, best step, peak RSS and error under "runs" (and its step times and turns,
+  where it has them: `interleaved_cycles`)."""
   ok = [r for r in runs if "step_s_median" in r]
   out = dict(min(ok, key=lambda r: r["step_s_median"]) if ok else runs[0])
-  out["runs"] = [{k: r.get(k) for k in ("step_s_median", "step_s_min", "peak_rss_mb", "error")}
-                 for r in runs]
+  out["runs"] = [{**{k: r.get(k) for k in ("step_s_median", "step_s_min", "peak_rss_mb", "error")},
+                  **{k: r[k] for k in ("step_times_s", "turns") if k in r}} for r in runs]
   return out
 
 
@@ -807,6 +847,13 @@ def orchestrate(args) -> dict:
   # every other round) the second process of each round was the faster in all 4 rounds,
   # whichever commit it ran; the A/A run after it did not show that (`benchmarks/NOTES.md`,
   # session 40, finding 2), but a fixed order could not have told them apart.
+  # With --interleave a round's processes start at once and take turns step by step
+  # (`step_turns`; the order reversed every cycle), so each cycle has one step of every
+  # row within seconds, and `interleaved_cycles` pairs them; the peer then runs as many
+  # warm-up and timed steps as slic_jax (--warmup, --steps) so that the cycles align.
+  if args.interleave:
+    args.peer_steps, args.peer_warmup = args.steps, args.warmup
+    res["settings"].update(interleave=True, peer_steps=args.steps, peer_warmup=args.warmup)
   for size in sizes:
     row = {"size": size}
     keys = [k for k in SLIC_ROWS if k in args.rows.split(",")]
@@ -815,34 +862,40 @@ def orchestrate(args) -> dict:
              + ["trl_bf16_nockpt"] * (args.peer_bf16 and args.peer_no_checkpointing))
     runs = {**{k: [] for k in keys}, **{k: [] for k in peers}}
 
-    def run_peer(pkey, size=size):
-      pc = None if args.no_peer else peer_cmd(
-          args, size, args.li, bf16=pkey.startswith("trl_bf16"),
-          checkpointing="off" if pkey.endswith("_nockpt") else "default")
-      env = {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if pkey == "trl_reuse" else None
-      peer = _run_json(pc, t, env) if pc else {"error": "peer skipped or env missing"}
-      if "step_s_median" in peer:
-        pf = peer_flops(size, args.batch, args.li, args.lt)
-        peer["model_flops_per_step"] = pf["train_step"]
-        peer["achieved_model_flops_per_s"] = pf["train_step"] / peer["step_s_median"]
-      runs[pkey].append(peer)
+    def row_cmd(key, size=size):
+      """(the command of the row's process or None where the peer is skipped, its env)."""
+      if key in peers:
+        pc = None if args.no_peer else peer_cmd(
+            args, size, args.li, bf16=key.startswith("trl_bf16"),
+            checkpointing="off" if key.endswith("_nockpt") else "default")
+        return pc, {"GLIBC_TUNABLES": host_memory.GLIBC_TUNABLES} if key == "trl_reuse" else None
+      reg_target, micro, dtype, remat = SLIC_CONFIGS[key]
+      return (slic_cmd(args, size, args.li, dtype=dtype, remat=remat, reg_target=reg_target,
+                       microbatches=micro,
+                       host_malloc="default" if key in GLIBC_DEFAULT_ROWS else "reuse",
+                       attention_implementation=row_attention(key),
+                       widen_min=0 if key in WIDEN_ALL_ROWS else None,
+                       optimizer_implementation="cpu_kernels"
+                       if key in CPU_KERNELS_OPTIMIZER_ROWS else "fused"),
+              {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"} if key in MIXED_DOTS_ROWS else None)
 
+    def add_run(key, r, size=size):
+      if key in peers and "step_s_median" in r:
+        pf = peer_flops(size, args.batch, args.li, args.lt)
+        r["model_flops_per_step"] = pf["train_step"]
+        r["achieved_model_flops_per_s"] = pf["train_step"] / r["step_s_median"]
+      runs[key].append(r)
+
+    skipped = {"error": "peer skipped or env missing"}
     for rnd in range(max(args.repeats, 1)):
-      for key in in_turn(keys + peers, rnd):
-        if key in peers:
-          run_peer(key)
-          continue
-        reg_target, micro, dtype, remat = SLIC_CONFIGS[key]
-        malloc = "default" if key in GLIBC_DEFAULT_ROWS else "reuse"
-        runs[key].append(_run_json(slic_cmd(args, size, args.li, dtype=dtype, remat=remat,
-                                            reg_target=reg_target, microbatches=micro,
-                                            host_malloc=malloc,
-                                            attention_implementation=row_attention(key),
-                                            widen_min=0 if key in WIDEN_ALL_ROWS else None,
-                                            optimizer_implementation="cpu_kernels"
-                                            if key in CPU_KERNELS_OPTIMIZER_ROWS else "fused"),
-                                    t, {"SLIC_JAX_CPU_LOW_PRECISION_DOTS": "native"}
-                                    if key in MIXED_DOTS_ROWS else None))
+      cmds = {key: row_cmd(key) for key in in_turn(keys + peers, rnd)}
+      if args.interleave:
+        done = _run_in_turns({k: c for k, c in cmds.items() if c[0]}, t * len(cmds))
+        for key, (cmd, _) in cmds.items():
+          add_run(key, done[key] if cmd else dict(skipped))
+        continue
+      for key, (cmd, env) in cmds.items():
+        add_run(key, _run_json(cmd, t, env) if cmd else dict(skipped))
     for key, rs in runs.items():
       row[key] = _fastest(rs)
       add_peak(row[key])
@@ -1025,8 +1078,11 @@ def to_markdown(res: dict) -> str:
       f"- setting: {s['batch_pairs']} pairs/step, prompt Li={s['li']}, target Lt={s['lt']}, "
       f"median of {s['steps']} steps after {s['warmup']} warm-up steps (TRL: {s.get('peer_steps')} "
       f"after {s.get('peer_warmup')}), float32 unless noted; side by side: the fastest of "
-      f"{s.get('repeats', 1)} process run(s) per framework, run in turn, the order reversed every "
-      f"other round (all in results.json)",
+      f"{s.get('repeats', 1)} process run(s) per framework, "
+      + ("each round's processes at once, their steps in turns (`--interleave`), the rows' "
+         "order reversed every other round and every cycle" if s.get("interleave") else
+         "run in turn, the order reversed every other round")
+      + " (all in results.json)",
       *_parameter_line(res),
       f"- t5x: {res['t5x']['status']} ({res['t5x']['note']})", "",
       "## Matmul peak (same run, square N×N)", "",
@@ -1094,6 +1150,7 @@ def to_markdown(res: dict) -> str:
           f"{_g(r.get('minor_faults_per_step'), 1, '{:.0f}')} | "
           f"{_g(r.get('kernel_s_per_step'), 1, '{:.2f}')} |")
   lines += _side_by_side_rounds_markdown(res)
+  lines += _interleaved_cycles_markdown(res)
   if res["sweep"]:
     repeats = s.get("repeats") or 1
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
@@ -1169,12 +1226,14 @@ def to_markdown(res: dict) -> str:
             "included (`slic_jax/matmul.py`); log-softmax, losses, norms, softmax and the "
             "optimizer stay float32; parameters are float32. Speed-ups are against TRL in "
             "float32 unless stated."]
+  one_after = ("the processes of a round at once, one step at a time in turns (each "
+               "process's own peak RSS)" if s.get("interleave") else "one after the other")
   lines += ["", "Model FLOPs: matmul FLOPs of forward + backward (= 3 × forward) as defined in "
             "`tools/benchmark.py`'s docstring; slic_jax encodes each prompt once and decodes 3 "
             "rows (chosen, rejected, SFT reference) or 2 (chosen, rejected; the regulariser on "
             "the chosen row, which is TRL CPO's loss), TRL's CPOTrainer encodes the prompt twice "
             "(chosen and rejected rows concatenated) and decodes 2 rows. Every row ran in its own "
-            "process, one after the other; see the load average above. Peak RSS of slic_jax is "
+            f"process, {one_after}; see the load average above. Peak RSS of slic_jax is "
             "that of the step process, which does not import SeqIO/TensorFlow "
             "(`python -m slic_jax.train` does, for its input pipeline: about +0.6 GB).", ""]
   return "\n".join(lines)
@@ -1265,13 +1324,11 @@ def side_by_side_rounds(res: dict) -> dict:
   for c in res["comparison"]:
     runs = {k: [x.get("step_s_median") for x in c[k].get("runs", ())]
             for k in SLIC_ROWS + PEER_ROWS if k in c}
-    for key in (k for k in SLIC_ROWS if k in runs):
-      bf16 = SLIC_CONFIGS[key][2] == "bfloat16"
-      for pkey in (k for k in PEER_ROWS if k in runs and (bf16 or "bf16" not in k)):
-        n = min(len(runs[key]), len(runs[pkey]))
-        ratios = [p / m if p and m else None for m, p in zip(runs[key][:n], runs[pkey][:n])]
-        if sum(r is not None for r in ratios) >= 2:
-          out[(c["size"], key, pkey)] = ratios
+    for key, pkey in _compared_pairs(c, runs):
+      n = min(len(runs[key]), len(runs[pkey]))
+      ratios = [p / m if p and m else None for m, p in zip(runs[key][:n], runs[pkey][:n])]
+      if sum(r is not None for r in ratios) >= 2:
+        out[(c["size"], key, pkey)] = ratios
   return out
 
 
@@ -1295,6 +1352,56 @@ def _side_by_side_rounds_markdown(res: dict) -> list[str]:
   return lines
 
 
+def _compared_pairs(c: dict, runs: dict):
+  """(slic_jax row, TRL row) pairs of a comparison row that `side_by_side_rounds` and
+  `interleaved_cycles` compare: float32 rows against TRL's float32 rows, bf16 rows also
+  against TRL's bf16 autocast rows."""
+  for key in (k for k in SLIC_ROWS if k in runs):
+    bf16 = SLIC_CONFIGS[key][2] == "bfloat16"
+    for pkey in (k for k in PEER_ROWS if k in runs and (bf16 or "bf16" not in k)):
+      yield key, pkey
+
+
+def interleaved_cycles(res: dict) -> dict:
+  """Each slic_jax row's speed-up over each TRL row, step by step (--interleave).
+
+  In an interleaved round every process's k-th timed step ran in the same cycle of turns,
+  seconds from the others' (`step_turns`). Returns {(size, slic_jax row, TRL row): [TRL's
+  step / slic_jax's, one per cycle, the rounds one after the other]} over the rounds
+  where both processes ran in turns and finished; left out where there is none.
+  """
+  out = {}
+  for c in res["comparison"]:
+    runs = {k: c[k].get("runs", ()) for k in SLIC_ROWS + PEER_ROWS if k in c}
+    for key, pkey in _compared_pairs(c, runs):
+      ratios = []
+      for m, p in zip(runs[key], runs[pkey]):
+        if "turns" in m and "turns" in p and "step_times_s" in m and "step_times_s" in p:
+          ratios += [tp / tm for tm, tp in zip(m["step_times_s"], p["step_times_s"])]
+      if ratios:
+        out[(c["size"], key, pkey)] = ratios
+  return out
+
+
+def _interleaved_cycles_markdown(res: dict) -> list[str]:
+  """The summary of `interleaved_cycles`, or nothing where it is empty."""
+  table = interleaved_cycles(res)
+  if not table:
+    return []
+  lines = ["", "Speed-up step by step (`--interleave`: each round's processes ran at once, "
+           "one step at a time in turns, the order reversed every cycle; per cycle TRL's "
+           "step over slic_jax's, seconds apart):", "",
+           "| model | slic_jax | against | cycles | median | quartiles | cycles at 2× or more |",
+           "|---|---|---|---|---|---|---|"]
+  for (size, key, pkey), ratios in table.items():
+    q = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+         else ratios * 3)
+    lines.append(f"| {size} | {LABELS[key]} | {LABELS[pkey]} | {len(ratios)} | "
+                 f"{statistics.median(ratios):.2f}× | {q[0]:.2f}–{q[2]:.2f}× | "
+                 f"{sum(r >= 2.0 for r in ratios)} of {len(ratios)} |")
+  return lines
+
+
 def _write(args, res):
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, "results.json"), "w") as f:
@@ -1306,6 +1413,7 @@ def _write(args, res):
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--_worker", choices=["slic", "matmul"], help=argparse.SUPPRESS)
+  ap.add_argument("--_turns", default=None, help=argparse.SUPPRESS)  # step_turns.Turns
   ap.add_argument("--size", default="small", choices=sorted(SIZES))
   ap.add_argument("--sizes", default="small,mini", help="models for the side-by-side")
   ap.add_argument("--batch", type=int, default=4, help="pairs (prompts) per step")
@@ -1357,6 +1465,11 @@ def parse_args(argv=None):
                   help="side-by-side processes per framework (and the sweep's per length), run "
                        "in turn, the order reversed every other round; the fastest is shown")
   ap.add_argument("--peer_warmup", type=int, default=1)
+  ap.add_argument("--interleave", action="store_true",
+                  help="side by side: each round's processes start at once and take turns "
+                       "step by step, the order reversed every cycle (tools/step_turns.py); "
+                       "TRL then runs --warmup and --steps steps too, and the report pairs "
+                       "the steps of each cycle")
   ap.add_argument("--peer_reuse_malloc", action="store_true",
                   help="also run TRL (float32) with slic_jax's glibc malloc settings "
                        "(GLIBC_TUNABLES = host_memory.GLIBC_TUNABLES)")
