@@ -1338,8 +1338,10 @@ def _side_by_side_rounds_markdown(res: dict) -> list[str]:
   if not table:
     return []
   n = max(len(v) for v in table.values())
-  lines = ["", "Speed-up per round (round k: every row's k-th process, run in turn minutes "
-           "apart; TRL's median step over slic_jax's in that round; –: a run of that round "
+  when = ("run at once, their steps in turns" if res.get("settings", {}).get("interleave")
+          else "run in turn minutes apart")
+  lines = ["", f"Speed-up per round (round k: every row's k-th process, {when}; "
+           "TRL's median step over slic_jax's in that round; –: a run of that round "
            "failed). The median over rounds compares the two in the same phase of the "
            "machine, where the table above takes each framework's fastest process:", "",
            "| model | slic_jax | against | " + " | ".join(f"round {k + 1}" for k in range(n))
