@@ -1,6 +1,7 @@
 """tools/benchmark.py: the analytic FLOP count (no timing assertions)."""
 import importlib.util
 import os
+import sys
 
 import jax
 import numpy as np
@@ -617,22 +618,30 @@ def test_interleaved_rounds_start_every_row_at_once_and_pair_the_steps_of_each_c
   assert benchmark._interleaved_cycles_markdown(res) == []
 
 
-def test_two_step_workers_run_in_turns_for_real(tmp_path):
-  """The step worker itself under the turn-taking runner: the tiny model in float32 and in
-  bf16, 1 warm-up and 2 timed steps each: 3 turns each, one cycle after the other, every
-  timed step inside its turn, and no two turns overlap."""
+def test_the_step_worker_runs_in_turns_for_real(tmp_path):
+  """The step worker itself under the turn-taking runner, beside a stand-in worker of 0.2
+  s steps: the tiny model, 1 warm-up and 2 timed steps: 3 turns each, one cycle after
+  the other, every timed step inside its turn, no two turns overlapping, the order
+  reversed every cycle."""
   args = benchmark.parse_args(["--steps", "2", "--warmup", "1", "--lt", "8", "--batch", "1"])
-  cmds = {dtype: (benchmark.slic_cmd(args, "tiny", 32, dtype=dtype, reg_target="chosen"), None)
-          for dtype in ("float32", "bfloat16")}
+  tools = os.path.dirname(_PATH)
+  stand_in = [sys.executable, "-c",
+              f"import sys, time; sys.path.insert(0, {tools!r}); import step_turns; "
+              "t = step_turns.Turns(sys.argv[-1])\n"
+              "for _ in range(3):\n  t.take(); time.sleep(0.2); t.give_back()\n"
+              "print('{\"step_times_s\": []}')"]
+  cmds = {"slic_jax": (benchmark.slic_cmd(args, "tiny", 32, reg_target="chosen"), None),
+          "stand_in": (stand_in, None)}
   out = benchmark._run_in_turns(cmds, timeout=600)
   turns = []
-  for dtype, r in out.items():
+  for name, r in out.items():
     assert "error" not in r, r.get("stderr_tail")
     assert [c for c, _, _ in r["turns"]] == [0, 1, 2]
-    for (_, start, end), step in zip(r["turns"][1:], r["step_times_s"]):
-      assert step <= end - start
     turns += [(start, end) for _, start, end in r["turns"]]
+  for (_, start, end), step in zip(out["slic_jax"]["turns"][1:], out["slic_jax"]["step_times_s"]):
+    assert step <= end - start
+  assert len(out["slic_jax"]["step_times_s"]) == 2
   turns.sort()
   assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(turns, turns[1:]))
-  assert [out["float32"]["turns"][c][1] < out["bfloat16"]["turns"][c][1]
+  assert [out["slic_jax"]["turns"][c][1] < out["stand_in"]["turns"][c][1]
           for c in range(3)] == [True, False, True]
