@@ -404,6 +404,26 @@ def sum_by_dot(x: jax.Array, axis: int = -1, *, keepdims: bool = False,
   return jnp.expand_dims(out, axis) if keepdims else out
 
 
+def sums_by_dot(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, ...]:
+  """K weighted sums of a float32 matrix ``x`` [R, C] over its columns, in one read of x.
+
+      out_k[r] = Σ_c x[r, c] · w[c, k]   (w = ``weights`` [C, K]; float32, HIGHEST)
+
+  On the CPU one matrix product x · w (see `sum_by_dot`); elsewhere K sums. Returns the
+  K vectors [R].
+  """
+  w = jnp.asarray(weights).astype(x.dtype)
+
+  def by_dot(x, w):
+    return jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+
+  def by_sum(x, w):
+    return jnp.stack([jnp.sum(x * w[:, k], axis=1) for k in range(w.shape[1])], axis=1)
+
+  out = jax.lax.platform_dependent(x, w, cpu=by_dot, default=by_sum)
+  return tuple(out[:, k] for k in range(w.shape[1]))
+
+
 def broadcast_by_dot(v: jax.Array, lead_shape: tuple[int, ...]) -> jax.Array:
   """``v`` [D] repeated over ``lead_shape``: [*lead_shape, D] (float32 ``v``).
 

@@ -87,6 +87,7 @@ def clipped_adafactor(
     eps: float = 1e-30,
     group_same_shapes: bool = False,
     cpu_kernels: bool = False,
+    norm_from_sums: bool = False,
 ) -> optax.GradientTransformation:
   """``optax.chain(clip_by_global_norm(clip_norm), optax.adafactor(...))`` as one update.
 
@@ -128,6 +129,9 @@ def clipped_adafactor(
   the statistics are s² times them, the norm their sum) and Σ g² f0² f1²; the update
   stays one elementwise pass. The other gradients are reduced as above.
   """
+  if norm_from_sums and (cpu_kernels or group_same_shapes):
+    raise ValueError("clipped_adafactor: norm_from_sums=True does not combine with "
+                     "cpu_kernels or group_same_shapes")
   if cpu_kernels and group_same_shapes:
     raise ValueError("clipped_adafactor: cpu_kernels=True reduces each gradient with its own "
                      "kernel calls; it does not combine with group_same_shapes=True")
@@ -146,6 +150,7 @@ def clipped_adafactor(
     fstate, lr_state = inner[0], inner[2]
     if cpu_kernels:
       _check_cpu()
+    if cpu_kernels or norm_from_sums:
       grads = _after_backward(grads)
     beta = factorized._decay_rate_pow(fstate.count, decay_rate)  # pylint: disable=protected-access
     if callable(learning_rate):
@@ -170,11 +175,37 @@ def clipped_adafactor(
     sums = {idx[0]: adafactor_kernels.square_sums(arrays[0])[::-1]
             for idx, arrays in parts if cpu_kernels and _kernel_reduces(
                 arrays[0], min_dim_size_to_factor)}
-    norm = jnp.sqrt(sum(_square_sum(arrays[0], cpu_kernels) for _, arrays in parts))
+    # With norm_from_sums: {leaf index: (g² [R, C] f32, its sums over axis 0 [C])} of each
+    # matrix, the same ops as `sums_global_norm`'s (XLA computes them once).
+    squares = {idx[0]: _squares_and_sums0(arrays[0]) for idx, arrays in parts
+               if norm_from_sums and arrays[0].ndim == 2}
+    norm = (_norm_from_sums([squares.get(idx[0], arrays[0]) for idx, arrays in parts])
+            if norm_from_sums else
+            jnp.sqrt(sum(_square_sum(arrays[0], cpu_kernels) for _, arrays in parts)))
     scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
 
-    def one(g, p, v_row, v_col, v, g_sums=None):
+    def one(g, p, v_row, v_col, v, g_sums=None, g_squares=None):
       dims = factorized._factored_dims(g.shape, True, min_dim_size_to_factor)  # pylint: disable=protected-access
+      if g_squares is not None:  # g² (unscaled) and its sums over axis 0: ĝ² = s² g²
+        g2, sums0 = g_squares
+        d1, d0 = dims
+        s2 = scale * scale
+        # The statistic along axis 1 (the means over axis 0), its factor f1; then one
+        # product g² · [1, f1²] gives the means over axis 1 and Σ_c g² f1² per row.
+        stat1 = beta * (v_row if d0 == 0 else v_col) + (1 - beta) * (
+            sums0 * s2 / g.shape[0] + eps)
+        f1 = (stat1 / jnp.mean(stat1)) ** -0.5 if d0 == 0 else stat1 ** -0.5
+        rows, weighted = matmul.sums_by_dot(g2, jnp.stack([jnp.ones_like(f1), f1 * f1], 1))
+        stat0 = beta * (v_col if d0 == 0 else v_row) + (1 - beta) * (
+            rows * s2 / g.shape[1] + eps)
+        f0 = stat0 ** -0.5 if d0 == 0 else (stat0 / jnp.mean(stat0)) ** -0.5
+        v_row, v_col = (stat1, stat0) if d0 == 0 else (stat0, stat1)
+        mean_u2 = jnp.dot(weighted, f0 * f0, precision=jax.lax.Precision.HIGHEST) * s2 / g.size
+        k = -lr / jnp.maximum(1.0, jnp.sqrt(mean_u2) / clipping_threshold)
+        update = g.astype(jnp.float32) * (f0 * (k * scale))[:, None] * f1[None, :]
+        if weight_decay_rate:
+          update = update - weight_decay_rate * p
+        return update.astype(p.dtype), v_row.astype(p.dtype), v_col.astype(p.dtype), v
       if g_sums is not None:  # the kernels' sums of the unscaled g²: ĝ² = s² g²
         d1, d0 = dims
         s2 = scale * scale
@@ -229,7 +260,9 @@ def clipped_adafactor(
         for j, i in enumerate(idx):
           out[i] = tuple(x[j] for x in stacked)
       else:
-        out[idx[0]] = one(*arrays, g_sums=sums.get(idx[0]))
+        factored = _factored_matrix(arrays[0], min_dim_size_to_factor)
+        out[idx[0]] = one(*arrays, g_sums=sums.get(idx[0]),
+                          g_squares=squares.get(idx[0]) if factored else None)
     unflat = lambda i: treedef.unflatten([o[i] for o in out])
     fstate = factorized.FactoredState(count=optax.safe_increment(fstate.count),
                                       v_row=unflat(1), v_col=unflat(2), v=unflat(3))
@@ -238,6 +271,8 @@ def clipped_adafactor(
 
   if cpu_kernels:
     return KernelNormTransformation(reference.init, update_fn)
+  if norm_from_sums:
+    return SumsNormTransformation(reference.init, update_fn)
   return optax.GradientTransformation(reference.init, update_fn)
 
 
@@ -249,6 +284,29 @@ class KernelNormTransformation(optax.GradientTransformation):
 
   def global_norm(self, grads) -> jax.Array:
     return kernel_global_norm(_after_backward(grads))
+
+
+class SumsNormTransformation(optax.GradientTransformation):
+  """An optax transformation whose update takes the gradients' global norm from each
+  matrix's column sums of g² (`sums_global_norm`); its ``global_norm`` is that norm, which
+  the update step reports as ``grad_norm``: the same ops, which XLA computes once."""
+  __slots__ = ()
+
+  def global_norm(self, grads) -> jax.Array:
+    return sums_global_norm(_after_backward(grads))
+
+
+def sums_global_norm(tree) -> jax.Array:
+  """‖tree‖₂ = sqrt(Σ_leaves Σ x²), a matrix's Σ x² the sum of its column sums of x² (a
+  dot on the CPU, `matmul.sum_by_dot`), the other leaves' a plain sum."""
+  return _norm_from_sums([_squares_and_sums0(x) if x.ndim == 2 else x
+                          for x in jax.tree.leaves(tree)])
+
+
+def _norm_from_sums(items) -> jax.Array:
+  """sqrt(Σ): of each (g², its sums over axis 0) pair the sums' total, of an array Σ x²."""
+  return jnp.sqrt(sum(jnp.sum(x[1]) if isinstance(x, tuple) else _square_sum(x, False)
+                      for x in items))
 
 
 def _after_backward(grads):
@@ -271,6 +329,18 @@ def _square_sum(x, cpu_kernels: bool) -> jax.Array:
   if cpu_kernels and x.ndim == 2 and x.dtype == jnp.float32:
     return jnp.sum(adafactor_kernels.square_sums(x)[0])
   return jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+
+def _squares_and_sums0(g):
+  """(g² [R, C] float32, Σ_r g²[r, :] [C]): the squares written once, summed by a dot."""
+  g2 = jnp.square(g.astype(jnp.float32))
+  return g2, matmul.sum_by_dot(g2, 0)
+
+
+def _factored_matrix(g, min_dim_size_to_factor: int) -> bool:
+  """Whether Adafactor factors g's second moment and g is a matrix."""
+  return g.ndim == 2 and factorized._factored_dims(  # pylint: disable=protected-access
+      g.shape, True, min_dim_size_to_factor) is not None
 
 
 def _check_cpu():
@@ -318,7 +388,7 @@ def create_optimizer(
       factored gradients' reductions as XLA:CPU kernels, ``cpu_kernels=True``, CPU only)
       or as the optax chain ('optax'); same state, same updates up to float32 rounding.
   """
-  if implementation not in ("fused", "grouped", "cpu_kernels", "optax"):
+  if implementation not in ("fused", "fused_sums", "grouped", "cpu_kernels", "optax"):
     raise ValueError(f"unknown implementation {implementation!r}; expected 'fused', "
                      "'grouped', 'cpu_kernels' or 'optax'")
   lr = learning_rate if learning_rate is not None else learning_rate_schedule()
@@ -332,7 +402,8 @@ def create_optimizer(
     return clipped_adafactor(lr, clip_norm=clip_norm, decay_rate=decay_rate,
                              clipping_threshold=1.0, weight_decay_rate=weight_decay or None,
                              group_same_shapes=implementation == "grouped",
-                             cpu_kernels=implementation == "cpu_kernels")
+                             cpu_kernels=implementation == "cpu_kernels",
+                             norm_from_sums=implementation == "fused_sums")
   if name == "adafactor":
     opt = optax.adafactor(
         learning_rate=lr,

@@ -18,6 +18,22 @@ def test_paired_ratios():
     ab_steps.paired_ratios([1.0, 1.0, 1.0], [1.0, 1.0])
 
 
+def test_the_first_step_whose_losses_differ():
+  assert ab_steps.first_difference([3.0, 2.0, 1.0], [3.0, 2.0, 1.0]) is None
+  assert ab_steps.first_difference([3.0, 2.0, 1.0], [3.0, 2.5, 0.9]) == dict(
+      step=2, base=2.0, head=2.5)
+  with pytest.raises(ValueError, match="2 base and 1 head"):
+    ab_steps.first_difference([1.0, 1.0], [1.0])
+  report = dict(losses={"base": [3.0, 2.0, 1.0], "head": [3.0, 2.5, 0.9]},
+                losses_part=dict(step=2, base=2.0, head=2.5))
+  assert ab_steps.losses_line(report) == (
+      "Losses: the same through step 1 of 3 (warm-up included); at step 2 base 2.00000, head "
+      "2.50000 (relative difference 2.5e-01); after the last step as in the table.")
+  report["losses_part"] = None
+  assert ab_steps.losses_line(report) == "Losses: the same at all 3 steps (warm-up included)."
+  assert "only the last" in ab_steps.losses_line({})
+
+
 def test_a_variants_own_arguments_come_after_the_common_ones():
   common = ["--size", "tiny", "--li", "64", "--dtype", "float32"]
   a = ab_steps.variant_args(common, "--dtype bfloat16 --xla_option 'k=a b'")
@@ -48,6 +64,9 @@ def test_two_variants_run_in_turn_each_traced_with_its_own_threshold(tmp_path):
   assert len(report["times"]["base"]) == len(report["times"]["head"]) == 2
   assert report["head_over_base"]["pairs"] == 2
   assert all(v["final_loss"] > 0 and v["temp_mb"] > 0 for v in s.values())
+  for label in ("base", "head"):  # every step's loss, the warm-up pair's included
+    assert len(report["losses"][label]) == 3
+    assert report["losses"][label][-1] == s[label]["final_loss"]
   md = open(str(tmp_path / "ab.md")).read()
   assert "| head | `--widen_min_flops_per_element 0` |" in md
   assert "the head the faster in" in md
@@ -75,3 +94,4 @@ def test_the_pairs_alternate_which_variant_runs_first(monkeypatch):
   assert order == ["float32", "bfloat16", "bfloat16", "float32"] * 2
   assert report["head_over_base"]["median"] == 0.5
   assert report["head_over_base"]["head_wins"] == 3
+  assert report["losses"]["base"] == [1.0] * 4 and report["losses_part"] is None

@@ -120,6 +120,44 @@ def test_clipped_adafactor_matches_the_optax_chain(schedule, grad_scale, weight_
   assert float(jnp.max(jnp.abs(u["rc"]))) > 0
 
 
+@pytest.mark.parametrize("schedule", [False, True])
+@pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # clipping off / on
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_norm_from_sums_adafactor_matches_the_optax_chain(schedule, grad_scale, weight_decay):
+  """implementation='fused_sums' (the norm from each matrix's column sums of g², then one
+  product g² · [1, f1²] per factored matrix): the same state, updates and statistics as
+  the optax chain over three steps, on every path of the update."""
+  lr = optimizers.learning_rate_schedule(learning_rate=1e-2, warmup_steps=2) if schedule else 1e-2
+  params, grads = _params_and_grads(3, grad_scale)
+  u = _updates_against_the_optax_chain("fused_sums", params, grads, lr, weight_decay)
+  assert float(jnp.max(jnp.abs(u["cr"]))) > 0 and float(jnp.max(jnp.abs(u["rc"]))) > 0
+
+
+def test_norm_from_sums_takes_two_products_per_factored_matrix():
+  """'fused_sums': per factored matrix one product for its column sums of g² (which also
+  give the norm) and one g² · [C, 2]; a small matrix's norm also from its column sums,
+  its update elementwise; the step's grad_norm (`tx.global_norm`) the update's own norm,
+  the same ops; a bfloat16 gradient's squares in float32."""
+  params = {"w": jnp.ones((256, 640), jnp.float32), "t": jnp.ones((640, 256), jnp.float32),
+            "v": jnp.ones((300,), jnp.float32), "s": jnp.ones((32, 6), jnp.float32),
+            "h": jnp.ones((256, 640), jnp.bfloat16)}
+  grads = {k: (jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) % 7 - 3).astype(x.dtype)
+           for k, x in params.items()}
+  tx = optimizers.create_optimizer(learning_rate=1e-3, clip_norm=1.0, implementation="fused_sums")
+  step = lambda g, s, p: (*tx.update(g, s, p), tx.global_norm(g))  # noqa: E731
+  hlo = jax.jit(step).lower(grads, tx.init(params), params).compile().as_text()
+  dots = [l for l in hlo.splitlines() if " dot(" in l]
+  # 4 matrices' column sums [C, 1], 3 factored matrices' g² · [C, 2] -> [R, 2]
+  assert sorted(l.split("=")[1].split("{")[0].strip() for l in dots) == [
+      "f32[256,1]", "f32[256,2]", "f32[256,2]", "f32[6,1]", "f32[640,1]", "f32[640,1]",
+      "f32[640,2]"], dots
+  want = np.sqrt(sum(float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in grads.values()))
+  np.testing.assert_allclose(float(jax.jit(step)(grads, tx.init(params), params)[2]), want,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="norm_from_sums=True does not combine"):
+    optimizers.clipped_adafactor(1e-3, norm_from_sums=True, cpu_kernels=True)
+
+
 @needs_kernels
 @pytest.mark.parametrize("schedule", [False, True])
 @pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # clipping off / on

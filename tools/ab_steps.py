@@ -9,8 +9,9 @@ step worker's own), then runs one step of each per pair, the order swapped every
 pair (`benchmark.in_turn`), so that both see the same phase of the machine. Per pair it
 takes head / base of the two adjacent steps; it reports the median of those ratios, their
 quartiles, the pairs the head won, each variant's median step, XLA's temporaries and the
-loss after the same number of steps (the same loss on both sides means the variants
-compute the same thing), as markdown and JSON:
+loss of every step of each variant (the same losses on both sides mean the variants
+compute the same thing; where they part, the first step whose loss differs), as markdown
+and JSON:
 
     .venv/bin/python tools/ab_steps.py --pairs 12 --out OUT.json \\
         --head "--widen_min_flops_per_element 0" -- --size small --li 512 --lt 64 \\
@@ -51,6 +52,22 @@ def paired_ratios(base: list[float], head: list[float]) -> dict:
               head_wins=sum(r < 1.0 for r in ratios), pairs=len(ratios))
 
 
+def first_difference(base: list[float], head: list[float]) -> dict | None:
+  """The first step (1-based) whose losses differ: {step, base, head}; None if all agree.
+
+  Step k's loss is computed with the parameters after k − 1 updates, so a difference first
+  seen at step 2 comes from the first update. The losses are the steps' float32 scalars, compared exactly: variants that compute the
+  same thing in the same order (an A/A run, a change of schedule only) agree at every
+  step; a change of rounding (another reduction order, another optimizer formulation) shows
+  where it first reaches the loss and how far the two runs then drift."""
+  if len(base) != len(head):
+    raise ValueError(f"first_difference: {len(base)} base and {len(head)} head losses")
+  for i, (b, h) in enumerate(zip(base, head)):
+    if b != h:
+      return dict(step=i + 1, base=b, head=h)
+  return None
+
+
 def run(common: list[str], base: str, head: str, pairs: int, warmup: int) -> dict:
   """Compiles both variants' steps in this process and runs ``pairs`` pairs of steps."""
   t_start = time.perf_counter()
@@ -67,11 +84,13 @@ def run(common: list[str], base: str, head: str, pairs: int, warmup: int) -> dic
     steps[label]["widen"] = matmul.WIDEN_MIN_FLOPS_PER_ELEMENT  # the threshold it traced with
     matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = widen_default  # each variant traces with its own
   times = {label: [] for label in steps}
+  losses = {label: [] for label in steps}  # every step's, the warm-up pairs' included
   for i in range(warmup + pairs):
     for label in benchmark.in_turn(list(steps), i):
       s = steps[label]
       s["state"], s["metrics"], dt, _, _ = benchmark.timed_step(s["compiled"], s["state"],
                                                                   s["batch"])
+      losses[label].append(benchmark.final_loss(s["metrics"]))
       if i >= warmup:
         times[label].append(dt)
     benchmark._progress(t_start, f"pair {i}: " + ", ".join(  # pylint: disable=protected-access
@@ -80,9 +99,10 @@ def run(common: list[str], base: str, head: str, pairs: int, warmup: int) -> dic
                          fastest_s=min(times[label]),
                          temp_mb=steps[label]["mem"].get("temp_size_mb"),
                          widen_min_flops_per_element=steps[label]["widen"],
-                         final_loss=benchmark.final_loss(steps[label]["metrics"]))
+                         final_loss=losses[label][-1])
              for label, own in (("base", base), ("head", head))}
   return dict(worker_args=common, pairs=pairs, warmup=warmup, times=times, summary=summary,
+              losses=losses, losses_part=first_difference(losses["base"], losses["head"]),
               head_over_base=paired_ratios(times["base"], times["head"]),
               peak_rss_mb=benchmark._peak_rss_mb(),  # pylint: disable=protected-access
               host_malloc=args["base"].host_malloc if reuse else "glibc default",
@@ -104,12 +124,27 @@ def markdown(report: dict) -> str:
     temp = "–" if v["temp_mb"] is None else f"{v['temp_mb']:.0f}"
     lines.append(f"| {label} | `{v['args']}` | {v['median_s']:.3f} | {v['fastest_s']:.3f} | "
                  f"{temp} | {v['final_loss']:.5f} |")
+  lines += ["", losses_line(report)]
   lines += ["", f"head / base per pair: median {r['median']:.3f} (quartiles {r['q1']:.3f}–"
             f"{r['q3']:.3f}); the head the faster in {r['head_wins']} of {r['pairs']} pairs", "",
             "| pair | base s | head s | head / base |", "|---|---|---|---|"]
   for i, (b, h) in enumerate(zip(report["times"]["base"], report["times"]["head"])):
     lines.append(f"| {i} | {b:.3f} | {h:.3f} | {h / b:.3f} |")
   return "\n".join(lines) + "\n"
+
+
+def losses_line(report: dict) -> str:
+  """One sentence on the two variants' losses step by step."""
+  if "losses" not in report:  # a report written before the losses were kept
+    return "Losses: only the last step's kept (in the table)."
+  n = len(report["losses"]["base"])
+  part = report["losses_part"]
+  if part is None:
+    return f"Losses: the same at all {n} steps (warm-up included)."
+  rel = abs(part["head"] - part["base"]) / max(abs(part["base"]), 1e-30)
+  return (f"Losses: the same through step {part['step'] - 1} of {n} (warm-up included); at "
+          f"step {part['step']} base {part['base']:.5f}, head {part['head']:.5f} (relative "
+          f"difference {rel:.1e}); after the last step as in the table.")
 
 
 def main(argv=None) -> None:
