@@ -1,7 +1,7 @@
 """Adafactor's reductions over a factored gradient as XLA:CPU kernels (`jax.ffi`).
 
-`optimizers.clipped_adafactor(..., cpu_kernels=True)` (`create_optimizer(implementation=
-'cpu_kernels')`) takes two reductions per factored gradient g [R, C] from here
+`optimizers.clipped_adafactor(..., implementation='cpu_kernels')` (`create_optimizer(
+implementation='cpu_kernels')`) takes two reductions per factored gradient g [R, C] from here
 (`slic_jax/csrc/adafactor_stats.cc`), each one read of g:
 
     square_sums(g)                   rows[r] = Σ_c g²[r, c],  cols[c] = Σ_r g²[r, c]

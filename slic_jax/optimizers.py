@@ -7,8 +7,9 @@ carries as ``optimizer_def`` (T5X's name for it):
 
 With clipping, Adafactor runs as `clipped_adafactor`: the same transformation and state
 as ``optax.chain(clip_by_global_norm, optax.adafactor)``, written as one update whose
-reductions run as matrix-vector products on the CPU (``implementation='fused'``, the
-default; ``'cpu_kernels'``: the gradient matrices' reductions as XLA:CPU kernels,
+reductions run as matrix-vector products on the CPU and whose norm comes from the
+statistics' own sums (``implementation='fused'``, the default; ``'grouped'``: the arrays of
+one shape stacked; ``'cpu_kernels'``: the gradient matrices' reductions as XLA:CPU kernels,
 `adafactor_kernels`; ``'optax'`` builds the optax chain itself).
 
 Schedules (``schedule=``), with ``s`` the step, ``w`` warm-up steps, ``lr`` the
@@ -85,9 +86,7 @@ def clipped_adafactor(
     weight_decay_rate: float | None = None,
     min_dim_size_to_factor: int = 128,
     eps: float = 1e-30,
-    group_same_shapes: bool = False,
-    cpu_kernels: bool = False,
-    norm_from_sums: bool = False,
+    implementation: str = "fused",
 ) -> optax.GradientTransformation:
   """``optax.chain(clip_by_global_norm(clip_norm), optax.adafactor(...))`` as one update.
 
@@ -103,38 +102,43 @@ def clipped_adafactor(
       otherwise:  v ← β v + (1 − β)(ĝ² + ε),   u = ĝ ⊙ v^−½
       Δ = −(lr · u / max(1, rms(u) / clipping_threshold) + weight_decay_rate · p)
 
-  How it is computed: the norm is a plain sum of squares per gradient; everything else
-  runs after it, per array: ĝ² is written once and read by three matrix-vector products
-  (`matmul.sum_by_dot`: the two means, and Σ_rc ĝ²_rc f0_r² f1_c² = RC · mean(u²) with f0, f1 the
-  factors along axes 0 and 1, so u itself is never squared); then Δ is one elementwise
-  pass. T5 1.1 small's update alone (77M parameters, this repo's 2-core CPU,
-  `tools/profile_step.py --optimizer_only [--optimizer_implementation optax]`): 168–173
-  ms against 237–242 ms for the optax chain. Two variants measured and not kept: the
-  norm as a contraction of each gradient with itself (XLA turns it into a multiply and a
-  tree of reduce-windows: 188 ms), and the statistics taken before the norm from the
-  unscaled ĝ² (161 ms), which lets XLA:CPU's scheduler start them inside the backward
-  pass: 979 → 1181 MB of XLA buffers at the bf16 step's peak (`tools/step_peak_buffers.sh`).
+  How ``implementation='fused'`` (the default) computes it: every matrix's g² is written
+  once, unscaled (ĝ² = s² g²), and its column sums Σ_r g² taken by one matrix-vector
+  product (`matmul.sum_by_dot`); their totals, and Σ g² of the other arrays, give the
+  norm, so no gradient is read for the norm alone. Then per factored matrix the statistic
+  along axis 1 (from the column sums) gives its factor f1, and one product g² · [1, f1²]
+  ([C, 2], `matmul.sums_by_dot`) the row sums (the other statistic, factor f0) and
+  Σ_c g² f1² per row, whose f0²-weighted total is RC · mean(u²): u itself is never
+  squared. Δ is one elementwise pass. On the CPU the update starts after the backward
+  pass (an optimization barrier, `_after_backward`): started inside it, XLA:CPU's
+  scheduler held more buffers at the step's peak (979 → 1181 MB in the bf16 step,
+  `tools/step_peak_buffers.sh`, session 13). T5 1.1 small's update alone (77M
+  parameters, `tools/profile_step.py --optimizer_only`, the Zen 4 VM, session 48): 74–83
+  ms against 109–111 ms for the formulation before (the norm a sum of squares of each
+  gradient, then ĝ² and three matrix-vector products per matrix), 49 ms for 'cpu_kernels';
+  in the step 1.8% (float32) and 4.2% (bf16) faster (`benchmarks/NOTES.md`, session 48).
 
-  ``group_same_shapes=True`` (``create_optimizer(implementation='grouped')``) stacks the
+  ``implementation='grouped'`` (``create_optimizer(implementation='grouped')``) stacks the
   arrays of one shape and dtype (the 8 layers' copies of each kernel) and updates each
-  stack at once (``jax.vmap`` of the per-array update), the gradient norm included: the
+  stack at once (``jax.vmap`` of the per-array update: the norm a sum of squares per
+  gradient, then ĝ² and three reductions per matrix), the gradient norm included: the
   same arithmetic per array in a few large ops instead of many small ones. On an H200
   the per-array update was 1550 of the bf16 step's 2546 kernels and 3.5 of its 19 ms of
   kernel time (T5 1.1 small, 32 pairs; `benchmarks/NOTES.md`, session 25). The stacks
   are copies: one more pass over the gradients, parameters and statistics.
 
-  ``cpu_kernels=True`` (``create_optimizer(implementation='cpu_kernels')``, XLA:CPU only)
-  takes the reductions of each factored float32 [R, C] gradient from two CPU kernels
-  (`adafactor_kernels`), each one read of g: its row and column sums of g² (unscaled:
-  the statistics are s² times them, the norm their sum) and Σ g² f0² f1²; the update
-  stays one elementwise pass. The other gradients are reduced as above.
+  ``implementation='cpu_kernels'`` (XLA:CPU only) takes the reductions of each factored
+  float32 [R, C] gradient from two CPU kernels (`adafactor_kernels`), each one read of g:
+  its row and column sums of g² (unscaled: the statistics are s² times them, the norm
+  their sum) and Σ g² f0² f1²; the update stays one elementwise pass. The other
+  gradients are reduced as in 'grouped', one by one.
   """
-  if norm_from_sums and (cpu_kernels or group_same_shapes):
-    raise ValueError("clipped_adafactor: norm_from_sums=True does not combine with "
-                     "cpu_kernels or group_same_shapes")
-  if cpu_kernels and group_same_shapes:
-    raise ValueError("clipped_adafactor: cpu_kernels=True reduces each gradient with its own "
-                     "kernel calls; it does not combine with group_same_shapes=True")
+  if implementation not in ("fused", "grouped", "cpu_kernels"):
+    raise ValueError(f"clipped_adafactor: unknown implementation {implementation!r}; "
+                     "expected 'fused', 'grouped' or 'cpu_kernels'")
+  cpu_kernels = implementation == "cpu_kernels"
+  group_same_shapes = implementation == "grouped"
+  norm_from_sums = implementation == "fused"
   reference = optax.chain(
       clip_by_global_norm(clip_norm),
       optax.adafactor(learning_rate=learning_rate, decay_rate=decay_rate,
@@ -150,8 +154,9 @@ def clipped_adafactor(
     fstate, lr_state = inner[0], inner[2]
     if cpu_kernels:
       _check_cpu()
-    if cpu_kernels or norm_from_sums:
       grads = _after_backward(grads)
+    elif norm_from_sums:
+      grads = _after_backward_on_cpu(grads)
     beta = factorized._decay_rate_pow(fstate.count, decay_rate)  # pylint: disable=protected-access
     if callable(learning_rate):
       lr = learning_rate(lr_state.count)
@@ -293,7 +298,7 @@ class SumsNormTransformation(optax.GradientTransformation):
   __slots__ = ()
 
   def global_norm(self, grads) -> jax.Array:
-    return sums_global_norm(_after_backward(grads))
+    return sums_global_norm(_after_backward_on_cpu(grads))
 
 
 def sums_global_norm(tree) -> jax.Array:
@@ -316,6 +321,12 @@ def _after_backward(grads):
   and `KernelNormTransformation.global_norm` put the same barrier on the same gradients,
   which XLA computes once, and so the same kernel calls."""
   return jax.lax.optimization_barrier(grads)
+
+
+def _after_backward_on_cpu(grads):
+  """`_after_backward` where the program runs on XLA:CPU (whose scheduler otherwise starts
+  the update's reductions inside the backward pass); the gradients as they are elsewhere."""
+  return _after_backward(grads) if jax.default_backend() == "cpu" else grads
 
 
 def kernel_global_norm(tree) -> jax.Array:
@@ -351,7 +362,7 @@ def _check_cpu():
 
 
 def _kernel_reduces(g, min_dim_size_to_factor: int) -> bool:
-  """Whether `clipped_adafactor(cpu_kernels=True)` reduces g with the CPU kernels: a
+  """Whether `clipped_adafactor(implementation='cpu_kernels')` reduces g with the CPU kernels: a
   factored float32 matrix."""
   return (g.ndim == 2 and g.dtype == jnp.float32 and factorized._factored_dims(  # pylint: disable=protected-access
       g.shape, True, min_dim_size_to_factor) is not None)
@@ -384,11 +395,11 @@ def create_optimizer(
       uses a constant 1e-3 step without parameter scaling; that is the default.
     implementation: Adafactor with clipping and without parameter scaling as
       `clipped_adafactor` ('fused'; 'grouped': the same with the arrays of one shape
-      updated together, ``group_same_shapes=True``; 'cpu_kernels': the same with the
-      factored gradients' reductions as XLA:CPU kernels, ``cpu_kernels=True``, CPU only)
-      or as the optax chain ('optax'); same state, same updates up to float32 rounding.
+      updated together; 'cpu_kernels': the same with the factored gradients' reductions
+      as XLA:CPU kernels, CPU only) or as the optax chain ('optax'); same state, same
+      updates up to float32 rounding.
   """
-  if implementation not in ("fused", "fused_sums", "grouped", "cpu_kernels", "optax"):
+  if implementation not in ("fused", "grouped", "cpu_kernels", "optax"):
     raise ValueError(f"unknown implementation {implementation!r}; expected 'fused', "
                      "'grouped', 'cpu_kernels' or 'optax'")
   lr = learning_rate if learning_rate is not None else learning_rate_schedule()
@@ -401,9 +412,7 @@ def create_optimizer(
   if fused and implementation != "optax":
     return clipped_adafactor(lr, clip_norm=clip_norm, decay_rate=decay_rate,
                              clipping_threshold=1.0, weight_decay_rate=weight_decay or None,
-                             group_same_shapes=implementation == "grouped",
-                             cpu_kernels=implementation == "cpu_kernels",
-                             norm_from_sums=implementation == "fused_sums")
+                             implementation=implementation)
   if name == "adafactor":
     opt = optax.adafactor(
         learning_rate=lr,

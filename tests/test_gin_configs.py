@@ -82,13 +82,15 @@ def test_bf16_add_on_files_switch_dtype_and_attention_for_either_experiment(add_
 @pytest.mark.parametrize("experiment", ["gin/slic_hf.gin", "gin/sft.gin"])
 def test_the_kernel_optimizer_is_one_gin_binding(experiment):
   """--gin.optimizers.create_optimizer.implementation="'cpu_kernels'" gives the model the
-  optimizer whose update and grad_norm take the CPU kernels' reductions."""
+  optimizer whose update and grad_norm take the CPU kernels' reductions; by default both
+  take the column sums of g² of the fused update."""
   from slic_jax import optimizers
   parse_for_slic_jax(experiment, ["optimizers.create_optimizer.implementation = 'cpu_kernels'"])
   tx = t5x_bridge.as_optax(build("%MODEL").optimizer_def)
   assert isinstance(tx, optimizers.KernelNormTransformation)
   parse_for_slic_jax(experiment)
-  assert not hasattr(t5x_bridge.as_optax(build("%MODEL").optimizer_def), "global_norm")
+  assert isinstance(t5x_bridge.as_optax(build("%MODEL").optimizer_def),
+                    optimizers.SumsNormTransformation)
 
 
 def test_demo_style_overrides():

@@ -1441,7 +1441,7 @@ def parse_args(argv=None):
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
   ap.add_argument("--optimizer_implementation", default="fused",
-                  choices=["fused", "fused_sums", "grouped", "cpu_kernels", "optax"],
+                  choices=["fused", "grouped", "cpu_kernels", "optax"],
                   help="step worker: optimizers.create_optimizer(implementation=...): "
                        "Adafactor + clipping as one update (fused), the same with arrays of one "
                        "shape stacked (grouped) or with the CPU reduction kernels "

@@ -768,7 +768,7 @@ def main(argv=None) -> int:
                   help="profile the optimizer update alone (clipping + Adafactor + apply) on "
                        "the model's parameters, beside one elementwise pass over as many bytes")
   ap.add_argument("--optimizer_implementation", default="fused",
-                  choices=["fused", "fused_sums", "grouped", "cpu_kernels", "optax"],
+                  choices=["fused", "grouped", "cpu_kernels", "optax"],
                   help="optimizers.create_optimizer(implementation=...)")
   ap.add_argument("--repeats", type=int, default=9,
                   help="--optimizer_only: timed calls (median) besides the traced one")
