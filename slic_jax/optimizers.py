@@ -113,9 +113,10 @@ def clipped_adafactor(
   pass (an optimization barrier, `_after_backward`): started inside it, XLA:CPU's
   scheduler held more buffers at the step's peak (979 → 1181 MB in the bf16 step,
   `tools/step_peak_buffers.sh`, session 13). T5 1.1 small's update alone (77M
-  parameters, `tools/profile_step.py --optimizer_only`, the Zen 4 VM, session 48): 74–83
-  ms against 109–111 ms for the formulation before (the norm a sum of squares of each
-  gradient, then ĝ² and three matrix-vector products per matrix), 49 ms for 'cpu_kernels';
+  parameters, `tools/profile_step.py --optimizer_only`, the Zen 4 VM, session 48): 75 and
+  82 ms against 118 and 110 ms for the formulation before (the norm a sum of squares of
+  each gradient, then ĝ² and three matrix-vector products per matrix), 47 and 51 ms for
+  'cpu_kernels' (`benchmarks/optimizer_only_session48_amd.txt`);
   in the step 1.8% (float32) and 4.2% (bf16) faster (`benchmarks/NOTES.md`, session 48).
 
   ``implementation='grouped'`` (``create_optimizer(implementation='grouped')``) stacks the
