@@ -363,10 +363,9 @@ def _check_cpu():
 
 
 def _kernel_reduces(g, min_dim_size_to_factor: int) -> bool:
-  """Whether `clipped_adafactor(implementation='cpu_kernels')` reduces g with the CPU kernels: a
-  factored float32 matrix."""
-  return (g.ndim == 2 and g.dtype == jnp.float32 and factorized._factored_dims(  # pylint: disable=protected-access
-      g.shape, True, min_dim_size_to_factor) is not None)
+  """Whether `clipped_adafactor(implementation='cpu_kernels')` reduces g with the CPU
+  kernels: a factored float32 matrix."""
+  return g.dtype == jnp.float32 and _factored_matrix(g, min_dim_size_to_factor)
 
 
 def create_optimizer(
