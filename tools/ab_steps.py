@@ -56,10 +56,11 @@ def first_difference(base: list[float], head: list[float]) -> dict | None:
   """The first step (1-based) whose losses differ: {step, base, head}; None if all agree.
 
   Step k's loss is computed with the parameters after k − 1 updates, so a difference first
-  seen at step 2 comes from the first update. The losses are the steps' float32 scalars, compared exactly: variants that compute the
-  same thing in the same order (an A/A run, a change of schedule only) agree at every
-  step; a change of rounding (another reduction order, another optimizer formulation) shows
-  where it first reaches the loss and how far the two runs then drift."""
+  seen at step 2 comes from the first update. The losses are the steps' float32 scalars,
+  compared exactly: variants that compute the same thing in the same order (an A/A run, a
+  change of schedule only) agree at every step; a change of rounding (another reduction
+  order, another optimizer formulation) shows where it first reaches the loss and how far
+  the two runs then drift."""
   if len(base) != len(head):
     raise ValueError(f"first_difference: {len(base)} base and {len(head)} head losses")
   for i, (b, h) in enumerate(zip(base, head)):
