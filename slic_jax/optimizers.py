@@ -190,6 +190,24 @@ def clipped_adafactor(
             jnp.sqrt(sum(_square_sum(arrays[0], cpu_kernels) for _, arrays in parts)))
     scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
 
+    def factors(v_row, v_col, d0):
+      """(f0 [R], f1 [C]): the factors along axis 0 and axis 1 of an [R, C] matrix whose
+      statistic v_row runs along axis 1 − d0 and v_col along d0 (optax's layout):
+      (v_row / mean(v_row))^−½ and v_col^−½."""
+      row_factor = (v_row / jnp.mean(v_row)) ** -0.5
+      col_factor = v_col ** -0.5
+      return (row_factor, col_factor) if d0 == 1 else (col_factor, row_factor)
+
+    def factored_update(g, p, f0, f1, mean_u2, g_scale):
+      """Δ of a factored [R, C] matrix from its factors along axis 0 (f0 [R]) and axis 1
+      (f1 [C]) and mean(u²) of u = ĝ ⊙ f0 ⊗ f1, where ĝ = g_scale · g:
+      −lr · u / max(1, sqrt(mean(u²)) / clipping_threshold) − weight_decay_rate · p."""
+      k = -lr / jnp.maximum(1.0, jnp.sqrt(mean_u2) / clipping_threshold)
+      update = g.astype(jnp.float32) * (f0 * (k * g_scale))[:, None] * f1[None, :]
+      if weight_decay_rate:
+        update = update - weight_decay_rate * p
+      return update.astype(p.dtype)
+
     def one(g, p, v_row, v_col, v, g_sums=None, g_squares=None):
       dims = factorized._factored_dims(g.shape, True, min_dim_size_to_factor)  # pylint: disable=protected-access
       if g_squares is not None:  # g² (unscaled) and its sums over axis 0: ĝ² = s² g²
@@ -207,25 +225,16 @@ def clipped_adafactor(
         f0 = stat0 ** -0.5 if d0 == 0 else (stat0 / jnp.mean(stat0)) ** -0.5
         v_row, v_col = (stat1, stat0) if d0 == 0 else (stat0, stat1)
         mean_u2 = jnp.dot(weighted, f0 * f0, precision=jax.lax.Precision.HIGHEST) * s2 / g.size
-        k = -lr / jnp.maximum(1.0, jnp.sqrt(mean_u2) / clipping_threshold)
-        update = g.astype(jnp.float32) * (f0 * (k * scale))[:, None] * f1[None, :]
-        if weight_decay_rate:
-          update = update - weight_decay_rate * p
-        return update.astype(p.dtype), v_row.astype(p.dtype), v_col.astype(p.dtype), v
+        return (factored_update(g, p, f0, f1, mean_u2, scale),
+                v_row.astype(p.dtype), v_col.astype(p.dtype), v)
       if g_sums is not None:  # the kernels' sums of the unscaled g²: ĝ² = s² g²
         d1, d0 = dims
         s2 = scale * scale
         v_row = (beta * v_row + (1 - beta) * (g_sums[d0] * s2 / g.shape[d0] + eps)).astype(p.dtype)
         v_col = (beta * v_col + (1 - beta) * (g_sums[d1] * s2 / g.shape[d1] + eps)).astype(p.dtype)
-        row_factor = (v_row / jnp.mean(v_row)) ** -0.5
-        col_factor = v_col ** -0.5
-        f1, f0 = (col_factor, row_factor) if d0 == 1 else (row_factor, col_factor)
+        f0, f1 = factors(v_row, v_col, d0)
         mean_u2 = adafactor_kernels.weighted_square_sum(g, f0 * f0, f1 * f1) * s2 / g.size
-        k = -lr / jnp.maximum(1.0, jnp.sqrt(mean_u2) / clipping_threshold)
-        update = g * (f0 * (k * scale))[:, None] * f1[None, :]
-        if weight_decay_rate:
-          update = update - weight_decay_rate * p
-        return update.astype(p.dtype), v_row, v_col, v
+        return factored_update(g, p, f0, f1, mean_u2, scale), v_row, v_col, v
       g = g * scale.astype(g.dtype)
       if dims is not None and g.ndim == 2:
         d1, d0 = dims
@@ -234,15 +243,11 @@ def clipped_adafactor(
         mean_d1 = matmul.sum_by_dot(g2, d1) / g.shape[d1]
         v_row = (beta * v_row + (1 - beta) * (mean_d0 + eps)).astype(p.dtype)  # along d1
         v_col = (beta * v_col + (1 - beta) * (mean_d1 + eps)).astype(p.dtype)  # along d0
-        row_factor = (v_row / jnp.mean(v_row)) ** -0.5
-        col_factor = v_col ** -0.5
-        # The factor along axis 1 and along axis 0 of g.
-        f1, f0 = (col_factor, row_factor) if d0 == 1 else (row_factor, col_factor)
+        f0, f1 = factors(v_row, v_col, d0)
         mean_u2 = jnp.dot(matmul.sum_by_dot(g2, 1, weights=f1 * f1), f0 * f0,
                           precision=jax.lax.Precision.HIGHEST) / g.size
-        k = -lr / jnp.maximum(1.0, jnp.sqrt(mean_u2) / clipping_threshold)
-        update = g * (f0 * k)[:, None] * f1[None, :]
-      elif dims is not None:  # factored, more than 2 axes: optax's own formulation
+        return factored_update(g, p, f0, f1, mean_u2, 1.0), v_row, v_col, v
+      if dims is not None:  # factored, more than 2 axes: optax's own formulation
         d1, d0 = dims
         g2 = g * g + eps
         v_row = (beta * v_row + (1 - beta) * jnp.mean(g2, axis=d0)).astype(p.dtype)
