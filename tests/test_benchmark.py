@@ -618,6 +618,57 @@ def test_interleaved_rounds_start_every_row_at_once_and_pair_the_steps_of_each_c
   assert benchmark._interleaved_cycles_markdown(res) == []
 
 
+def test_interleaved_sweep_runs_each_rounds_lengths_at_once_and_compares_each_cycle(
+    tmp_path, monkeypatch):
+  """--sweep 128,256,512 --interleave --repeats 2: each round hands its lengths to the
+  turn-taking runner at once (the order reversed in the second round); the report gives
+  each length's cost per FLOP over the next shorter length's, cycle by cycle, and a round
+  where a length failed pairs nothing with it."""
+  rounds = []
+  steps = {128: iter([[1.0, 1.0], [1.1, 0.9]]), 256: iter([[2.0, 2.2], [2.0, 2.0]]),
+           512: iter([[4.0, 4.4], None])}  # 512 fails in round 2
+
+  def fake_in_turns(cmds, timeout):
+    rounds.append(list(cmds))
+    out = {}
+    for name, (cmd, _) in cmds.items():
+      li = int(cmd[cmd.index("--li") + 1])
+      st = next(steps[li])
+      out[name] = ({"error": "exit 1", "turns": []} if st is None else
+                   {"step_times_s": st, "step_s_median": max(st), "step_s_min": min(st),
+                    "pairs_per_s": 4 / max(st), "model_flops_per_step": li * 1e9,
+                    "achieved_model_flops_per_s": li * 1e9 / max(st), "peak_rss_mb": 100.0,
+                    "turns": [(c, c, c + 0.5) for c in range(3)]})
+    return out
+
+  monkeypatch.setattr(benchmark, "_run_json", lambda cmd, timeout, env=None: {
+      "jax_float32_flops_per_s": 1e11})
+  monkeypatch.setattr(benchmark, "_run_in_turns", fake_in_turns)
+  monkeypatch.setattr(benchmark, "peer_cmd", lambda *a, **k: None)
+  res = benchmark.orchestrate(benchmark.parse_args(
+      ["--sizes", "", "--sweep", "128,256,512", "--interleave", "--repeats", "2",
+       "--steps", "2", "--warmup", "1", "--out_dir", str(tmp_path)]))
+  assert rounds == [["slic_jax_128", "slic_jax_256", "slic_jax_512"],
+                    ["slic_jax_512", "slic_jax_256", "slic_jax_128"]]
+  cycles = benchmark.sweep_cycles(res)[("mini", "slic_jax")]
+  # 256 against 128 per FLOP: (2.0/256)/(1.0/128) = 1.0, (2.2/256)/(1.0/128) = 1.1, then
+  # 2.0/(2·1.1), 2.0/(2·0.9): median 1.05, quartiles 0.977 and 1.103; 512 against 256 in
+  # round 1 only (512 failed in round 2).
+  assert cycles[256][0] == 128 and cycles[256][1] == pytest.approx(
+      [1.0, 1.1, 2.0 / 2.2, 2.0 / 1.8])
+  assert cycles[512][0] == 256 and cycles[512][1] == pytest.approx([1.0, 1.0])
+  md = (tmp_path / "results.md").read_text()
+  assert "each length the fastest of 2 runs; each round's lengths at once, their steps in turns" in md
+  assert "| mini | slic_jax | 256 | 128 | 4 | +5.0% | -2.3% to +10.3% | 2 of 4 |" in md
+  assert "| mini | slic_jax | 512 | 256 | 2 | +0.0% | +0.0% to +0.0% | 0 of 2 |" in md
+  # Rounds that did not run in turns pair nothing.
+  for row in res["sweep"]:
+    for r in row["slic_jax"]["runs"]:
+      r.pop("turns", None)
+  assert benchmark.sweep_cycles(res) == {}
+  assert benchmark._sweep_cycles_markdown(res) == []
+
+
 def test_the_step_worker_runs_in_turns_for_real(tmp_path):
   """The step worker itself under the turn-taking runner, beside a stand-in worker of 0.2
   s steps: the tiny model, 1 warm-up and 2 timed steps: 3 turns each, one cycle after

@@ -35,7 +35,9 @@ compile caches / allocator state do not leak into the next:
   step by step (`step_turns`: one step runs while every other process waits, the order
   reversed every cycle), each still timing its own steps in its own process; the report
   adds TRL's step over slic_jax's per cycle (`interleaved_cycles`): two frameworks
-  compared seconds apart rather than minutes, on a VM whose speed drifts.
+  compared seconds apart rather than minutes, on a VM whose speed drifts. The sweep's
+  lengths take turns the same way, and the report adds each length's cost per model FLOP
+  over the next shorter length's per cycle (`sweep_cycles`).
 * on a GPU (``tools/benchmark_gpu.sh``): slic_jax's workers run on jax's default backend
   (the accelerator), the peer with ``--peer_device cuda`` (``--peer_python``: one
   interpreter that has both stacks), the matmul peaks are the accelerator's, and the
@@ -921,19 +923,28 @@ def orchestrate(args) -> dict:
   size = args.sweep_size
   frameworks = ["slic_jax"] + ["trl"] * (args.sweep_peer and not args.no_peer)
 
+  # With --interleave a round's lengths start at once and take turns step by step, as the
+  # side by side's rows do, and `sweep_cycles` compares each length with the next shorter
+  # one cycle by cycle.
   sweep_runs = {(li, fw): [] for li in lengths for fw in frameworks}
   for rnd in range(max(args.repeats, 1)) if lengths else ():
+    cmds = {}  # {(li, framework): the process's command, None where the peer is missing}
     for li in in_turn(lengths, rnd):
       for fw in frameworks:
-        if _side_by_side_row(res, size, li, fw) is not None:
-          continue
-        if fw == "slic_jax":
-          r = _run_json(slic_cmd(args, size, li, dtype=args.sweep_dtype,
-                                 attention_implementation=args.sweep_attention), t)
-        else:
-          pc = peer_cmd(args, size, li)
-          r = _run_json(pc, t) if pc else {"error": "peer env missing"}
-        sweep_runs[(li, fw)].append(r)
+        if _side_by_side_row(res, size, li, fw) is None:
+          cmds[(li, fw)] = (slic_cmd(args, size, li, dtype=args.sweep_dtype,
+                                     attention_implementation=args.sweep_attention)
+                            if fw == "slic_jax" else peer_cmd(args, size, li))
+    missing = {"error": "peer env missing"}
+    if args.interleave:
+      names = {f"{fw}_{li}": (li, fw) for (li, fw), c in cmds.items() if c}
+      done = _run_in_turns({n: (cmds[k], None) for n, k in names.items()}, t * len(names))
+      done = {names[n]: r for n, r in done.items()}
+      for key in cmds:
+        sweep_runs[key].append(done.get(key, missing))
+      continue
+    for key, cmd in cmds.items():
+      sweep_runs[key].append(_run_json(cmd, t) if cmd else dict(missing))
   for li in lengths:
     row = {"size": size, "li": li}
     for fw in frameworks:
@@ -1156,7 +1167,8 @@ def to_markdown(res: dict) -> str:
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
               f"{s.get('sweep_dtype', 'float32')}"
               f"{'' if s.get('sweep_attention', 'default') == 'default' else ', attention_implementation=' + repr(s['sweep_attention'])}"
-              f"{f'; each length the fastest of {repeats} runs in turn' if repeats > 1 else ''})",
+              f"{f'; each length the fastest of {repeats} runs' if repeats > 1 else ''}"
+              f"{'; each round' + chr(39) + 's lengths at once, their steps in turns' if s.get('interleave') else ' in turn' if repeats > 1 else ''})",
               "",
               "| model | Li | framework | s/step (median) | s/step (best) | model GFLOP/step | "
               "s per model TFLOP (median / best) | against the cheapest Li (median / best) | "
@@ -1190,6 +1202,7 @@ def to_markdown(res: dict) -> str:
                      f"{100 * (med / low[0] - 1):+.1f}% / {100 * (best / low[1] - 1):+.1f}% | "
                      f"{fl / r['step_s_median'] / 1e9:.1f} | {r['peak_rss_mb']:.0f} |")
     lines += _sweep_rounds_markdown(res)
+    lines += _sweep_cycles_markdown(res)
   if res["levers"]:
     lines += ["", "## Levers (slic_jax)", "",
               "| model | dtype | remat | XLA options | pairs | microbatches | s/step (median) | s/step (best) | "
@@ -1294,7 +1307,9 @@ def _sweep_rounds_markdown(res: dict) -> list[str]:
   if not table:
     return []
   n = max(len(v) for rel in table.values() for v in rel.values())
-  lines = ["", "Per round (the lengths ran in turn; each length's s per model TFLOP by its "
+  when = ("ran at once, their steps in turns" if res.get("settings", {}).get("interleave")
+          else "ran in turn")
+  lines = ["", f"Per round (the lengths {when}; each length's s per model TFLOP by its "
            "median step, against the cheapest length of the same round; –: a run of that "
            "round failed):", "",
            "| model | framework | Li | " + " | ".join(f"round {k + 1}" for k in range(n))
@@ -1306,6 +1321,61 @@ def _sweep_rounds_markdown(res: dict) -> list[str]:
                + [""] * (n - len(rel[li])))
       lines.append(f"| {size} | {fw} | {li} | " + " | ".join(cells)
                    + f" | {100 * statistics.median(done):+.1f}% |")
+  return lines
+
+
+def sweep_cycles(res: dict) -> dict:
+  """Each sweep length's cost per FLOP against the next shorter length's, step by step.
+
+  With --interleave a round's lengths run at once and take turns step by step, so every
+  length's k-th timed step ran in the same cycle, seconds from the others'. Returns
+  {(size, framework): {li: (the next shorter length, [(step at li / model FLOPs at li) /
+  (step at the shorter length / its model FLOPs), one per cycle, the rounds one after the
+  other])}} over the rounds where both processes ran in turns and finished; lengths
+  reused from the side by side and pairs with no such cycle are left out.
+  """
+  by_key = {}  # (size, framework) -> [(li, model FLOPs, runs)]
+  for row in res["sweep"]:
+    for fw in ("slic_jax", "trl"):
+      r = row.get(fw)
+      if (r and r.get("model_flops_per_step") and r.get("runs")
+          and _side_by_side_row(res, row["size"], row["li"], fw) is None):
+        by_key.setdefault((row["size"], fw), []).append(
+            (row["li"], r["model_flops_per_step"], r["runs"]))
+  out = {}
+  for key, items in by_key.items():
+    items.sort(key=lambda x: x[0])
+    rel = {}
+    for (li0, fl0, runs0), (li, fl, runs) in zip(items, items[1:]):
+      ratios = []
+      for a, b in zip(runs0, runs):
+        if all("turns" in x and "step_times_s" in x for x in (a, b)):
+          ratios += [(tb / fl) / (ta / fl0) for ta, tb in zip(a["step_times_s"], b["step_times_s"])]
+      if ratios:
+        rel[li] = (li0, ratios)
+    if rel:
+      out[key] = rel
+  return out
+
+
+def _sweep_cycles_markdown(res: dict) -> list[str]:
+  """The summary of `sweep_cycles`, or nothing where it is empty."""
+  table = sweep_cycles(res)
+  if not table:
+    return []
+  lines = ["", "Cost per FLOP step by step (`--interleave`: each round's lengths ran at once, "
+           "one step at a time in turns, the order reversed every cycle; per cycle a "
+           "length's s per model FLOP over the next shorter length's, seconds apart):", "",
+           "| model | framework | Li | against Li | cycles | median | quartiles | cycles dearer |",
+           "|---|---|---|---|---|---|---|---|"]
+  for (size, fw), rel in table.items():
+    for li, (li0, ratios) in sorted(rel.items()):
+      q = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
+           else ratios * 3)
+      lines.append(f"| {size} | {fw} | {li} | {li0} | {len(ratios)} | "
+                   f"{100 * (statistics.median(ratios) - 1):+.1f}% | "
+                   f"{100 * (q[0] - 1):+.1f}% to {100 * (q[2] - 1):+.1f}% | "
+                   f"{sum(r > 1 for r in ratios)} of {len(ratios)} |")
   return lines
 
 
@@ -1468,10 +1538,11 @@ def parse_args(argv=None):
                        "in turn, the order reversed every other round; the fastest is shown")
   ap.add_argument("--peer_warmup", type=int, default=1)
   ap.add_argument("--interleave", action="store_true",
-                  help="side by side: each round's processes start at once and take turns "
-                       "step by step, the order reversed every cycle (tools/step_turns.py); "
-                       "TRL then runs --warmup and --steps steps too, and the report pairs "
-                       "the steps of each cycle")
+                  help="side by side and sweep: each round's processes start at once and "
+                       "take turns step by step, the order reversed every cycle "
+                       "(tools/step_turns.py); TRL then runs --warmup and --steps steps too, "
+                       "and the report pairs the steps of each cycle (the sweep: each length "
+                       "against the next shorter one)")
   ap.add_argument("--peer_reuse_malloc", action="store_true",
                   help="also run TRL (float32) with slic_jax's glibc malloc settings "
                        "(GLIBC_TUNABLES = host_memory.GLIBC_TUNABLES)")
