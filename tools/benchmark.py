@@ -1164,11 +1164,13 @@ def to_markdown(res: dict) -> str:
   lines += _interleaved_cycles_markdown(res)
   if res["sweep"]:
     repeats = s.get("repeats") or 1
+    order = ("; each round's lengths at once, their steps in turns" if s.get("interleave")
+             else " in turn" if repeats > 1 else "")
     lines += ["", f"## Input-length sweep (Lt={s['lt']}, {s['batch_pairs']} pairs, slic_jax "
               f"{s.get('sweep_dtype', 'float32')}"
               f"{'' if s.get('sweep_attention', 'default') == 'default' else ', attention_implementation=' + repr(s['sweep_attention'])}"
               f"{f'; each length the fastest of {repeats} runs' if repeats > 1 else ''}"
-              f"{'; each round' + chr(39) + 's lengths at once, their steps in turns' if s.get('interleave') else ' in turn' if repeats > 1 else ''})",
+              f"{order})",
               "",
               "| model | Li | framework | s/step (median) | s/step (best) | model GFLOP/step | "
               "s per model TFLOP (median / best) | against the cheapest Li (median / best) | "
@@ -1263,6 +1265,19 @@ def _side_by_side_row(res: dict, size: str, li: int, framework: str) -> dict | N
   return next((c[key] for c in res["comparison"] if c.get("size") == size and key in c), None)
 
 
+def _swept_runs(res: dict) -> dict:
+  """{(size, framework): {li: (model FLOPs per step, the length's runs)}} of the sweep's
+  lengths that ran in its rounds (not those reused from the side by side)."""
+  out = {}
+  for row in res["sweep"]:
+    for fw in ("slic_jax", "trl"):
+      r = row.get(fw)
+      if (r and r.get("model_flops_per_step") and r.get("runs")
+          and _side_by_side_row(res, row["size"], row["li"], fw) is None):
+        out.setdefault((row["size"], fw), {})[row["li"]] = (r["model_flops_per_step"], r["runs"])
+  return out
+
+
 def sweep_rounds(res: dict) -> dict:
   """Each sweep length's cost per FLOP in each round, against that round's cheapest length.
 
@@ -1275,16 +1290,8 @@ def sweep_rounds(res: dict) -> dict:
   is reused from the side by side (not run in the rounds) are left out, and so is a size
   and framework with fewer than two complete rounds or two lengths.
   """
-  runs = {}  # (size, framework) -> {li: [(model FLOPs, median step or None), ...]}
-  for row in res["sweep"]:
-    for fw in ("slic_jax", "trl"):
-      r = row.get(fw)
-      fl = r and r.get("model_flops_per_step")
-      if (not fl or not r.get("runs")
-          or _side_by_side_row(res, row["size"], row["li"], fw) is not None):
-        continue
-      runs.setdefault((row["size"], fw), {})[row["li"]] = [
-          (fl, x.get("step_s_median")) for x in r["runs"]]
+  runs = {key: {li: [(fl, x.get("step_s_median")) for x in rs] for li, (fl, rs) in by_li.items()}
+          for key, by_li in _swept_runs(res).items()}  # {li: [(model FLOPs, median step)]}
   out = {}
   for key, by_li in runs.items():
     n = min(len(v) for v in by_li.values())
@@ -1334,17 +1341,9 @@ def sweep_cycles(res: dict) -> dict:
   other])}} over the rounds where both processes ran in turns and finished; lengths
   reused from the side by side and pairs with no such cycle are left out.
   """
-  by_key = {}  # (size, framework) -> [(li, model FLOPs, runs)]
-  for row in res["sweep"]:
-    for fw in ("slic_jax", "trl"):
-      r = row.get(fw)
-      if (r and r.get("model_flops_per_step") and r.get("runs")
-          and _side_by_side_row(res, row["size"], row["li"], fw) is None):
-        by_key.setdefault((row["size"], fw), []).append(
-            (row["li"], r["model_flops_per_step"], r["runs"]))
   out = {}
-  for key, items in by_key.items():
-    items.sort(key=lambda x: x[0])
+  for key, by_li in _swept_runs(res).items():
+    items = [(li, *by_li[li]) for li in sorted(by_li)]  # [(li, model FLOPs, runs)]
     rel = {}
     for (li0, fl0, runs0), (li, fl, runs) in zip(items, items[1:]):
       ratios = []
@@ -1370,8 +1369,7 @@ def _sweep_cycles_markdown(res: dict) -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
   for (size, fw), rel in table.items():
     for li, (li0, ratios) in sorted(rel.items()):
-      q = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
-           else ratios * 3)
+      q = _quartiles(ratios)
       lines.append(f"| {size} | {fw} | {li} | {li0} | {len(ratios)} | "
                    f"{100 * (statistics.median(ratios) - 1):+.1f}% | "
                    f"{100 * (q[0] - 1):+.1f}% to {100 * (q[2] - 1):+.1f}% | "
@@ -1455,6 +1453,11 @@ def interleaved_cycles(res: dict) -> dict:
   return out
 
 
+def _quartiles(xs: list) -> list:
+  """[first quartile, median, third quartile] of xs (inclusive method; one value: itself)."""
+  return statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+
+
 def _interleaved_cycles_markdown(res: dict) -> list[str]:
   """The summary of `interleaved_cycles`, or nothing where it is empty."""
   table = interleaved_cycles(res)
@@ -1466,8 +1469,7 @@ def _interleaved_cycles_markdown(res: dict) -> list[str]:
            "| model | slic_jax | against | cycles | median | quartiles | cycles at 2× or more |",
            "|---|---|---|---|---|---|---|"]
   for (size, key, pkey), ratios in table.items():
-    q = (statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1
-         else ratios * 3)
+    q = _quartiles(ratios)
     lines.append(f"| {size} | {LABELS[key]} | {LABELS[pkey]} | {len(ratios)} | "
                  f"{statistics.median(ratios):.2f}× | {q[0]:.2f}–{q[2]:.2f}× | "
                  f"{sum(r >= 2.0 for r in ratios)} of {len(ratios)} |")
