@@ -117,7 +117,7 @@ def _blocked_fwd(dtype, block_q, query, key, value, mask_bias, position_bias):
       s = s + _bias_rows(mask_bias, c * block_q, block_q)
     if position_bias is not None:
       s = s + _bias_rows(position_bias, c * block_q, block_q).astype(jnp.float32)
-    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - matmul.row_max(s, keepdims=True))
     p = (e * (1.0 / matmul.sum_by_dot(e, -1, keepdims=True))).astype(p_dtype)
     o = _dot('bhqk,bhkd->bhqd', p, v, dtype).astype(dtype)
     return None, (o, p)

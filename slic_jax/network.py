@@ -976,7 +976,7 @@ def _normalized_after_values(logits, value):
 
 
 def _normalized_after_values_fwd(logits, value):
-  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(logits - matmul.row_max(logits, keepdims=True))
   r = 1.0 / matmul.sum_by_dot(e, -1)  # [B, H, Lq]: 1 / s
   o = jnp.einsum('bhqk,bkhd->bqhd', e, value) * jnp.swapaxes(r, 1, 2)[..., None]
   return o, (e, r, value, o)
@@ -1001,7 +1001,7 @@ def _softmax_weighted_values(logits, value, dtype):
 
 def _softmax_weighted_values_fwd(logits, value, dtype):
   e = logits.astype(jnp.float32)
-  e = jnp.exp(e - jnp.max(e, axis=-1, keepdims=True))
+  e = jnp.exp(e - matmul.row_max(e, keepdims=True))
   p = (e / matmul.sum_by_dot(e, -1, keepdims=True)).astype(dtype)
   v = value.astype(dtype)
   o = matmul.accumulate('bhqk,bkhd->bqhd', p, v).astype(dtype)

@@ -236,6 +236,30 @@ def test_sum_and_broadcast_by_dot_are_sums_and_broadcasts_as_dots_on_the_cpu():
   assert 'reduce' in hlo  # what it replaces
 
 
+def test_row_max_is_the_max_and_fuses_its_producer_on_the_cpu():
+  """matmul.row_max: jnp.max over the last axis, exactly (any length, keepdims, NaN-free);
+  on the CPU, with the step's compiler options, the max of a sum of arrays compiles to one
+  fusion reading the summands: no reduce-window and no [.., N] sum written out, which
+  jnp.max gives (XLA:CPU's TreeReductionRewriter)."""
+  from slic_jax import compiler_options
+  for n in (7, 32, 64, 96, 100, 1024):
+    x = jax.random.normal(jax.random.PRNGKey(n), (3, 5, n))
+    np.testing.assert_array_equal(matmul.row_max(x), jnp.max(x, -1))
+    np.testing.assert_array_equal(matmul.row_max(x, keepdims=True), jnp.max(x, -1, keepdims=True))
+  opts = compiler_options.step_compiler_options("cpu")
+  a = jnp.zeros((4, 64, 1024))
+  b = jnp.zeros((1, 64, 1024))
+  softmax_max = lambda f: jax.jit(lambda a, b: f(a + b), compiler_options=opts).lower(
+      a, b).compile().as_text()
+  ours = softmax_max(matmul.row_max)
+  entry = ours[ours.index("ENTRY"):]
+  assert "reduce-window" not in ours
+  written_sum = r"= f32\[4,64,1024\]\S* fusion\("
+  assert not re.search(written_sum, entry), entry  # the sum is never written
+  plain = softmax_max(lambda s: jnp.max(s, -1))
+  assert "reduce-window" in plain and re.search(written_sum, plain[plain.index("ENTRY"):])
+
+
 @pytest.mark.parametrize("equation,sa,sb", EQUATIONS + [("nd,vd->nv", (6, 8), (9, 8))])
 def test_float32_vjp_gives_autodiffs_values_and_gradients(equation, sa, sb):
   """float32_vjp changes where the gradient matmuls' operands are laid out, not their values."""
