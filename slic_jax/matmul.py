@@ -404,10 +404,15 @@ def sum_by_dot(x: jax.Array, axis: int = -1, *, keepdims: bool = False,
   return jnp.expand_dims(out, axis) if keepdims else out
 
 
+# The first level of `row_max` on the CPU: rows of this many elements (0: one `jnp.max`).
+# Read when a step is traced; `tools/benchmark.py --row_max_level` replaces it.
+ROW_MAX_LEVEL = 32
+
+
 def row_max(x: jax.Array, *, keepdims: bool = False) -> jax.Array:
   """max of ``x`` over its last axis [.., N] -> [..] (or [.., 1]), on the CPU in two levels.
 
-      out[..] = max_j max_i x[.., 32 j + i]   (i < 32; exactly max_n x[.., n])
+      out[..] = max_j max_i x[.., 32 j + i]   (i < 32 = ``ROW_MAX_LEVEL``; exactly max_n x[.., n])
 
   XLA:CPU rewrites a reduction over more than 32 elements into a tree of reduce-windows
   (`TreeReductionRewriter`, see `sum_by_dot`), and a reduce-window takes no producer into
@@ -420,12 +425,12 @@ def row_max(x: jax.Array, *, keepdims: bool = False) -> jax.Array:
   with its elementwise producer. Where N is not a multiple of 32, or N ≤ 32, and on
   other backends: ``jnp.max``. Same values (a max is exact in any order).
   """
-  n = x.shape[-1]
+  n, level = x.shape[-1], ROW_MAX_LEVEL
 
   def two_level(x):
-    if n <= 32 or n % 32:
+    if not level or n <= level or n % level:
       return jnp.max(x, axis=-1)
-    partial = jnp.max(x.reshape(x.shape[:-1] + (n // 32, 32)), axis=-1)
+    partial = jnp.max(x.reshape(x.shape[:-1] + (n // level, level)), axis=-1)
     return jnp.max(jax.lax.optimization_barrier(partial), axis=-1)
 
   out = jax.lax.platform_dependent(x, cpu=two_level, default=lambda x: jnp.max(x, axis=-1))

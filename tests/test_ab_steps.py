@@ -46,21 +46,23 @@ def test_malloc_settings_must_agree_before_anything_starts():
     ab_steps.run(["--size", "tiny"], "", "--host_malloc default", pairs=1, warmup=0)
 
 
-def test_two_variants_run_in_turn_each_traced_with_its_own_threshold(tmp_path):
+def test_two_variants_run_in_turn_each_traced_with_its_own_matmul_settings(tmp_path):
   """Real steps of the tiny model: both variants time one step per pair, each traces with
-  its own widening threshold, and the module's default is back afterwards."""
+  its own widening threshold and row-max level, and the module's defaults are back
+  afterwards."""
   from slic_jax import matmul
   default = matmul.WIDEN_MIN_FLOPS_PER_ELEMENT
   out = str(tmp_path / "ab.json")
   ab_steps.main(["--pairs", "2", "--warmup", "1", "--out", out,
-                 "--head", "--widen_min_flops_per_element 0", "--",
+                 "--head", "--widen_min_flops_per_element 0 --row_max_level 0", "--",
                  "--size", "tiny", "--li", "16", "--lt", "4", "--batch", "1",
                  "--dtype", "bfloat16", "--logits_dtype", "bfloat16", "--reg_target", "chosen"])
-  assert matmul.WIDEN_MIN_FLOPS_PER_ELEMENT == default
+  assert (matmul.WIDEN_MIN_FLOPS_PER_ELEMENT, matmul.ROW_MAX_LEVEL) == (default, 32)
   report = json.load(open(out))
   s = report["summary"]
   assert (s["base"]["widen_min_flops_per_element"], s["head"]["widen_min_flops_per_element"]) == (
       default, 0)
+  assert (s["base"]["row_max_level"], s["head"]["row_max_level"]) == (32, 0)
   assert len(report["times"]["base"]) == len(report["times"]["head"]) == 2
   assert report["head_over_base"]["pairs"] == 2
   assert all(v["final_loss"] > 0 and v["temp_mb"] > 0 for v in s.values())
@@ -68,7 +70,7 @@ def test_two_variants_run_in_turn_each_traced_with_its_own_threshold(tmp_path):
     assert len(report["losses"][label]) == 3
     assert report["losses"][label][-1] == s[label]["final_loss"]
   md = open(str(tmp_path / "ab.md")).read()
-  assert "| head | `--widen_min_flops_per_element 0` |" in md
+  assert "| head | `--widen_min_flops_per_element 0 --row_max_level 0` |" in md
   assert "the head the faster in" in md
 
 

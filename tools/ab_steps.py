@@ -77,13 +77,15 @@ def run(common: list[str], base: str, head: str, pairs: int, warmup: int) -> dic
     raise SystemExit("ab_steps: --host_malloc is per process; give it after -- for both")
   reuse = benchmark.apply_host_malloc(args["base"].host_malloc)  # before jax starts
   from slic_jax import matmul
-  widen_default = matmul.WIDEN_MIN_FLOPS_PER_ELEMENT
+  defaults = {name: getattr(matmul, name) for name in benchmark.MATMUL_TUNABLES}
   steps = {}
   for label, a in args.items():
     benchmark._progress(t_start, f"{label}: compiling")  # pylint: disable=protected-access
     steps[label] = benchmark.compile_slic_step(a, t_start)
-    steps[label]["widen"] = matmul.WIDEN_MIN_FLOPS_PER_ELEMENT  # the threshold it traced with
-    matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = widen_default  # each variant traces with its own
+    # the settings it traced with; then the module's defaults again for the next variant
+    steps[label]["tunables"] = {name: getattr(matmul, name) for name in defaults}
+    for name, value in defaults.items():
+      setattr(matmul, name, value)
   times = {label: [] for label in steps}
   losses = {label: [] for label in steps}  # every step's, the warm-up pairs' included
   for i in range(warmup + pairs):
@@ -99,7 +101,9 @@ def run(common: list[str], base: str, head: str, pairs: int, warmup: int) -> dic
   summary = {label: dict(args=own, median_s=statistics.median(times[label]),
                          fastest_s=min(times[label]),
                          temp_mb=steps[label]["mem"].get("temp_size_mb"),
-                         widen_min_flops_per_element=steps[label]["widen"],
+                         widen_min_flops_per_element=steps[label]["tunables"][
+                             "WIDEN_MIN_FLOPS_PER_ELEMENT"],
+                         row_max_level=steps[label]["tunables"]["ROW_MAX_LEVEL"],
                          final_loss=losses[label][-1])
              for label, own in (("base", base), ("head", head))}
   return dict(worker_args=common, pairs=pairs, warmup=warmup, times=times, summary=summary,

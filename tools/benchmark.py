@@ -464,19 +464,26 @@ def apply_host_malloc(host_malloc: str) -> bool:
   return host_memory.reuse_freed_memory(enabled=None, single_arena=host_malloc == "reuse")
 
 
+# `slic_jax.matmul`'s module-level settings that a step worker flag replaces: {name: flag}.
+MATMUL_TUNABLES = {"WIDEN_MIN_FLOPS_PER_ELEMENT": "widen_min_flops_per_element",
+                   "ROW_MAX_LEVEL": "row_max_level"}
+
+
 def compile_slic_step(args, t_start: float) -> dict:
   """The step worker's SLiC-HF step for ``args`` (`parse_args`'s worker flags), compiled and
   with its initial state, as `slic_jax.train` builds them (`build_step`), on one device.
 
-  Call `apply_host_malloc` first. ``--widen_min_flops_per_element`` replaces
-  `matmul.WIDEN_MIN_FLOPS_PER_ELEMENT` before the step is traced (the caller restores it
-  where several steps share the process). Returns {compiled, state, batch, cfg, compile_s,
-  xla_flops, mem (XLA's memory analysis, MB), rss_compiled, peak_compiled}.
+  Call `apply_host_malloc` first. ``--widen_min_flops_per_element`` and
+  ``--row_max_level`` replace `matmul.WIDEN_MIN_FLOPS_PER_ELEMENT` and
+  `matmul.ROW_MAX_LEVEL` before the step is traced (the caller restores them where
+  several steps share the process: `MATMUL_TUNABLES`). Returns {compiled, state, batch,
+  cfg, compile_s, xla_flops, mem (XLA's memory analysis, MB), rss_compiled, peak_compiled}.
   """
   import jax
   from slic_jax import host_memory, matmul, partitioning
-  if args.widen_min_flops_per_element is not None:
-    matmul.WIDEN_MIN_FLOPS_PER_ELEMENT = args.widen_min_flops_per_element
+  for name, flag in MATMUL_TUNABLES.items():
+    if getattr(args, flag) is not None:
+      setattr(matmul, name, getattr(args, flag))
   cfg = make_config(args.size, args.dtype, args.remat, args.logits_dtype,
                     args.weight_grad_first, args.attention_block_bytes,
                     args.attention_implementation, args.logits_weight_grad_first)
@@ -570,6 +577,7 @@ def worker_slic(args) -> dict:
       "cpu_low_precision_dots": (platforms.cpu_low_precision_dots()
                                  if jax.default_backend() == "cpu" else None),
       "widen_min_flops_per_element": matmul.WIDEN_MIN_FLOPS_PER_ELEMENT,
+      "row_max_level": matmul.ROW_MAX_LEVEL,
       "batch_pairs": args.batch, "li": args.li, "lt": args.lt, "num_params": num_params,
       "compile_s": c["compile_s"], "step_times_s": times, "step_s_median": med,
       "step_s_min": min(times), "pairs_per_s": args.batch / med,
@@ -1509,6 +1517,9 @@ def parse_args(argv=None):
   ap.add_argument("--widen_min_flops_per_element", type=float, default=None,
                   help="step worker: replaces matmul.WIDEN_MIN_FLOPS_PER_ELEMENT (0: every "
                        "bf16 dot widened where bf16 dots are not native)")
+  ap.add_argument("--row_max_level", type=int, default=None,
+                  help="step worker: replaces matmul.ROW_MAX_LEVEL (0: the softmax maxima "
+                       "as one jnp.max each)")
   ap.add_argument("--logits_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="compute dtype of the vocabulary projection (network.T5Config)")
   ap.add_argument("--remat", default="none", choices=["none", "full", "minimal"])
