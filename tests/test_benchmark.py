@@ -657,10 +657,15 @@ def test_interleaved_sweep_runs_each_rounds_lengths_at_once_and_compares_each_cy
   assert cycles[256][0] == 128 and cycles[256][1] == pytest.approx(
       [1.0, 1.1, 2.0 / 2.2, 2.0 / 1.8])
   assert cycles[512][0] == 256 and cycles[512][1] == pytest.approx([1.0, 1.0])
+  # The marginal cost: the time added over the FLOPs added (128e9 and 256e9), s per TFLOP.
+  assert cycles[256][2] == pytest.approx([1e12 / 128e9, 1.2e12 / 128e9, 0.9e12 / 128e9,
+                                          1.1e12 / 128e9])
+  assert cycles[512][2] == pytest.approx([2e12 / 256e9, 2.2e12 / 256e9])
   md = (tmp_path / "results.md").read_text()
   assert "each length the fastest of 2 runs; each round's lengths at once, their steps in turns" in md
-  assert "| mini | slic_jax | 256 | 128 | 4 | +5.0% | -2.3% to +10.3% | 2 of 4 |" in md
-  assert "| mini | slic_jax | 512 | 256 | 2 | +0.0% | +0.0% to +0.0% | 0 of 2 |" in md
+  assert ("| mini | slic_jax | 256 | 128 | 4 | +5.0% | -2.3% to +10.3% | 2 of 4 | 8.20 | "
+          "7.62 to 8.79 |") in md
+  assert "| mini | slic_jax | 512 | 256 | 2 | +0.0% | +0.0% to +0.0% | 0 of 2 | 8.20 |" in md
   # Rounds that did not run in turns pair nothing.
   for row in res["sweep"]:
     for r in row["slic_jax"]["runs"]:

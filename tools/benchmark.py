@@ -1344,22 +1344,31 @@ def sweep_cycles(res: dict) -> dict:
 
   With --interleave a round's lengths run at once and take turns step by step, so every
   length's k-th timed step ran in the same cycle, seconds from the others'. Returns
-  {(size, framework): {li: (the next shorter length, [(step at li / model FLOPs at li) /
-  (step at the shorter length / its model FLOPs), one per cycle, the rounds one after the
-  other])}} over the rounds where both processes ran in turns and finished; lengths
-  reused from the side by side and pairs with no such cycle are left out.
+  {(size, framework): {li: (the next shorter length, ratios, marginal)}}, one value per
+  cycle in each list, the rounds one after the other:
+
+      ratio    = (t_li / F_li) / (t_li0 / F_li0)        (cost per model FLOP, li over li0)
+      marginal = (t_li − t_li0) / (F_li − F_li0)        (s per model TFLOP of the FLOPs added)
+
+  (t a cycle's steps, F the model FLOPs per step). The ratio is the target's measure; it
+  also moves with the share of the work that does not grow with Li (the vocabulary
+  projection and loss, the decoder), whose cost per FLOP differs from the rest. The
+  marginal cost leaves that work out: the cost of what lengthening the input adds,
+  comparable from one doubling to the next. Over the rounds where both processes ran in
+  turns and finished; lengths reused from the side by side and pairs with no such cycle
+  are left out.
   """
   out = {}
   for key, by_li in _swept_runs(res).items():
     items = [(li, *by_li[li]) for li in sorted(by_li)]  # [(li, model FLOPs, runs)]
     rel = {}
     for (li0, fl0, runs0), (li, fl, runs) in zip(items, items[1:]):
-      ratios = []
-      for a, b in zip(runs0, runs):
-        if all("turns" in x and "step_times_s" in x for x in (a, b)):
-          ratios += [(tb / fl) / (ta / fl0) for ta, tb in zip(a["step_times_s"], b["step_times_s"])]
-      if ratios:
-        rel[li] = (li0, ratios)
+      steps = [(ta, tb) for a, b in zip(runs0, runs)
+               if all("turns" in x and "step_times_s" in x for x in (a, b))
+               for ta, tb in zip(a["step_times_s"], b["step_times_s"])]
+      if steps:
+        rel[li] = (li0, [(tb / fl) / (ta / fl0) for ta, tb in steps],
+                   [(tb - ta) / (fl - fl0) * 1e12 for ta, tb in steps])
     if rel:
       out[key] = rel
   return out
@@ -1372,16 +1381,20 @@ def _sweep_cycles_markdown(res: dict) -> list[str]:
     return []
   lines = ["", "Cost per FLOP step by step (`--interleave`: each round's lengths ran at once, "
            "one step at a time in turns, the order reversed every cycle; per cycle a "
-           "length's s per model FLOP over the next shorter length's, seconds apart):", "",
-           "| model | framework | Li | against Li | cycles | median | quartiles | cycles dearer |",
-           "|---|---|---|---|---|---|---|---|"]
+           "length's s per model FLOP over the next shorter length's, seconds apart; the "
+           "marginal cost: the step time added over the model FLOPs added, in s per TFLOP, "
+           "which leaves out the work that does not grow with the input):", "",
+           "| model | framework | Li | against Li | cycles | median | quartiles | cycles dearer "
+           "| marginal s/TFLOP | its quartiles |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for (size, fw), rel in table.items():
-    for li, (li0, ratios) in sorted(rel.items()):
-      q = _quartiles(ratios)
+    for li, (li0, ratios, marginal) in sorted(rel.items()):
+      q, qm = _quartiles(ratios), _quartiles(marginal)
       lines.append(f"| {size} | {fw} | {li} | {li0} | {len(ratios)} | "
                    f"{100 * (statistics.median(ratios) - 1):+.1f}% | "
                    f"{100 * (q[0] - 1):+.1f}% to {100 * (q[2] - 1):+.1f}% | "
-                   f"{sum(r > 1 for r in ratios)} of {len(ratios)} |")
+                   f"{sum(r > 1 for r in ratios)} of {len(ratios)} | "
+                   f"{statistics.median(marginal):.2f} | {qm[0]:.2f} to {qm[2]:.2f} |")
   return lines
 
 
