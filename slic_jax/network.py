@@ -777,7 +777,7 @@ class MultiHeadDotProductAttention(nn.Module):
     logits = matmul.einsum('bqhd,bkhd->bhqk', query, key, dtype=self.dtype,
                            out_dtype=logits_dtype, float32_vjp=self.float32_vjp)
     if tie_position_bias:
-      logits = add_position_bias(logits, attention_bias, bias)
+      logits, value = add_position_bias(logits, attention_bias, bias, value)
     elif attention_bias is not None:
       logits = data_shards.add(logits, attention_bias.astype(logits.dtype))
     if deterministic or self.dropout_rate == 0.0:
@@ -865,42 +865,48 @@ class MultiHeadDotProductAttention(nn.Module):
     return block if block < q_len else 0
 
 
-def add_position_bias(logits, mask_bias, position_bias):
-  """logits + mask_bias + position_bias, broadcast: [B, H, Lq, Lk] + [B, 1, Lq, Lk] + [1, H, Lq, Lk]
-  (or [D, H, Lq, Lk], one per data shard: `data_shards.add`).
+def add_position_bias(logits, mask_bias, position_bias, value):
+  """(logits + mask_bias + position_bias, value), broadcast: [B, H, Lq, Lk] + [B, 1, Lq, Lk]
+  + [1, H, Lq, Lk] (or [D, H, Lq, Lk], one per data shard: `data_shards.add`); ``value``
+  [B, Lk, H, K] (the attention's values) passes through unchanged.
 
   `mask_bias` (0 or a large negative number; None: none) gets no gradient. The position
-  bias's gradient, Σ_b dlogits (in its dtype), is tied to dlogits: the cotangent passed on
-  to the q·k matmul is dlogits + 0 · (one element of that sum), so the sum is computed
-  in this layer's backward and dlogits freed there. Without the tie XLA:CPU's scheduler
-  leaves the eight layers' reductions (weight-gradient-like, off the critical path) to the
-  end of the backward pass and keeps every layer's [B, H, Lq, Lk] dlogits alive until then.
+  bias's gradient, Σ_b dlogits (in its dtype), is tied to the values' cotangent: dvalue is
+  passed on as dvalue + 0 · (one element of that sum), so the sum is computed in this
+  layer's backward and dlogits freed there. Without the tie XLA:CPU's scheduler leaves
+  the eight layers' reductions (weight-gradient-like, off the critical path) to the end of
+  the backward pass and keeps every layer's [B, H, Lq, Lk] dlogits alive until then.
+  Tied to dlogits itself (sessions 6–49) the add was a pass of its own over dlogits (the
+  sum reads dlogits, so the add cannot join dlogits' own fusion): 4 ms per layer in the
+  bf16 step, T5 1.1 small, 4 pairs, Li 1024 (`tools/profile_step.py`, session 50); dvalue
+  has K / Lq of dlogits' elements (1/16 at Li 1024 with heads of 64).
   """
   if mask_bias is None:
     mask_bias = jnp.zeros((), logits.dtype)
-  return _add_position_bias(logits, mask_bias.astype(logits.dtype), position_bias)
+  return _add_position_bias(logits, mask_bias.astype(logits.dtype), position_bias, value)
 
 
 @jax.custom_vjp
-def _add_position_bias(logits, mask_bias, position_bias):
-  return data_shards.add(logits + mask_bias, position_bias.astype(logits.dtype))
+def _add_position_bias(logits, mask_bias, position_bias, value):
+  return data_shards.add(logits + mask_bias, position_bias.astype(logits.dtype)), value
 
 
-def _add_position_bias_fwd(logits, mask_bias, position_bias):
+def _add_position_bias_fwd(logits, mask_bias, position_bias, value):
   tags = (jnp.zeros((0,) + mask_bias.shape, mask_bias.dtype),
           jnp.zeros((0,) + position_bias.shape, position_bias.dtype))
-  return _add_position_bias(logits, mask_bias, position_bias), tags
+  return _add_position_bias(logits, mask_bias, position_bias, value), tags
 
 
 def _add_position_bias_bwd(tags, g):
   mask_tag, bias_tag = tags
-  d_bias = data_shards.sum_to(g, bias_tag.shape[1:])
+  g_logits, g_value = g
+  d_bias = data_shards.sum_to(g_logits, bias_tag.shape[1:])
   if d_bias.shape[0] == 1:
-    tie = (matmul.first_element(d_bias) * 0.0).astype(g.dtype)
+    tie = (matmul.first_element(d_bias) * 0.0).astype(g_value.dtype)
   else:  # one element of each data shard's sum, read where it lies
-    tie = (d_bias[:, :1, :1, :1] * 0.0).astype(g.dtype)
-  return (data_shards.add(g, tie), jnp.zeros(mask_tag.shape[1:], mask_tag.dtype),
-          d_bias.astype(bias_tag.dtype))
+    tie = (d_bias[:, :1, :1, :1] * 0.0).astype(g_value.dtype)
+  return (g_logits, jnp.zeros(mask_tag.shape[1:], mask_tag.dtype),
+          d_bias.astype(bias_tag.dtype), data_shards.add(g_value, tie))
 
 
 _add_position_bias.defvjp(_add_position_bias_fwd, _add_position_bias_bwd)

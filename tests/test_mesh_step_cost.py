@@ -133,8 +133,8 @@ def test_first_element_takes_no_shard_from_other_devices():
 
 @pytest.mark.filterwarnings("ignore:.*context manager has been deprecated")
 def test_the_position_bias_gradient_is_tied_without_a_gather_under_any_mesh():
-  """network.add_position_bias ties dlogits to its bias gradient [1, H, L, L] through one
-  element. The heads, split over 'model', are that array's leading axis, so even the
+  """network.add_position_bias ties the values' cotangent to the bias gradient [1, H, L, L]
+  through one element. The heads, split over 'model', are that array's leading axis, so even the
   flattening form (which T5X's legacy ``with mesh:`` context keeps) takes the element
   without a gather; a layout that split an inner axis would gather the whole gradient."""
   from slic_jax import network
@@ -144,14 +144,21 @@ def test_the_position_bias_gradient_is_tied_without_a_gather_under_any_mesh():
                           NamedSharding(mesh, P("data", "model")))
   bias = jax.device_put(rng.normal(size=(1, 4, 8, 8)).astype(np.float32),
                         NamedSharding(mesh, P(None, "model")))
-  grad = jax.jit(jax.grad(lambda lg, b: jnp.sum(network.add_position_bias(lg, None, b) ** 2),
-                          argnums=(0, 1)))
+  value = jax.device_put(rng.normal(size=(4, 8, 4, 2)).astype(np.float32),
+                         NamedSharding(mesh, P("data", None, "model")))
+
+  def loss(lg, b, v):
+    s, v = network.add_position_bias(lg, None, b, v)
+    return jnp.sum(s ** 2) + jnp.sum(v)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   for context in (jax.set_mesh(mesh), mesh):
     with context:
-      text = grad.lower(logits, bias).compile().as_text()
+      text = grad.lower(logits, bias, value).compile().as_text()
     gathered = [c for c in mesh_step_cost.collectives(text) if c["kind"] == "all-gather"]
     assert not gathered, gathered
-  d_logits, d_bias = grad(logits, bias)
+  d_logits, d_bias, d_value = grad(logits, bias, value)
+  np.testing.assert_array_equal(np.asarray(d_value), 1.0)
   x = np.asarray(logits) + np.asarray(bias)
   np.testing.assert_allclose(np.asarray(d_logits), 2 * x, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(d_bias), 2 * x.sum(0, keepdims=True), rtol=1e-5)

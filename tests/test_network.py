@@ -729,18 +729,36 @@ def test_softmax_weighted_values():
 
 @pytest.mark.parametrize('with_mask', [True, False])
 def test_add_position_bias_is_the_broadcast_sum_with_its_gradients(with_mask):
-  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  """Values and gradients of the plain broadcast sum (the values passed through); the tie:
+  a NaN in the bias gradient's first element reaches the values' cotangent, all of it,
+  and leaves dlogits alone."""
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
   logits = jax.random.normal(k[0], (2, 3, 5, 7))
   mask = jnp.where(jax.random.bernoulli(k[1], 0.7, (2, 1, 5, 7)), 0.0, -1e10) if with_mask else None
   bias = jax.random.normal(k[2], (1, 3, 5, 7))
-  plain = lambda l, b: (l + (b if mask is None else mask + b)) ** 2 / 1e20
-  tied = lambda l, b: network.add_position_bias(l, mask, b) ** 2 / 1e20
-  np.testing.assert_array_equal(tied(logits, bias), plain(logits, bias))
-  g_plain = jax.grad(lambda l, b: plain(l, b).sum(), argnums=(0, 1))(logits, bias)
-  g_tied = jax.grad(lambda l, b: tied(l, b).sum(), argnums=(0, 1))(logits, bias)
+  value = jax.random.normal(k[3], (2, 7, 3, 4))
+
+  def plain(l, b, v):
+    return (l + (b if mask is None else mask + b)) ** 2 / 1e20, v
+
+  def tied(l, b, v):
+    s, v = network.add_position_bias(l, mask, b, v)
+    return s ** 2 / 1e20, v
+
+  for got, want in zip(tied(logits, bias, value), plain(logits, bias, value)):
+    np.testing.assert_array_equal(got, want)
+  total = lambda f: lambda l, b, v: f(l, b, v)[0].sum() + jnp.sum(f(l, b, v)[1] * v)
+  g_plain = jax.grad(total(plain), argnums=(0, 1, 2))(logits, bias, value)
+  g_tied = jax.grad(total(tied), argnums=(0, 1, 2))(logits, bias, value)
   for a, b in zip(g_tied, g_plain):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-30)
+  _, vjp = jax.vjp(lambda l, b, v: network.add_position_bias(l, None, b, v), logits, bias, value)
+  g_logits = jnp.ones_like(logits).at[1, 0, 0, 0].set(jnp.inf).at[0, 0, 0, 0].set(-jnp.inf)
+  d_logits, d_bias, d_value = vjp((g_logits, jnp.ones_like(value)))
+  assert bool(jnp.isnan(d_bias[0, 0, 0, 0]))  # inf + (−inf): the sum's first element
+  np.testing.assert_array_equal(d_logits, g_logits)
+  assert bool(jnp.isnan(d_value).all())
 
 
 def test_float32_attention_keeps_one_score_sized_residual():
